@@ -1,0 +1,3 @@
+from mmfast.nn.contrastive import ClipLoss, SigLipLoss
+
+__all__ = ["ClipLoss", "SigLipLoss"]

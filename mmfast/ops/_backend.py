@@ -1,0 +1,54 @@
+"""Backend selection shared by every op.
+
+`backend=` on the op wins, then the MMFAST_BACKEND environment variable, then "auto".
+"auto" picks the Triton kernels on CUDA tensors and the PyTorch path elsewhere, and
+logs once per op when it falls back. Nothing swaps silently.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "reference")
+logger = logging.getLogger("mmfast")
+_fallbacks_logged: set[str] = set()
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...]) -> str:
+    """Returns the concrete backend ("triton", "cuda" or "reference") for `op` on `device`."""
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get("MMFAST_BACKEND", "auto"), "MMFAST_BACKEND"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: {source} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and "triton" in implemented and triton_available():
+            return "triton"
+        if op not in _fallbacks_logged:
+            _fallbacks_logged.add(op)
+            reason = "tensors are on " + device.type if device.type != "cuda" else "triton is not installed"
+            logger.info("mmfast.%s: using the PyTorch path (%s)", op, reason)
+        return "reference"
+    if backend not in implemented:
+        raise ValueError(f"{op}: {source}={backend!r} is not implemented for this op; available: {implemented}")
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{op}: backend 'triton' needs the triton package (pip install 'mmfast[triton]')")
+        if device.type != "cuda" and not triton_interpreting():
+            raise RuntimeError(
+                f"{op}: backend 'triton' got tensors on {device.type}; Triton kernels need CUDA tensors, "
+                "or TRITON_INTERPRET=1 set before triton is imported to run them in Triton's interpreter"
+            )
+    return backend

@@ -1,0 +1,304 @@
+"""Triton kernels of the contrastive losses.
+
+S = scale * A @ B^T is only ever held as one [BM, BN] fp32 tile in registers.
+
+Forward, InfoNCE: row-block programs sweep every column block once and, from the
+same tile, update the row log-sum-exp (online, in registers) and the column
+log-sum-exp (a running (max, sum) pair per column in the program's own slice of a
+[programs, N] buffer; a small torch reduction merges the slices). No atomics, so the
+result is deterministic.
+Forward, SigLIP: row-block programs sum softplus(-y * z) per row.
+Backward (both losses): one kernel over row blocks writes dA, the scale and bias
+gradient partials; one over column blocks writes dB. Each recomputes the tiles.
+Programs own a slice of D of width BDO for their output, so that the accumulator
+fits in registers for D up to 1024.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast.ops._backend import triton_interpreting
+
+NEG = -1.0e30  # stands for -inf in masked tiles without producing NaN in (x - max)
+
+
+@triton.jit
+def _raw_tile(a_ptr, b_ptr, o_m, o_n, M, N, D, stride_a, stride_b,
+              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 [BM, BN] tile of dot products a[o_m] . b[o_n] (zeros outside M, N)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        b_a = tl.load(a_ptr + o_m[:, None] * stride_a + o_d[None, :],
+                      mask=(o_m[:, None] < M) & m_d[None, :], other=0.0)
+        b_b = tl.load(b_ptr + o_n[:, None] * stride_b + o_d[None, :],
+                      mask=(o_n[:, None] < N) & m_d[None, :], other=0.0)
+        if UPCAST:
+            b_a = b_a.to(tl.float32)
+            b_b = b_b.to(tl.float32)
+        acc = tl.dot(b_a, tl.trans(b_b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _siglip_signs(o_m, o_n, positive_offset, NEGATIVE_ONLY: tl.constexpr):
+    """+1 where column o_n is row o_m's positive (o_n == o_m + offset), -1 elsewhere."""
+    if NEGATIVE_ONLY:
+        y = tl.full((o_m.shape[0], o_n.shape[0]), -1.0, tl.float32)
+    else:
+        y = tl.where(o_n[None, :] == o_m[:, None] + positive_offset, 1.0, -1.0)
+    return y
+
+
+@triton.jit
+def _lse_fwd_kernel(a_ptr, b_ptr, scale_ptr, row_lse_ptr, col_max_ptr, col_sum_ptr,
+                    M, N, D, stride_a, stride_b, num_programs,
+                    COLUMNS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    i_p = tl.program_id(0)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    for i_m in range(i_p, tl.cdiv(M, BM), num_programs):
+        o_m = i_m * BM + tl.arange(0, BM)
+        m_m = o_m < M
+        b_max = tl.full((BM,), NEG, tl.float32)
+        b_sum = tl.zeros((BM,), tl.float32)
+        for n0 in range(0, N, BN):
+            o_n = n0 + tl.arange(0, BN)
+            m_n = o_n < N
+            s = _raw_tile(a_ptr, b_ptr, o_m, o_n, M, N, D, stride_a, stride_b, BM, BN, BD, UPCAST, PRECISION)
+            s = tl.where(m_m[:, None] & m_n[None, :], s * scale, NEG)
+            new_max = tl.maximum(b_max, tl.max(s, 1))
+            b_sum = b_sum * tl.exp(b_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), 1)
+            b_max = new_max
+            if COLUMNS:
+                t_max = tl.max(s, 0)
+                t_sum = tl.sum(tl.exp(s - t_max[None, :]), 0)
+                p_max = col_max_ptr + i_p * N + o_n
+                p_sum = col_sum_ptr + i_p * N + o_n
+                old_max = tl.load(p_max, mask=m_n, other=NEG)
+                old_sum = tl.load(p_sum, mask=m_n, other=0.0)
+                merged = tl.maximum(old_max, t_max)
+                tl.store(p_sum, old_sum * tl.exp(old_max - merged) + t_sum * tl.exp(t_max - merged), mask=m_n)
+                tl.store(p_max, merged, mask=m_n)
+        tl.store(row_lse_ptr + o_m, b_max + tl.log(b_sum), mask=m_m)
+
+
+@triton.jit
+def _siglip_fwd_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_loss_ptr,
+                       M, N, D, stride_a, stride_b, positive_offset,
+                       NEGATIVE_ONLY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    i_m = tl.program_id(0)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    b_loss = tl.zeros((BM,), tl.float32)
+    for n0 in range(0, N, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < N
+        z = _raw_tile(a_ptr, b_ptr, o_m, o_n, M, N, D, stride_a, stride_b, BM, BN, BD, UPCAST, PRECISION)
+        z = z * scale + bias
+        y = _siglip_signs(o_m, o_n, positive_offset, NEGATIVE_ONLY)
+        loss = tl.where(m_m[:, None] & m_n[None, :], _softplus(-y * z), 0.0)
+        b_loss += tl.sum(loss, 1)
+    tl.store(row_loss_ptr + o_m, b_loss, mask=m_m)
+
+
+@triton.jit
+def _grad_tile(raw, o_m, o_n, M, N, scale, bias, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr, g_loss,
+               positive_offset, SIGLIP: tl.constexpr, NEGATIVE_ONLY: tl.constexpr, COLUMNS: tl.constexpr):
+    """dLoss/dLogits for one tile; zero outside [M, N]."""
+    m_m = o_m < M
+    m_n = o_n < N
+    if SIGLIP:
+        z = raw * scale + bias
+        y = _siglip_signs(o_m, o_n, positive_offset, NEGATIVE_ONLY)
+        # d softplus(-y z) / dz = -y * sigmoid(-y z)
+        ds = -y * g_loss / (1.0 + tl.exp(y * z))
+    else:
+        s = raw * scale
+        row_lse = tl.load(row_lse_ptr + o_m, mask=m_m, other=0.0)
+        g_row = tl.load(g_row_ptr + o_m, mask=m_m, other=0.0)
+        ds = g_row[:, None] * tl.exp(s - row_lse[:, None])
+        if COLUMNS:
+            col_lse = tl.load(col_lse_ptr + o_n, mask=m_n, other=0.0)
+            g_col = tl.load(g_col_ptr + o_n, mask=m_n, other=0.0)
+            ds += g_col[None, :] * tl.exp(s - col_lse[None, :])
+    return tl.where(m_m[:, None] & m_n[None, :], ds, 0.0)
+
+
+@triton.jit
+def _bwd_rows_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+                     g_loss_ptr, da_ptr, dscale_ptr, dbias_ptr,
+                     M, N, D, stride_a, stride_b, positive_offset,
+                     SIGLIP: tl.constexpr, NEGATIVE_ONLY: tl.constexpr, COLUMNS: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    i_m = tl.program_id(0)
+    i_d = tl.program_id(1)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    g_loss = tl.load(g_loss_ptr).to(tl.float32)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_do = i_d * BDO + tl.arange(0, BDO)
+    m_do = o_do < D
+    b_da = tl.zeros((BM, BDO), tl.float32)
+    b_dscale = tl.zeros((BM,), tl.float32)
+    b_dbias = tl.zeros((BM,), tl.float32)
+    for n0 in range(0, N, BN):
+        o_n = n0 + tl.arange(0, BN)
+        raw = _raw_tile(a_ptr, b_ptr, o_m, o_n, M, N, D, stride_a, stride_b, BM, BN, BD, UPCAST, PRECISION)
+        ds = _grad_tile(raw, o_m, o_n, M, N, scale, bias, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+                        g_loss, positive_offset, SIGLIP, NEGATIVE_ONLY, COLUMNS)
+        b_b = tl.load(b_ptr + o_n[:, None] * stride_b + o_do[None, :],
+                      mask=(o_n[:, None] < N) & m_do[None, :], other=0.0)
+        if UPCAST:
+            b_da = tl.dot(ds, b_b.to(tl.float32), b_da, input_precision=PRECISION)
+        else:
+            b_da = tl.dot(ds.to(b_b.dtype), b_b, b_da, input_precision=PRECISION)
+        b_dscale += tl.sum(ds * raw, 1)
+        b_dbias += tl.sum(ds, 1)
+    tl.store(da_ptr + o_m[:, None] * D + o_do[None, :], (b_da * scale).to(da_ptr.dtype.element_ty),
+             mask=(o_m[:, None] < M) & m_do[None, :])
+    if i_d == 0:
+        tl.store(dscale_ptr + i_m, tl.sum(b_dscale, 0))
+        tl.store(dbias_ptr + i_m, tl.sum(b_dbias, 0))
+
+
+@triton.jit
+def _bwd_cols_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+                     g_loss_ptr, db_ptr,
+                     M, N, D, stride_a, stride_b, positive_offset,
+                     SIGLIP: tl.constexpr, NEGATIVE_ONLY: tl.constexpr, COLUMNS: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    i_n = tl.program_id(0)
+    i_d = tl.program_id(1)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    g_loss = tl.load(g_loss_ptr).to(tl.float32)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_do = i_d * BDO + tl.arange(0, BDO)
+    m_do = o_do < D
+    b_db = tl.zeros((BN, BDO), tl.float32)
+    for m0 in range(0, M, BM):
+        o_m = m0 + tl.arange(0, BM)
+        raw = _raw_tile(a_ptr, b_ptr, o_m, o_n, M, N, D, stride_a, stride_b, BM, BN, BD, UPCAST, PRECISION)
+        ds = _grad_tile(raw, o_m, o_n, M, N, scale, bias, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+                        g_loss, positive_offset, SIGLIP, NEGATIVE_ONLY, COLUMNS)
+        b_a = tl.load(a_ptr + o_m[:, None] * stride_a + o_do[None, :],
+                      mask=(o_m[:, None] < M) & m_do[None, :], other=0.0)
+        if UPCAST:
+            b_db = tl.dot(tl.trans(ds), b_a.to(tl.float32), b_db, input_precision=PRECISION)
+        else:
+            b_db = tl.dot(tl.trans(ds.to(b_a.dtype)), b_a, b_db, input_precision=PRECISION)
+    tl.store(db_ptr + o_n[:, None] * D + o_do[None, :], (b_db * scale).to(db_ptr.dtype.element_ty),
+             mask=(o_n[:, None] < N) & m_do[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. Inputs arrive validated, 2-D, contiguous, of one dtype; scale and bias are 0-d.
+
+
+def _config(a: torch.Tensor) -> dict:
+    """Tile sizes and flags for a's dtype and D. Fixed (autotune fails in the interpreter)."""
+    D = a.shape[1]
+    interpreting = triton_interpreting() or a.device.type != "cuda"
+    # The interpreter gets bf16 arithmetic wrong: upcast right after loading there.
+    upcast = interpreting and a.dtype == torch.bfloat16
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    full_d = max(16, triton.next_power_of_2(D))
+    if interpreting:
+        return dict(BM=32, BN=32, BD=min(full_d, 64), BDO=min(full_d, 128), UPCAST=upcast,
+                    PRECISION=precision, num_warps=4, num_stages=1, fwd_bm=32)
+    wide = a.dtype != torch.float32
+    return dict(BM=64, BN=64, BD=64 if wide else 32, BDO=min(full_d, 256), UPCAST=False,
+                PRECISION=precision, num_warps=8, num_stages=2, fwd_bm=128 if wide else 64)
+
+
+def _program_count(device: torch.device, row_blocks: int) -> int:
+    if device.type != "cuda":
+        return row_blocks
+    return min(row_blocks, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def lse_forward(a, b, scale, columns: bool):
+    """Row and column log-sum-exp of scale * a @ b.T as fp32 [M] and [N] ([0] without columns)."""
+    M, D = a.shape
+    N = b.shape[0]
+    c = _config(a)
+    row_lse = torch.empty(M, device=a.device, dtype=torch.float32)
+    programs = _program_count(a.device, triton.cdiv(M, c["fwd_bm"]))
+    slices = programs if columns else 1
+    col_max = torch.full((slices, N), float("-inf"), device=a.device, dtype=torch.float32)
+    col_sum = torch.zeros((slices, N), device=a.device, dtype=torch.float32)
+    _lse_fwd_kernel[(programs,)](
+        a, b, scale, row_lse, col_max, col_sum, M, N, D, a.stride(0), b.stride(0), programs,
+        COLUMNS=columns, BM=c["fwd_bm"], BN=c["BN"], BD=c["BD"], UPCAST=c["UPCAST"], PRECISION=c["PRECISION"],
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    if not columns:
+        return row_lse, row_lse.new_empty(0)
+    return row_lse, torch.logsumexp(col_max + col_sum.log(), dim=0)
+
+
+def siglip_forward(a, b, scale, bias, positive_offset: int | None):
+    """Sum over columns of softplus(-y * (scale * a @ b.T + bias)) per row, fp32 [M]."""
+    M, D = a.shape
+    N = b.shape[0]
+    c = _config(a)
+    row_loss = torch.empty(M, device=a.device, dtype=torch.float32)
+    _siglip_fwd_kernel[(triton.cdiv(M, c["fwd_bm"]),)](
+        a, b, scale, bias, row_loss, M, N, D, a.stride(0), b.stride(0), positive_offset or 0,
+        NEGATIVE_ONLY=positive_offset is None, BM=c["fwd_bm"], BN=c["BN"], BD=c["BD"],
+        UPCAST=c["UPCAST"], PRECISION=c["PRECISION"], num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    return row_loss
+
+
+def _backward(a, b, scale, bias, row_lse, col_lse, g_row, g_col, g_loss, positive_offset, siglip, columns):
+    M, D = a.shape
+    N = b.shape[0]
+    c = _config(a)
+    row_blocks = triton.cdiv(M, c["BM"])
+    da = torch.empty_like(a)
+    db = torch.empty_like(b)
+    dscale = torch.empty(row_blocks, device=a.device, dtype=torch.float32)
+    dbias = torch.empty(row_blocks, device=a.device, dtype=torch.float32)
+    common = dict(
+        SIGLIP=siglip, NEGATIVE_ONLY=positive_offset is None, COLUMNS=columns,
+        BM=c["BM"], BN=c["BN"], BD=c["BD"], BDO=c["BDO"], UPCAST=c["UPCAST"], PRECISION=c["PRECISION"],
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    d_chunks = triton.cdiv(D, c["BDO"])
+    inputs = (a, b, scale, bias, row_lse, col_lse, g_row, g_col, g_loss)
+    _bwd_rows_kernel[(row_blocks, d_chunks)](
+        *inputs, da, dscale, dbias, M, N, D, a.stride(0), b.stride(0), positive_offset or 0, **common)
+    _bwd_cols_kernel[(triton.cdiv(N, c["BN"]), d_chunks)](
+        *inputs, db, M, N, D, a.stride(0), b.stride(0), positive_offset or 0, **common)
+    return da, db, dscale.sum(), dbias.sum()
+
+
+def lse_backward(a, b, scale, row_lse, col_lse, g_row, g_col, columns: bool):
+    """Gradients (da, db, dscale) of sum(g_row * row_lse) + sum(g_col * col_lse)."""
+    unused = torch.zeros(1, device=a.device, dtype=torch.float32)
+    da, db, dscale, _ = _backward(a, b, scale, unused, row_lse, col_lse if columns else unused, g_row,
+                                  g_col if columns else unused, unused, None, siglip=False, columns=columns)
+    return da, db, dscale
+
+
+def siglip_backward(a, b, scale, bias, g_loss, positive_offset: int | None):
+    """Gradients (da, db, dscale, dbias) of g_loss * sum of every softplus(-y z) term."""
+    unused = torch.zeros(1, device=a.device, dtype=torch.float32)
+    return _backward(a, b, scale, bias, unused, unused, unused, unused, g_loss.float().reshape(1),
+                     positive_offset, siglip=True, columns=False)
