@@ -219,8 +219,9 @@ def _config(a: torch.Tensor) -> dict:
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     full_d = max(16, triton.next_power_of_2(D))
     if interpreting:
-        return dict(BM=32, BN=32, BD=min(full_d, 64), BDO=min(full_d, 128), UPCAST=upcast,
-                    PRECISION=precision, num_warps=4, num_stages=1, fwd_bm=32)
+        # Few large tiles: the interpreter's cost is per operation, not per element.
+        return dict(BM=64, BN=64, BD=min(full_d, 256), BDO=min(full_d, 512), UPCAST=upcast,
+                    PRECISION=precision, num_warps=4, num_stages=1, fwd_bm=64)
     wide = a.dtype != torch.float32
     return dict(BM=64, BN=64, BD=64 if wide else 32, BDO=min(full_d, 256), UPCAST=False,
                 PRECISION=precision, num_warps=8, num_stages=2, fwd_bm=128 if wide else 64)

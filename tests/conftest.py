@@ -1,0 +1,36 @@
+"""Test setup: Triton's interpreter without a GPU, the `cuda` marker, NaN-poisoned torch.empty."""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must happen before triton is imported: every Triton kernel then runs on the CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+_empty, _empty_like = torch.empty, torch.empty_like
+
+
+def _poisoned(tensor):
+    if tensor.is_floating_point():
+        tensor.fill_(float("nan"))
+    return tensor
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_empty(monkeypatch):
+    """Outputs allocated with torch.empty start as NaN, so a tile a kernel forgot shows up."""
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poisoned(_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poisoned(_empty_like(*a, **k)))
