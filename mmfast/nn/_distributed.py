@@ -1,6 +1,8 @@
 """Collectives with autograd for the distributed contrastive losses (torch.distributed)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn
@@ -15,7 +17,10 @@ def all_gather_rows(tensor: torch.Tensor, rank: int, world_size: int, *, with_gr
     the others are constants. Both follow open_clip's `gather_features`.
     """
     if with_grad:
-        return torch.cat(torch.distributed.nn.all_gather(tensor), dim=0)
+        with warnings.catch_warnings():
+            # Deprecated in favour of a private functional API; still the public autograd gather.
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(torch.distributed.nn.all_gather(tensor), dim=0)
     gathered = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(gathered, tensor.detach().contiguous())
     if keep_local_grad:
