@@ -1,0 +1,79 @@
+"""The `mmfast` command: `mmfast info`, `mmfast bench`."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+
+def _info(args) -> int:
+    from mmfast.environment import describe, gpu_state
+
+    facts = describe()
+    if facts["devices"] != ["cpu"]:
+        facts["gpu_state"] = gpu_state()
+    if args.json:
+        print(json.dumps(facts, indent=1))
+        return 0
+    packages = facts.pop("optional_packages")
+    for key, value in facts.items():
+        print(f"{key:>16}: {', '.join(value) if isinstance(value, list) else value}")
+    print(f"{'extras':>16}: " + ", ".join(f"{name} {version or '(not installed)'}" for name, version in packages.items()))
+    return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    from mmfast.bench import report
+    from mmfast.bench.registry import MODES, suite_names
+    from mmfast.bench.runner import run_suites
+
+    names = suite_names() if args.suites in ([], ["all"]) else args.suites
+    unknown = sorted(set(names) - set(suite_names()))
+    if unknown:
+        print(f"mmfast bench: unknown suite(s) {unknown}; available: {suite_names()} or 'all'", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    profile = args.profile or ("cpu" if device.type == "cpu" else "quick" if args.quick else "full")
+    modes = tuple(args.modes.split(",")) if args.modes else MODES
+    if set(modes) - set(MODES):
+        print(f"mmfast bench: --modes takes {','.join(MODES)}, got {args.modes!r}", file=sys.stderr)
+        return 2
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    directory = args.out or os.path.join("bench-results", f"{profile}-{stamp}")
+    print(f"mmfast bench: suites {names}, profile {profile}, device {device}, modes {','.join(modes)}")
+    rows = run_suites(names, profile, device, modes)
+    paths = report.write(rows, directory)
+    print(report.markdown(rows))
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="mmfast", description="Fused multimodal training kernels and tools.")
+    commands = main.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions, devices, usable backends and optional extras")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=_info)
+    bench = commands.add_parser("bench", help="benchmark mmfast against the peers in one run")
+    bench.add_argument("suites", nargs="*", help="suite names, or 'all' (default)")
+    bench.add_argument("--quick", action="store_true",
+                       help="short GPU sizes (under 2 minutes on an H100); the CPU always runs tiny sizes")
+    bench.add_argument("--profile", choices=["full", "quick", "cpu"], help="override the sizes chosen from the device")
+    bench.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
+    bench.add_argument("--modes", help="comma-separated: forward,backward,full (default: all)")
+    bench.add_argument("--out", help="output folder (default: bench-results/<profile>-<time>)")
+    bench.set_defaults(run=_bench)
+    return main
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The benchmark harness end to end on the CPU profile: files, rows, ratios, plot, both fronts."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmfast.bench import report
+from mmfast.bench.timing import measure
+from mmfast.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_mmfast_bench_writes_every_file(tmp_path, capsys):
+    assert main(["bench", "contrastive", "--out", str(tmp_path), "--modes", "forward,full"]) == 0
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["contrastive.png", "results.csv", "results.json", "results.md"]
+    assert (tmp_path / "contrastive.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["mode"] for r in rows} == {"forward", "full"}
+    for row in rows:
+        assert row["status"] == "ok"
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["tflops"] > 0
+        for key in ("torch", "triton", "git_commit", "timestamp", "device", "N", "D", "dtype"):
+            assert key in row
+    groups = {(r["group"], r["mode"]): {x["provider"] for x in rows if (x["group"], x["mode"]) == (r["group"], r["mode"])}
+              for r in rows}
+    assert all(providers == {"mmfast", "eager"} for providers in groups.values())
+    table = (tmp_path / "results.md").read_text()
+    assert "## contrastive, full" in table and "x |" in table
+    assert "mmfast bench: suites ['contrastive'], profile cpu" in capsys.readouterr().out
+
+
+def test_speedup_is_baseline_over_mmfast():
+    common = dict(suite="s", group="g", mode="full", status="ok")
+    rows = [dict(common, provider="mmfast", is_mmfast=True, median_ms=2.0),
+            dict(common, provider="peer", is_mmfast=False, median_ms=5.0),
+            dict(common, provider="oom-peer", is_mmfast=False, status="out of memory")]
+    assert report.speedups(rows) == {("s", "g", "full", "peer"): 2.5}
+    assert "| g | oom-peer | out of memory |" in report.markdown(rows)
+
+
+def test_measure_orders_percentiles_and_clears_gradients():
+    leaf = torch.randn(64, requires_grad=True)
+    timing = measure(lambda: (leaf * 2).sum(), [leaf], "full", torch.device("cpu"), warmup=1, repeats=7)
+    assert timing.repeats == 7 and timing.p20_ms <= timing.median_ms <= timing.p80_ms
+    assert leaf.grad is None
+
+
+def test_unknown_suite_is_an_error(capsys):
+    assert main(["bench", "nope"]) == 2
+    assert "unknown suite(s) ['nope']" in capsys.readouterr().err
+
+
+def test_pytest_benchmark_front(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    output = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+         "-k", "256", f"--benchmark-json={output}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    benchmarks = json.loads(output.read_text())["benchmarks"]
+    assert len(benchmarks) == 6  # clip N=256: two providers x three modes
+    assert all(b["extra_info"]["tflops_at_median"] > 0 for b in benchmarks)
+
+
+def test_mmfast_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["torch"] == torch.__version__
+    assert "reference" in facts["backends"] and "open_clip_torch" in facts["optional_packages"]
