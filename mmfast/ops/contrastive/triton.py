@@ -8,10 +8,12 @@ log-sum-exp (a running (max, sum) pair per column in the program's own slice of 
 [programs, N] buffer; a small torch reduction merges the slices). No atomics, so the
 result is deterministic.
 Forward, SigLIP: row-block programs sum softplus(-y * z) per row.
-Backward (both losses): one kernel over row blocks writes dA, the scale and bias
-gradient partials; one over column blocks writes dB. Each recomputes the tiles.
-Programs own a slice of D of width BDO for their output, so that the accumulator
-fits in registers for D up to 1024.
+Backward (both losses), D <= 256: one kernel over row blocks writes dA and the scale
+and bias gradient partials, one over column blocks writes dB; each recomputes the
+tiles and keeps a [block, D] accumulator in registers.
+Backward, wider D (where that accumulator does not fit): dLoss/dLogits is recomputed
+into a bounded block of rows (then of columns) and multiplied by cuBLAS; see
+_backward_by_chunks.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import triton.language as tl
 from mmfast.ops._backend import triton_interpreting
 
 NEG = -1.0e30  # stands for -inf in masked tiles without producing NaN in (x - max)
+FUSED_BACKWARD_MAX_D = 256  # wider features take _backward_by_chunks
+DS_CHUNK_ELEMENTS = 1 << 27  # 256 MiB of bf16 dLoss/dLogits at a time
 
 
 @triton.jit
@@ -139,19 +143,20 @@ def _grad_tile(raw, o_m, o_n, M, N, scale, bias, row_lse_ptr, col_lse_ptr, g_row
 
 @triton.jit
 def _bwd_rows_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
-                     g_loss_ptr, da_ptr, dscale_ptr, dbias_ptr,
+                     g_loss_ptr, norm_ptr, da_ptr, dscale_ptr, dbias_ptr,
                      M, N, D, stride_a, stride_b, positive_offset,
                      SIGLIP: tl.constexpr, NEGATIVE_ONLY: tl.constexpr, COLUMNS: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dA for one row block over all of D (D <= BDO), and that block's scale and bias gradient."""
     i_m = tl.program_id(0)
-    i_d = tl.program_id(1)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     g_loss = tl.load(g_loss_ptr).to(tl.float32)
+    norm = tl.load(norm_ptr)
     o_m = i_m * BM + tl.arange(0, BM)
-    o_do = i_d * BDO + tl.arange(0, BDO)
-    m_do = o_do < D
+    o_d = tl.arange(0, BDO)
+    m_d = o_d < D
     b_da = tl.zeros((BM, BDO), tl.float32)
     b_dscale = tl.zeros((BM,), tl.float32)
     b_dbias = tl.zeros((BM,), tl.float32)
@@ -160,50 +165,80 @@ def _bwd_rows_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr
         raw = _raw_tile(a_ptr, b_ptr, o_m, o_n, M, N, D, stride_a, stride_b, BM, BN, BD, UPCAST, PRECISION)
         ds = _grad_tile(raw, o_m, o_n, M, N, scale, bias, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
                         g_loss, positive_offset, SIGLIP, NEGATIVE_ONLY, COLUMNS)
-        b_b = tl.load(b_ptr + o_n[:, None] * stride_b + o_do[None, :],
-                      mask=(o_n[:, None] < N) & m_do[None, :], other=0.0)
+        b_b = tl.load(b_ptr + o_n[:, None] * stride_b + o_d[None, :], mask=(o_n[:, None] < N) & m_d[None, :],
+                      other=0.0)
+        # ds / norm lies in [-2, 2]: no fp16 underflow when ds is cast for the tensor cores.
         if UPCAST:
-            b_da = tl.dot(ds, b_b.to(tl.float32), b_da, input_precision=PRECISION)
+            b_da = tl.dot(ds / norm, b_b.to(tl.float32), b_da, input_precision=PRECISION)
         else:
-            b_da = tl.dot(ds.to(b_b.dtype), b_b, b_da, input_precision=PRECISION)
+            b_da = tl.dot((ds / norm).to(b_b.dtype), b_b, b_da, input_precision=PRECISION)
         b_dscale += tl.sum(ds * raw, 1)
         b_dbias += tl.sum(ds, 1)
-    tl.store(da_ptr + o_m[:, None] * D + o_do[None, :], (b_da * scale).to(da_ptr.dtype.element_ty),
-             mask=(o_m[:, None] < M) & m_do[None, :])
-    if i_d == 0:
-        tl.store(dscale_ptr + i_m, tl.sum(b_dscale, 0))
-        tl.store(dbias_ptr + i_m, tl.sum(b_dbias, 0))
+    tl.store(da_ptr + o_m[:, None] * D + o_d[None, :], (b_da * (scale * norm)).to(da_ptr.dtype.element_ty),
+             mask=(o_m[:, None] < M) & m_d[None, :])
+    tl.store(dscale_ptr + i_m, tl.sum(b_dscale, 0))
+    tl.store(dbias_ptr + i_m, tl.sum(b_dbias, 0))
 
 
 @triton.jit
 def _bwd_cols_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
-                     g_loss_ptr, db_ptr,
+                     g_loss_ptr, norm_ptr, db_ptr,
                      M, N, D, stride_a, stride_b, positive_offset,
                      SIGLIP: tl.constexpr, NEGATIVE_ONLY: tl.constexpr, COLUMNS: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dB for one column block over all of D (D <= BDO)."""
     i_n = tl.program_id(0)
-    i_d = tl.program_id(1)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     g_loss = tl.load(g_loss_ptr).to(tl.float32)
+    norm = tl.load(norm_ptr)
     o_n = i_n * BN + tl.arange(0, BN)
-    o_do = i_d * BDO + tl.arange(0, BDO)
-    m_do = o_do < D
+    o_d = tl.arange(0, BDO)
+    m_d = o_d < D
     b_db = tl.zeros((BN, BDO), tl.float32)
     for m0 in range(0, M, BM):
         o_m = m0 + tl.arange(0, BM)
         raw = _raw_tile(a_ptr, b_ptr, o_m, o_n, M, N, D, stride_a, stride_b, BM, BN, BD, UPCAST, PRECISION)
         ds = _grad_tile(raw, o_m, o_n, M, N, scale, bias, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
                         g_loss, positive_offset, SIGLIP, NEGATIVE_ONLY, COLUMNS)
-        b_a = tl.load(a_ptr + o_m[:, None] * stride_a + o_do[None, :],
-                      mask=(o_m[:, None] < M) & m_do[None, :], other=0.0)
+        b_a = tl.load(a_ptr + o_m[:, None] * stride_a + o_d[None, :], mask=(o_m[:, None] < M) & m_d[None, :],
+                      other=0.0)
         if UPCAST:
-            b_db = tl.dot(tl.trans(ds), b_a.to(tl.float32), b_db, input_precision=PRECISION)
+            b_db = tl.dot(tl.trans(ds / norm), b_a.to(tl.float32), b_db, input_precision=PRECISION)
         else:
-            b_db = tl.dot(tl.trans(ds.to(b_a.dtype)), b_a, b_db, input_precision=PRECISION)
-    tl.store(db_ptr + o_n[:, None] * D + o_do[None, :], (b_db * scale).to(db_ptr.dtype.element_ty),
-             mask=(o_n[:, None] < N) & m_do[None, :])
+            b_db = tl.dot(tl.trans((ds / norm).to(b_a.dtype)), b_a, b_db, input_precision=PRECISION)
+    tl.store(db_ptr + o_n[:, None] * D + o_d[None, :], (b_db * (scale * norm)).to(db_ptr.dtype.element_ty),
+             mask=(o_n[:, None] < N) & m_d[None, :])
+
+
+@triton.jit
+def _grad_logits_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_ptr, g_row_ptr, g_col_ptr,
+                        g_loss_ptr, norm_ptr, ds_ptr, dscale_ptr, dbias_ptr,
+                        row_start, row_end, col_start, col_end, D, stride_a, stride_b, positive_offset,
+                        SIGLIP: tl.constexpr, NEGATIVE_ONLY: tl.constexpr, COLUMNS: tl.constexpr,
+                        SUMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dLoss/dLogits / norm for the block [row_start, row_end) x [col_start, col_end), in ds's dtype."""
+    i_m = tl.program_id(0)
+    i_n = tl.program_id(1)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    g_loss = tl.load(g_loss_ptr).to(tl.float32)
+    norm = tl.load(norm_ptr)
+    o_m = row_start + i_m * BM + tl.arange(0, BM)
+    o_n = col_start + i_n * BN + tl.arange(0, BN)
+    raw = _raw_tile(a_ptr, b_ptr, o_m, o_n, row_end, col_end, D, stride_a, stride_b, BM, BN, BD, UPCAST,
+                    PRECISION)
+    ds = _grad_tile(raw, o_m, o_n, row_end, col_end, scale, bias, row_lse_ptr, col_lse_ptr, g_row_ptr,
+                    g_col_ptr, g_loss, positive_offset, SIGLIP, NEGATIVE_ONLY, COLUMNS)
+    cols = col_end - col_start
+    p_ds = ds_ptr + (o_m - row_start)[:, None] * cols + (o_n - col_start)[None, :]
+    tl.store(p_ds, (ds / norm).to(ds_ptr.dtype.element_ty), mask=(o_m[:, None] < row_end) & (o_n[None, :] < col_end))
+    if SUMS:
+        i_tile = i_m * tl.num_programs(1) + i_n
+        tl.store(dscale_ptr + i_tile, tl.sum(tl.sum(ds * raw, 1), 0))
+        tl.store(dbias_ptr + i_tile, tl.sum(tl.sum(ds, 1), 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,10 +255,10 @@ def _config(a: torch.Tensor) -> dict:
     full_d = max(16, triton.next_power_of_2(D))
     if interpreting:
         # Few large tiles: the interpreter's cost is per operation, not per element.
-        return dict(BM=64, BN=64, BD=min(full_d, 256), BDO=min(full_d, 512), UPCAST=upcast,
+        return dict(BM=64, BN=64, BD=min(full_d, 256), UPCAST=upcast,
                     PRECISION=precision, num_warps=4, num_stages=1, fwd_bm=64)
     wide = a.dtype != torch.float32
-    return dict(BM=64, BN=64, BD=64 if wide else 32, BDO=min(full_d, 256), UPCAST=False,
+    return dict(BM=64, BN=64, BD=64 if wide else 32, UPCAST=False,
                 PRECISION=precision, num_warps=8, num_stages=2, fwd_bm=128 if wide else 64)
 
 
@@ -267,39 +302,83 @@ def siglip_forward(a, b, scale, bias, positive_offset: int | None):
     return row_loss
 
 
-def _backward(a, b, scale, bias, row_lse, col_lse, g_row, g_col, g_loss, positive_offset, siglip, columns):
+def _backward(a, b, scale, bias, row_lse, col_lse, g_row, g_col, g_loss, norm, positive_offset, siglip,
+              columns):
+    """(da, db, dscale, dbias). norm bounds |dLoss/dLogits| so that it can be cast to fp16."""
     M, D = a.shape
     N = b.shape[0]
     c = _config(a)
+    inputs = (a, b, scale, bias, row_lse, col_lse, g_row, g_col, g_loss, norm)
+    flags = dict(SIGLIP=siglip, NEGATIVE_ONLY=positive_offset is None, COLUMNS=columns,
+                 BM=c["BM"], BN=c["BN"], BD=c["BD"], UPCAST=c["UPCAST"], PRECISION=c["PRECISION"],
+                 num_warps=c["num_warps"], num_stages=c["num_stages"])
+    offset = positive_offset or 0
+    if D > FUSED_BACKWARD_MAX_D:
+        return _backward_by_chunks(inputs, flags, offset)
     row_blocks = triton.cdiv(M, c["BM"])
-    da = torch.empty_like(a)
-    db = torch.empty_like(b)
+    da, db = torch.empty_like(a), torch.empty_like(b)
     dscale = torch.empty(row_blocks, device=a.device, dtype=torch.float32)
     dbias = torch.empty(row_blocks, device=a.device, dtype=torch.float32)
-    common = dict(
-        SIGLIP=siglip, NEGATIVE_ONLY=positive_offset is None, COLUMNS=columns,
-        BM=c["BM"], BN=c["BN"], BD=c["BD"], BDO=c["BDO"], UPCAST=c["UPCAST"], PRECISION=c["PRECISION"],
-        num_warps=c["num_warps"], num_stages=c["num_stages"],
-    )
-    d_chunks = triton.cdiv(D, c["BDO"])
-    inputs = (a, b, scale, bias, row_lse, col_lse, g_row, g_col, g_loss)
-    _bwd_rows_kernel[(row_blocks, d_chunks)](
-        *inputs, da, dscale, dbias, M, N, D, a.stride(0), b.stride(0), positive_offset or 0, **common)
-    _bwd_cols_kernel[(triton.cdiv(N, c["BN"]), d_chunks)](
-        *inputs, db, M, N, D, a.stride(0), b.stride(0), positive_offset or 0, **common)
+    full_d = max(16, triton.next_power_of_2(D))
+    _bwd_rows_kernel[(row_blocks,)](*inputs, da, dscale, dbias, M, N, D, a.stride(0), b.stride(0), offset,
+                                    BDO=full_d, **flags)
+    _bwd_cols_kernel[(triton.cdiv(N, c["BN"]),)](*inputs, db, M, N, D, a.stride(0), b.stride(0), offset,
+                                                 BDO=full_d, **flags)
     return da, db, dscale.sum(), dbias.sum()
+
+
+def _backward_by_chunks(inputs, flags, offset):
+    """Wide features: a Triton kernel writes dLoss/dLogits for a block of rows (then of columns) of at
+    most DS_CHUNK_ELEMENTS entries, and cuBLAS multiplies it with the features. Recomputing the tiles
+    over a wide D once per pass costs less than once per slice of D."""
+    a, b, scale, norm = inputs[0], inputs[1], inputs[2], inputs[9]
+    M, D = a.shape
+    N = b.shape[0]
+    BM, BN = flags["BM"], flags["BN"]
+    multiplier = scale.float() * norm
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    dscale_parts, dbias_parts = [], []
+
+    def grad_logits(row_start, row_end, col_start, col_end, sums):
+        shape = (row_end - row_start, col_end - col_start)
+        ds = torch.empty(shape, device=a.device, dtype=a.dtype)
+        grid = (triton.cdiv(shape[0], BM), triton.cdiv(shape[1], BN))
+        parts = [torch.empty(grid[0] * grid[1], device=a.device, dtype=torch.float32) for _ in range(2)]
+        _grad_logits_kernel[grid](*inputs, ds, *parts, row_start, row_end, col_start, col_end, D, a.stride(0),
+                                  b.stride(0), offset, SUMS=sums, **flags)
+        if sums:
+            dscale_parts.append(parts[0])
+            dbias_parts.append(parts[1])
+        return ds
+
+    rows = max(1, DS_CHUNK_ELEMENTS // N)
+    for start in range(0, M, rows):
+        end = min(start + rows, M)
+        da[start:end] = grad_logits(start, end, 0, N, True) @ b * multiplier
+    columns = max(1, DS_CHUNK_ELEMENTS // M)
+    for start in range(0, N, columns):
+        end = min(start + columns, N)
+        db[start:end] = grad_logits(0, M, start, end, False).T @ a * multiplier
+    return da, db, torch.cat(dscale_parts).sum(), torch.cat(dbias_parts).sum()
+
+
+def _gradient_bound(*gradients) -> torch.Tensor:
+    bound = torch.stack([g.abs().max() for g in gradients]).sum()
+    return bound.clamp_min(torch.finfo(torch.float32).tiny).float().reshape(1)
 
 
 def lse_backward(a, b, scale, row_lse, col_lse, g_row, g_col, columns: bool):
     """Gradients (da, db, dscale) of sum(g_row * row_lse) + sum(g_col * col_lse)."""
     unused = torch.zeros(1, device=a.device, dtype=torch.float32)
+    norm = _gradient_bound(g_row, g_col) if columns else _gradient_bound(g_row)
     da, db, dscale, _ = _backward(a, b, scale, unused, row_lse, col_lse if columns else unused, g_row,
-                                  g_col if columns else unused, unused, None, siglip=False, columns=columns)
+                                  g_col if columns else unused, unused, norm, None, siglip=False, columns=columns)
     return da, db, dscale
 
 
 def siglip_backward(a, b, scale, bias, g_loss, positive_offset: int | None):
     """Gradients (da, db, dscale, dbias) of g_loss * sum of every softplus(-y z) term."""
     unused = torch.zeros(1, device=a.device, dtype=torch.float32)
-    return _backward(a, b, scale, bias, unused, unused, unused, unused, g_loss.float().reshape(1),
+    g_loss = g_loss.float().reshape(1)
+    return _backward(a, b, scale, bias, unused, unused, unused, unused, g_loss, _gradient_bound(g_loss),
                      positive_offset, siglip=True, columns=False)
