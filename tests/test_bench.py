@@ -74,3 +74,10 @@ def test_mmfast_info_json(capsys):
     facts = json.loads(capsys.readouterr().out)
     assert facts["torch"] == torch.__version__
     assert "reference" in facts["backends"] and "open_clip_torch" in facts["optional_packages"]
+
+
+def test_patch_embed_suite_reports_bandwidth(tmp_path):
+    assert main(["bench", "patch_embed", "--out", str(tmp_path), "--modes", "forward"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["provider"] for r in rows} == {"mmfast", "eager"}
+    assert all(r["status"] == "ok" and r["gbps"] > 0 and r["tflops"] > 0 for r in rows)

@@ -1,6 +1,7 @@
 """Benchmark suites by name: each maps (profile, device) to a list of cases."""
-from mmfast.bench.suites import contrastive
+from mmfast.bench.suites import contrastive, patch_embed
 
 SUITES = {
     "contrastive": contrastive.cases,
+    "patch_embed": patch_embed.cases,
 }

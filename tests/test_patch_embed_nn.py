@@ -1,0 +1,176 @@
+"""mmfast.nn patch embeddings against timm and HF transformers modules built from configs (random
+weights copied into ours): outputs and gradients; the swap helper on whole models."""
+import pytest
+import torch
+
+import mmfast
+from mmfast.integrations.patch_embed import swap_patch_embedding
+
+timm_layers = pytest.importorskip("timm.layers")
+transformers = pytest.importorskip("transformers")
+BACKENDS = ["triton", "reference"]
+
+
+def assert_same_module_math(ours, theirs, inputs, *, rtol=1e-4, atol=1e-5, theirs_inputs=None):
+    """Same state_dict, same outputs, same gradients of every parameter (and float inputs)."""
+    ours.load_state_dict(theirs.state_dict())
+    ours_out = ours(*inputs)
+    theirs_out = theirs(*(theirs_inputs or inputs))
+    torch.testing.assert_close(ours_out, theirs_out, rtol=rtol, atol=atol)
+    upstream = torch.randn(theirs_out.shape, generator=torch.Generator().manual_seed(5))
+    leaves_ours = [p for p in ours.parameters()] + [x for x in inputs if torch.is_tensor(x) and x.requires_grad]
+    leaves_theirs = [p for p in theirs.parameters()] + [x for x in (theirs_inputs or inputs)
+                                                        if torch.is_tensor(x) and x.requires_grad]
+    grads_ours = torch.autograd.grad(ours_out, leaves_ours, upstream, allow_unused=True)
+    grads_theirs = torch.autograd.grad(theirs_out, leaves_theirs, upstream, allow_unused=True)
+    for mine, expected in zip(grads_ours, grads_theirs):
+        if expected is None:
+            assert mine is None or not mine.abs().any()
+            continue
+        torch.testing.assert_close(mine, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("settings", [
+    pytest.param(dict(img_size=28, patch_size=14, in_chans=3, embed_dim=40), id="p14"),
+    pytest.param(dict(img_size=(32, 64), patch_size=16, in_chans=1, embed_dim=24, bias=False), id="p16-C1-nobias"),
+    pytest.param(dict(img_size=64, patch_size=32, in_chans=4, embed_dim=33, output_fmt="NHWC"), id="p32-C4-NHWC"),
+    pytest.param(dict(img_size=28, patch_size=14, in_chans=3, embed_dim=40, flatten=False), id="NCHW"),
+    pytest.param(dict(img_size=28, patch_size=14, in_chans=3, embed_dim=40, output_fmt="NCL"), id="NCL"),
+    pytest.param(dict(img_size=32, patch_size=16, in_chans=3, embed_dim=24, strict_img_size=False,
+                      dynamic_img_pad=True, norm_layer=torch.nn.LayerNorm), id="dynamic-pad-norm"),
+])
+def test_patch_embed_matches_timm(settings, backend):
+    torch.manual_seed(0)
+    theirs = timm_layers.PatchEmbed(**settings)
+    ours = mmfast.nn.PatchEmbed(**settings, backend=backend)
+    size = settings["img_size"] if isinstance(settings["img_size"], tuple) else (settings["img_size"],) * 2
+    if settings.get("dynamic_img_pad"):
+        size = (size[0] - 5, size[1] + 3)
+    x = torch.randn(2, settings["in_chans"], *size, requires_grad=True)
+    assert_same_module_math(ours, theirs, [x])
+    assert ours.num_patches == theirs.num_patches and ours.grid_size == theirs.grid_size
+
+
+def test_patch_embed_strict_size_errors():
+    module = mmfast.nn.PatchEmbed(img_size=28, patch_size=14, embed_dim=8)
+    with pytest.raises(ValueError, match=r"input size \(28, 42\) doesn't match"):
+        module(torch.randn(1, 3, 28, 42))
+    loose = mmfast.nn.PatchEmbed(img_size=28, patch_size=14, embed_dim=8, strict_img_size=False)
+    with pytest.raises(ValueError, match="must be divisible by the patch size"):
+        loose(torch.randn(1, 3, 28, 40))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_with_fused_normalization_matches_timm_on_normalized_floats(backend):
+    torch.manual_seed(1)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    theirs = timm_layers.PatchEmbed(img_size=28, patch_size=14, embed_dim=40)
+    ours = mmfast.nn.PatchEmbed(img_size=28, patch_size=14, embed_dim=40, mean=mean, std=std, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    frames = torch.randint(0, 256, (2, 28, 28, 3), dtype=torch.uint8)  # decoder output, NHWC
+    normalized = (frames.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(
+        std)[:, None, None]
+    torch.testing.assert_close(ours(frames, channels_last=True), theirs(normalized), rtol=1e-4, atol=1e-4)
+
+
+def _clip_config(**overrides):
+    settings = dict(hidden_size=32, image_size=28, patch_size=14, num_channels=3, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=37)
+    settings.update(overrides)
+    return transformers.CLIPVisionConfig(**settings)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [(28, 28), (42, 56)], ids=["native", "interpolated"])
+def test_clip_vision_embeddings_match_hf(size, backend):
+    from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings as HF
+
+    torch.manual_seed(2)
+    config = _clip_config()
+    theirs, ours = HF(config), mmfast.nn.CLIPVisionEmbeddings(config, backend=backend)
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    interpolate = size != (28, 28)
+    assert_same_module_math(ours, theirs, [x, interpolate])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_siglip_vision_embeddings_match_hf(backend):
+    from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings as HF
+
+    torch.manual_seed(3)
+    config = transformers.SiglipVisionConfig(hidden_size=32, image_size=32, patch_size=16, num_channels=3,
+                                             num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    theirs, ours = HF(config), mmfast.nn.SiglipVisionEmbeddings(config, backend=backend)
+    for size in ((32, 32), (48, 64)):
+        x = torch.randn(1, 3, *size, requires_grad=True)
+        assert_same_module_math(ours, theirs, [x, size != (32, 32)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tubelets_match_videomae(backend):
+    from transformers.models.videomae.modeling_videomae import VideoMAEEmbeddings, VideoMAEPatchEmbeddings
+
+    torch.manual_seed(4)
+    config = transformers.VideoMAEConfig(image_size=32, patch_size=16, num_channels=3, hidden_size=24, num_frames=4,
+                                         tubelet_size=2, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=37)
+    theirs = VideoMAEPatchEmbeddings(config)
+    ours = mmfast.nn.TubeletEmbed.from_config(config, backend=backend)
+    video = torch.randn(2, 4, 3, 32, 32, requires_grad=True)
+    assert_same_module_math(ours, theirs, [video])
+    # with VideoMAE's sinusoid positions added in the same pass
+    full = VideoMAEEmbeddings(config)
+    full.patch_embeddings.load_state_dict(theirs.state_dict())
+    positions = full.position_embeddings.reshape(-1, config.hidden_size)
+    torch.testing.assert_close(ours(video, positions), full(video, None), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ast_embeddings_match_hf(backend):
+    from transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer import ASTEmbeddings
+
+    torch.manual_seed(5)
+    config = transformers.ASTConfig(hidden_size=24, patch_size=16, frequency_stride=10, time_stride=10,
+                                    num_mel_bins=40, max_length=52, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=37, hidden_dropout_prob=0.0)
+    theirs = ASTEmbeddings(config)
+    with torch.no_grad():  # HF initializes the tokens and positions at zero: make them count
+        for parameter in (theirs.cls_token, theirs.distillation_token, theirs.position_embeddings):
+            parameter.normal_()
+    ours = mmfast.nn.ASTPatchEmbed.from_config(config, backend=backend)
+    spectrogram = torch.randn(2, 52, 40, requires_grad=True)
+    assert_same_module_math(ours, theirs, [spectrogram])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swap_in_timm_vit_keeps_outputs(backend):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(6)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    weight = model.patch_embed.proj.weight
+    assert swap_patch_embedding(model, backend=backend) == ["patch_embed"]
+    assert isinstance(model.patch_embed, mmfast.nn.PatchEmbed) and model.patch_embed.proj.weight is weight
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swap_in_hf_clip_and_siglip_keeps_outputs(backend):
+    torch.manual_seed(7)
+    clip = transformers.CLIPVisionModel(_clip_config()).eval()
+    siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=32, image_size=32, patch_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=37)).eval()
+    for model, size in ((clip, 28), (siglip, 32)):
+        x = torch.randn(2, 3, size, size)
+        before = model(pixel_values=x).last_hidden_state
+        replaced = swap_patch_embedding(model, backend=backend)
+        assert len(replaced) == 1 and replaced[0].endswith("embeddings")
+        torch.testing.assert_close(model(pixel_values=x).last_hidden_state, before, rtol=1e-4, atol=1e-4)
+
+
+def test_swap_refuses_a_model_without_patch_embedding():
+    with pytest.raises(ValueError, match="no patch embedding"):
+        swap_patch_embedding(torch.nn.Linear(2, 2))
