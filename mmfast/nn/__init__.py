@@ -1,7 +1,8 @@
 """Tier 2: drop-in torch.nn modules on mmfast's ops, signature-compatible with the peers."""
+from mmfast.nn.attention import MixedAttention
 from mmfast.nn.contrastive import ClipLoss, SigLipLoss
 from mmfast.nn.patch_embed import (ASTPatchEmbed, CLIPVisionEmbeddings, PatchEmbed, SiglipVisionEmbeddings,
                                    TubeletEmbed)
 
-__all__ = ["ASTPatchEmbed", "CLIPVisionEmbeddings", "ClipLoss", "PatchEmbed", "SigLipLoss",
+__all__ = ["ASTPatchEmbed", "CLIPVisionEmbeddings", "ClipLoss", "MixedAttention", "PatchEmbed", "SigLipLoss",
            "SiglipVisionEmbeddings", "TubeletEmbed"]

@@ -1,0 +1,118 @@
+"""mmfast attention for HF transformers models: `attn_implementation="mmfast"`.
+
+    import mmfast.integrations.transformers as mmfast_hf
+    mmfast_hf.register()                       # once, before building or switching models
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="mmfast")
+    # or: model.set_attn_implementation("mmfast")
+
+Both of transformers' registries are filled: `AttentionInterface` gets the attention and
+`AttentionMaskInterface` a mask function that hands over the 2-D padding mask (without it,
+transformers passes no mask and padding would be silently ignored). Like transformers'
+FlashAttention path: causality comes from `is_causal` (the call's, else the module's), padded
+batches are unpadded into packed sequences, and packed batches come from `cu_seq_lens_q`
+(with `max_length_q`) or from position_ids that restart at 0. Extra: pass `span_ids` ([B, T]
+int32, e.g. `span_ids_from_token_ids(input_ids, config.image_token_id)`) through the model's
+forward to make image tokens bidirectional inside causal text (they reach every attention
+call; bidirectional ones, like a vision tower's, ignore them). Steps whose queries are fewer
+than the keys (generation with a KV cache) go to SDPA with the equivalent mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmfast.ops.mixed_attention import mixed_attention, pad, unpad
+
+NAME = "mmfast"
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                 mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """The 2-D boolean padding mask of the keys, or None when nothing is padded."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask
+    attention_mask = attention_mask[:, -kv_length:].bool()
+    return None if attention_mask.shape[1] == kv_length and bool(attention_mask.all()) else attention_mask
+
+
+def _packed_from_positions(position_ids: torch.Tensor | None, batch: int, length: int):
+    """cu_seqlens when position_ids of a single row restart at 0 (packed sequences), else None."""
+    if position_ids is None or batch != 1 or length < 2:
+        return None
+    positions = position_ids.reshape(-1)[:length]
+    if bool((positions[1:] >= positions[:-1]).all()):
+        return None
+    starts = torch.nonzero(positions == 0).flatten().to(torch.int32)
+    end = torch.tensor([length], device=positions.device, dtype=torch.int32)
+    return torch.cat([starts, end]) if starts.numel() and int(starts[0]) == 0 else None
+
+
+def _sdpa_with_cache(query, key, value, padding, causal, scaling, span_ids):
+    """Queries are the last of the keys (KV cache): SDPA with the rule's mask, offset accordingly."""
+    q_length, kv_length = query.shape[2], key.shape[2]
+    offset = kv_length - q_length
+    rows = torch.arange(q_length, device=query.device)[:, None] + offset
+    columns = torch.arange(kv_length, device=query.device)[None, :]
+    mask = (columns <= rows) if causal else torch.ones_like(columns <= rows)
+    mask = mask[None, None]
+    if span_ids is not None and span_ids.shape[-1] == kv_length:
+        span_q = span_ids[:, -q_length:, None]
+        same = (span_q >= 0) & (span_q == span_ids[:, None, :])
+        mask = mask | same[:, None]
+    if padding is not None:
+        mask = mask & padding[:, None, None, :]
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling).transpose(1, 2)
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
+    """transformers' attention signature: query `[B, H, T, D]`, key/value `[B, HK, T, D]`;
+    returns (`[B, T, H, D]`, None)."""
+    if dropout and module.training:
+        raise ValueError(f"attn_implementation='{NAME}' has no attention dropout; set the model's attention "
+                         f"dropout to 0 (got {dropout})")
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    batch, _, length, _ = query.shape
+    # span_ids travel to every attention of the model (a LLaVA vision tower too): they matter
+    # only where attention is causal.
+    span_ids = kwargs.get("span_ids") if causal else None
+    if key.shape[2] != length:
+        return _sdpa_with_cache(query, key, value, attention_mask, causal, scaling, span_ids), None
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None and attention_mask is None:
+        cu_seqlens = _packed_from_positions(kwargs.get("position_ids"), batch, length)
+    options = dict(causal=causal, softmax_scale=scaling)
+    if cu_seqlens is not None:
+        if batch != 1:
+            raise ValueError(f"attn_implementation='{NAME}': packed sequences (cu_seq_lens_q) need batch size 1, "
+                             f"got {batch}")
+        spans = None if span_ids is None else span_ids.reshape(-1).to(torch.int32)
+        out = mixed_attention(q[0], k[0], v[0], cu_seqlens=cu_seqlens.to(torch.int32),
+                              max_seqlen=kwargs.get("max_length_q"), span_ids=spans, **options)[None]
+    elif attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attn_implementation='{NAME}' takes a 2-D padding mask; got a "
+                             f"{attention_mask.dim()}-D mask (custom 4-D masks need 'sdpa' or 'eager')")
+        indices, cu, longest = unpad(attention_mask)
+        gather = lambda x: x.reshape(batch * length, *x.shape[2:])[indices]  # noqa: E731
+        spans = None if span_ids is None else gather(span_ids.to(torch.int32))
+        packed = mixed_attention(gather(q), gather(k), gather(v), cu_seqlens=cu, max_seqlen=longest, span_ids=spans,
+                                 **options)
+        out = pad(packed, indices, batch, length)
+    else:
+        spans = None if span_ids is None else span_ids.to(torch.int32)
+        out = mixed_attention(q, k, v, span_ids=spans, **options)
+    return out, None
+
+
+def register(name: str = NAME) -> str:
+    """Registers the attention and its mask function with transformers under `name`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, padding_mask)
+    return name
