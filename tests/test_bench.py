@@ -60,7 +60,7 @@ def test_pytest_benchmark_front(tmp_path):
     pytest.importorskip("pytest_benchmark")
     output = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "benchmarks/test_contrastive.py", "--benchmark-only", "-q", "-p", "no:cacheprovider",
          "-k", "256", f"--benchmark-json={output}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -81,3 +81,13 @@ def test_patch_embed_suite_reports_bandwidth(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     assert {r["provider"] for r in rows} == {"mmfast", "eager"}
     assert all(r["status"] == "ok" and r["gbps"] > 0 and r["tflops"] > 0 for r in rows)
+
+
+def test_mixed_attention_suite_counts_only_unmasked_pairs(tmp_path):
+    from mmfast.bench.suites.mixed_attention import cases
+
+    baseline = [c for c in cases("quick", torch.device("cpu")) if c.group.startswith("mixed S=8192")][0]
+    assert abs(baseline.params["mask_density"] - 0.135) < 0.001  # BASELINES.md: 13.5 %
+    assert main(["bench", "mixed_attention", "--out", str(tmp_path), "--modes", "forward"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["provider"] for r in rows} == {"mmfast", "sdpa dense mask"} and all(r["status"] == "ok" for r in rows)

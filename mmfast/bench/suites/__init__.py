@@ -1,7 +1,8 @@
 """Benchmark suites by name: each maps (profile, device) to a list of cases."""
-from mmfast.bench.suites import contrastive, patch_embed
+from mmfast.bench.suites import contrastive, mixed_attention, patch_embed
 
 SUITES = {
     "contrastive": contrastive.cases,
     "patch_embed": patch_embed.cases,
+    "mixed_attention": mixed_attention.cases,
 }
