@@ -56,11 +56,10 @@ def _softplus(x):
 @triton.jit
 def _siglip_signs(o_m, o_n, positive_offset, NEGATIVE_ONLY: tl.constexpr):
     """+1 where column o_n is row o_m's positive (o_n == o_m + offset), -1 elsewhere."""
+    positive = o_n[None, :] == o_m[:, None] + positive_offset
     if NEGATIVE_ONLY:
-        y = tl.full((o_m.shape[0], o_n.shape[0]), -1.0, tl.float32)
-    else:
-        y = tl.where(o_n[None, :] == o_m[:, None] + positive_offset, 1.0, -1.0)
-    return y
+        positive = positive & (o_n[None, :] < 0)  # never true: every pair negative
+    return tl.where(positive, 1.0, -1.0)
 
 
 @triton.jit

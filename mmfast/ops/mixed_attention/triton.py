@@ -50,6 +50,18 @@ def _load_rows(ptr, o_t, stride_t, head, stride_h, o_d, T_END, D, UPCAST: tl.con
 
 
 @triton.jit
+def _query_reach(span_ptr, reach_ptr, o_m, seq_end, BM: tl.constexpr, CAUSAL: tl.constexpr):
+    """The query block's span ids and the end of the keys it may attend."""
+    span_q = tl.full((BM,), -1, tl.int32)
+    k_end = seq_end
+    if CAUSAL:
+        m_m = o_m < seq_end
+        span_q = tl.load(span_ptr + o_m, mask=m_m, other=-1)
+        k_end = tl.minimum(tl.max(tl.load(reach_ptr + o_m, mask=m_m, other=0), 0) + 1, seq_end)
+    return span_q, k_end
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, span_ptr, reach_ptr,
                 sq_t, sq_h, sk_t, sk_h, so_t, so_h, T, D, qk_scale,
                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -67,11 +79,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, span_ptr, reach_ptr
         b_max = tl.full((BM,), float("-inf"), tl.float32)
         b_sum = tl.zeros((BM,), tl.float32)
         acc = tl.zeros((BM, BD), tl.float32)
-        k_end = seq_end
-        span_q = tl.full((BM,), -1, tl.int32)
-        if CAUSAL:
-            span_q = tl.load(span_ptr + o_m, mask=m_m, other=-1)
-            k_end = tl.minimum(tl.max(tl.load(reach_ptr + o_m, mask=m_m, other=0), 0) + 1, seq_end)
+        span_q, k_end = _query_reach(span_ptr, reach_ptr, o_m, seq_end, BM, CAUSAL)
         for k_start in range(seq_start, k_end, BN):
             o_n = k_start + tl.arange(0, BN)
             b_k = _load_rows(k_ptr, o_n, sk_t, i_hk, sk_h, o_d, seq_end, D, UPCAST)
@@ -172,11 +180,7 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_pt
         b_do = _load_rows(do_ptr, o_m, sdo_t, i_h, sdo_h, o_d, seq_end, D, UPCAST)
         lse2 = tl.load(lse_ptr + i_h * T + o_m, mask=m_m, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + i_h * T + o_m, mask=m_m, other=0.0)
-        span_q = tl.full((BM,), -1, tl.int32)
-        k_end = seq_end
-        if CAUSAL:
-            span_q = tl.load(span_ptr + o_m, mask=m_m, other=-1)
-            k_end = tl.minimum(tl.max(tl.load(reach_ptr + o_m, mask=m_m, other=0), 0) + 1, seq_end)
+        span_q, k_end = _query_reach(span_ptr, reach_ptr, o_m, seq_end, BM, CAUSAL)
         b_dq = tl.zeros((BM, BD), tl.float32)
         for k_start in range(seq_start, k_end, BN):
             o_n = k_start + tl.arange(0, BN)
