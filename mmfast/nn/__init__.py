@@ -1,8 +1,9 @@
 """Tier 2: drop-in torch.nn modules on mmfast's ops, signature-compatible with the peers."""
 from mmfast.nn.attention import MixedAttention
+from mmfast.nn.audio import MelSpectrogram
 from mmfast.nn.contrastive import ClipLoss, SigLipLoss
 from mmfast.nn.patch_embed import (ASTPatchEmbed, CLIPVisionEmbeddings, PatchEmbed, SiglipVisionEmbeddings,
                                    TubeletEmbed)
 
-__all__ = ["ASTPatchEmbed", "CLIPVisionEmbeddings", "ClipLoss", "MixedAttention", "PatchEmbed", "SigLipLoss",
+__all__ = ["ASTPatchEmbed", "CLIPVisionEmbeddings", "ClipLoss", "MelSpectrogram", "MixedAttention", "PatchEmbed", "SigLipLoss",
            "SiglipVisionEmbeddings", "TubeletEmbed"]

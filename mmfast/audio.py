@@ -1,0 +1,121 @@
+"""Whisper-compatible audio features on `mmfast.ops.log_mel_spectrogram`.
+
+- `whisper_log_mel(audio, n_mels=80, padding=0, device=None)`: openai-whisper's
+  `log_mel_spectrogram` (its batch-wide peak included).
+- `WhisperFeatureExtractor`: the call of HF's `WhisperFeatureExtractor` (raw speech list or
+  array, sampling_rate, padding to 30 s, `input_features` and optionally `attention_mask`),
+  on the CPU or a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mmfast.ops.log_mel import log_mel_spectrogram, whisper_normalize
+
+SAMPLE_RATE, N_FFT, HOP_LENGTH, CHUNK_SECONDS = 16000, 400, 160, 30
+
+
+def _whisper_features(batch: torch.Tensor, n_mels: int, n_fft: int, hop_length: int, sample_rate: int,
+                      batch_max: bool, backend=None) -> torch.Tensor:
+    log_mel = log_mel_spectrogram(batch, sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels,
+                                  backend=backend)
+    return whisper_normalize(log_mel[..., :-1], batch_max=batch_max)  # whisper drops the last frame
+
+
+def whisper_log_mel(audio, n_mels: int = 80, padding: int = 0, device=None, *, backend: str | None = None):
+    """openai-whisper's `log_mel_spectrogram`: `[n_mels, frames]` for `[T]` audio, `[B, n_mels, frames]`
+    for `[B, T]`, with the peak of the normalization taken over the whole tensor as whisper does
+    (use `log_mel_spectrogram(..., normalize="whisper")` for a per-clip peak)."""
+    if isinstance(audio, str):
+        raise TypeError("whisper_log_mel: decode the file first (a path needs ffmpeg); pass a float array or tensor")
+    audio = torch.as_tensor(audio)
+    if device is not None:
+        audio = audio.to(device)
+    if not audio.is_floating_point():
+        raise TypeError(f"whisper_log_mel: audio must be float samples, got {audio.dtype}")
+    if padding > 0:
+        audio = torch.nn.functional.pad(audio, (0, padding))
+    single = audio.dim() == 1
+    features = _whisper_features(audio[None] if single else audio, n_mels, N_FFT, HOP_LENGTH, SAMPLE_RATE,
+                                 batch_max=True, backend=backend)
+    return features[0] if single else features
+
+
+class WhisperFeatureExtractor:
+    """HF `WhisperFeatureExtractor`'s constructor and call, computed by mmfast.
+
+    Each clip is padded (or truncated) to `chunk_length` seconds, its log-mel taken and normalized
+    with its own peak, as HF's numpy path does. `device="cuda"` runs on a GPU.
+    """
+
+    model_input_names = ["input_features"]
+
+    def __init__(self, feature_size: int = 80, sampling_rate: int = SAMPLE_RATE, hop_length: int = HOP_LENGTH,
+                 chunk_length: int = CHUNK_SECONDS, n_fft: int = N_FFT, padding_value: float = 0.0,
+                 return_attention_mask: bool = False, **kwargs):
+        self.feature_size, self.sampling_rate, self.hop_length = feature_size, sampling_rate, hop_length
+        self.chunk_length, self.n_fft, self.padding_value = chunk_length, n_fft, padding_value
+        self.n_samples = chunk_length * sampling_rate
+        self.nb_max_frames = self.n_samples // hop_length
+        self.return_attention_mask = return_attention_mask
+
+    def __call__(self, raw_speech, truncation: bool = True, pad_to_multiple_of: int | None = None,
+                 return_tensors: str | None = None, return_attention_mask: bool | None = None,
+                 padding: str = "max_length", max_length: int | None = None, sampling_rate: int | None = None,
+                 do_normalize: bool | None = None, device: str = "cpu", backend: str | None = None, **kwargs):
+        if sampling_rate is not None and sampling_rate != self.sampling_rate:
+            raise ValueError(f"WhisperFeatureExtractor: the model expects sampling_rate={self.sampling_rate}, "
+                             f"got {sampling_rate}; resample the audio first")
+        clips = self._as_clips(raw_speech)
+        target = max_length or self.n_samples
+        if padding == "longest":
+            target = max(len(clip) for clip in clips)
+        if pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        batch = torch.full((len(clips), target), float(self.padding_value), dtype=torch.float32)
+        lengths = []
+        for row, clip in enumerate(clips):
+            if len(clip) > target and not truncation:
+                raise ValueError(f"WhisperFeatureExtractor: clip {row} has {len(clip)} samples, more than {target}; "
+                                 "pass truncation=True")
+            clip = torch.as_tensor(clip[:target], dtype=torch.float32)
+            if do_normalize:
+                clip = (clip - clip.mean()) / torch.sqrt(clip.var(unbiased=False) + 1e-7)
+            batch[row, : clip.shape[0]] = clip
+            lengths.append(clip.shape[0])
+        features = _whisper_features(batch.to(device), self.feature_size, self.n_fft, self.hop_length,
+                                     self.sampling_rate, batch_max=False, backend=backend)
+        output = {"input_features": features}
+        if return_attention_mask if return_attention_mask is not None else self.return_attention_mask:
+            samples = torch.arange(target)[None, :] < torch.tensor(lengths)[:, None]
+            output["attention_mask"] = samples[:, :: self.hop_length].to(torch.int32)
+        return self._pack(output, return_tensors)
+
+    @staticmethod
+    def _as_clips(raw_speech) -> list:
+        if isinstance(raw_speech, (np.ndarray, torch.Tensor)) and raw_speech.ndim == 1:
+            return [raw_speech]
+        if isinstance(raw_speech, (np.ndarray, torch.Tensor)) and raw_speech.ndim == 2:
+            return list(raw_speech)
+        if isinstance(raw_speech, (list, tuple)) and raw_speech and not np.isscalar(raw_speech[0]):
+            return list(raw_speech)
+        if isinstance(raw_speech, (list, tuple)):
+            return [np.asarray(raw_speech, dtype=np.float32)]
+        raise TypeError(f"WhisperFeatureExtractor: raw_speech must be an array, a tensor or a list of them, got "
+                        f"{type(raw_speech).__name__}")
+
+    @staticmethod
+    def _pack(output: dict, return_tensors: str | None):
+        if return_tensors in (None, "np"):
+            output = {key: value.cpu().numpy() for key, value in output.items()}
+            if return_tensors is None:
+                output = {key: list(value) for key, value in output.items()}
+        elif return_tensors != "pt":
+            raise ValueError(f"WhisperFeatureExtractor: return_tensors must be 'pt', 'np' or None, got "
+                             f"{return_tensors!r}")
+        try:
+            from transformers import BatchFeature
+        except ImportError:
+            return output
+        return BatchFeature(output)
