@@ -17,7 +17,8 @@ class Case:
     make() builds the inputs on the device and returns (step, leaves): step() runs the
     forward and returns the tensor to call .backward() on; leaves are the tensors whose
     .grad is cleared between repetitions. flops(mode) / bytes(mode) give the work used for
-    TFLOP/s and GB/s (None where it does not apply). Rows of one `group` with the same mode
+    TFLOP/s and GB/s (None where it does not apply); `rates` adds per-second figures of the
+    suite's own (hours of audio per second). Rows of one `group` with the same mode
     are compared: each baseline's time divided by mmfast's.
     """
 
@@ -30,6 +31,7 @@ class Case:
     bytes: Callable[[str], float] | None = None
     modes: tuple[str, ...] = MODES
     is_mmfast: bool = field(default=False)
+    rates: dict = field(default_factory=dict)  # name -> amount per step, reported per second
 
 
 def suite_names() -> list[str]:

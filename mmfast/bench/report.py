@@ -41,9 +41,11 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         tables[(r["suite"], r["mode"])].append(r)
     for (suite, mode), table in tables.items():
+        rate_names = sorted({key for r in table for key in r.get("rate_names", [])})
         lines += [f"## {suite}, {mode}", "",
-                  "| group | provider | median ms (p20-p80) | TFLOP/s | GB/s | peak MB | mmfast speedup |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| group | provider | median ms (p20-p80) | TFLOP/s | GB/s | peak MB | mmfast speedup |"
+                  + "".join(f" {name} |" for name in rate_names),
+                  "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(rate_names)]
         for r in table:
             if r["status"] != "ok":
                 lines.append(f"| {r['group']} | {r['provider']} | {r['status']} | | | | |")
@@ -53,7 +55,8 @@ def markdown(rows: list[dict]) -> str:
                 f"| {r['group']} | {r['provider']} | {_number(r['median_ms'])} "
                 f"({_number(r.get('p20_ms'))}-{_number(r.get('p80_ms'))}) | {_number(r.get('tflops'))} | "
                 f"{_number(r.get('gbps'))} | {_number(r.get('peak_memory_mb'), 4)} | "
-                f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+                f"{'' if ratio is None else f'{ratio:.2f}x'} |"
+                + "".join(f" {_number(r.get(name), 4)} |" for name in rate_names))
         lines.append("")
     return "\n".join(lines)
 

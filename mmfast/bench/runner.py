@@ -28,7 +28,7 @@ def run_case(case, device: torch.device, modes, context: dict) -> list[dict]:
         if mode not in case.modes:
             continue
         row = {**context, "suite": case.suite, "group": case.group, "provider": case.provider,
-               "is_mmfast": case.is_mmfast, "mode": mode, **case.params}
+               "is_mmfast": case.is_mmfast, "mode": mode, **case.params, "rate_names": sorted(case.rates)}
         try:
             step, leaves = case.make()
             timing = measure(step, leaves, mode, device, warmup=warmup, repeats=repeats, budget_s=budget)
@@ -43,6 +43,8 @@ def run_case(case, device: torch.device, modes, context: dict) -> list[dict]:
                 row["tflops"] = case.flops(mode) / (timing.median_ms * 1e-3) / 1e12
             if case.bytes is not None:
                 row["gbps"] = case.bytes(mode) / (timing.median_ms * 1e-3) / 1e9
+            for name, amount in case.rates.items():
+                row[name] = amount / (timing.median_ms * 1e-3)
         finally:
             step = leaves = None
             gc.collect()

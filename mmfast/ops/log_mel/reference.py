@@ -78,17 +78,20 @@ def window_tensor(window, win_length: int, n_fft: int, dtype, device) -> torch.T
 
 def mel_power(waveform, window, filters, n_fft, hop_length, center, pad_mode, power, dtype=torch.float32):
     """[B, n_mels, frames] mel-filtered power (or magnitude) spectrogram in `dtype`."""
-    length = waveform.shape[-1]
-    indices = frame_indices(length, n_fft, hop_length, center, pad_mode, waveform.device)
     signal = waveform.to(dtype)
-    if pad_mode != "reflect":
-        signal = torch.nn.functional.pad(signal, (0, 1))  # index -1 reads this zero
-    frames = signal[:, indices] * window.to(dtype)  # [B, frames, n_fft]
-    spectrum = torch.fft.rfft(frames, n=n_fft)
-    magnitude = spectrum.real ** 2 + spectrum.imag ** 2
+    length = signal.shape[-1]
+    if not center or pad_mode == "constant" or length > n_fft // 2:
+        # torch.stft frames a strided view: no copy of the padded signal's frames
+        spectrum = torch.stft(signal, n_fft, hop_length, window=window.to(dtype), center=center, pad_mode=pad_mode,
+                              return_complex=True)
+    else:  # a reflection longer than the clip: torch.stft refuses it, numpy folds it again
+        frames = signal[:, frame_indices(length, n_fft, hop_length, center, pad_mode, signal.device)]
+        spectrum = torch.fft.rfft(frames * window.to(dtype), n=n_fft).transpose(1, 2)
+    # re * re + im * im on the strided views: about 4x faster on a CPU than abs() ** 2 or view_as_real
+    magnitude = torch.addcmul(spectrum.real * spectrum.real, spectrum.imag, spectrum.imag)  # [B, n_freq, frames]
     if power != 2.0:
-        magnitude = magnitude.clamp_min(0) ** (power / 2.0)
-    return (magnitude @ filters.to(dtype)).transpose(1, 2)
+        magnitude = magnitude.sqrt() if power == 1.0 else magnitude.clamp_min(0) ** (power / 2.0)
+    return filters.T.to(dtype) @ magnitude
 
 
 def apply_log(mel: torch.Tensor, log: str | None, clamp_min: float | None) -> torch.Tensor:
