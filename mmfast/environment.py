@@ -54,6 +54,14 @@ def gpu_state(index: int = 0) -> dict:
     return state
 
 
+def _extension_state() -> str:
+    from mmfast import _extension
+
+    if importlib.util.find_spec("mmfast._C") is not None:
+        return "built at install (mmfast._C)"
+    return "compiled on first use (cached)" if _extension.loaded() else "not built (compiles on first use of backend 'cuda')"
+
+
 def describe() -> dict:
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     backends = ["reference"]
@@ -71,6 +79,6 @@ def describe() -> dict:
         "devices": devices or ["cpu"],
         "backends": backends,
         "mmfast_backend": os.environ.get("MMFAST_BACKEND", "auto"),
-        "extension_built": importlib.util.find_spec("mmfast._C") is not None,
+        "extension": _extension_state(),
         "optional_packages": {name: package_version(name) for name in OPTIONAL_PACKAGES},
     }

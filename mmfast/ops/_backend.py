@@ -26,8 +26,13 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...]) -> str:
-    """Returns the concrete backend ("triton", "cuda" or "reference") for `op` on `device`."""
+def resolve_backend(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...],
+                    cpu_kernel_ready=None) -> str:
+    """Returns the concrete backend ("triton", "cuda" or "reference") for `op` on `device`.
+
+    cpu_kernel_ready: for ops with a C++ CPU kernel (backend "cuda" = the csrc extension), a
+    callable telling whether it is built; "auto" then prefers it on the CPU.
+    """
     source = "backend"
     if backend is None:
         backend, source = os.environ.get("MMFAST_BACKEND", "auto"), "MMFAST_BACKEND"
@@ -36,6 +41,8 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, implemen
     if backend == "auto":
         if device.type == "cuda" and "triton" in implemented and triton_available():
             return "triton"
+        if device.type == "cpu" and cpu_kernel_ready is not None and cpu_kernel_ready():
+            return "cuda"
         if op not in _fallbacks_logged:
             _fallbacks_logged.add(op)
             reason = "tensors are on " + device.type if device.type != "cuda" else "triton is not installed"

@@ -12,7 +12,7 @@ from mmfast.ops.log_mel import reference
 __all__ = ["log_mel_spectrogram", "mel_filters", "whisper_normalize", "frame_count"]
 
 OP = "log_mel_spectrogram"
-_IMPLEMENTED = ("triton", "reference")
+_IMPLEMENTED = ("triton", "cuda", "reference")
 NORMALIZE = (None, "whisper", "whisper_batch")
 
 
@@ -105,6 +105,8 @@ def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_f
     then (x + 4) / 4) or "whisper_batch" (the peak over the whole batch, as openai-whisper does).
     lengths: valid samples per clip ([B]); frames whose first sample lies past a clip's end are left
     out of its peak and, with return_frame_mask, marked False in the returned [B, frames] mask.
+    backend "cuda" is the csrc extension: a multi-threaded C++ kernel on CPU tensors (what "auto"
+    picks on the CPU once the extension is built), a CUDA kernel on GPU tensors.
     filters: a custom filterbank `[n_fft // 2 + 1, n_mels]` instead of the one the mel arguments
     describe. The waveform receives a gradient.
     """
@@ -132,11 +134,18 @@ def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_f
         starts = torch.arange(frames, device=batch.device) * hop_length
         frame_mask = starts[None, :] < lengths[:, None]
 
-    if resolve_backend(OP, backend, batch.device, _IMPLEMENTED) == "triton":
+    from mmfast.ops.log_mel import cuda as extension
+
+    chosen = resolve_backend(OP, backend, batch.device, _IMPLEMENTED, cpu_kernel_ready=extension.available)
+    if chosen in ("triton", "cuda"):
         from mmfast.ops.log_mel.function import LogMelFunction
 
+        if chosen == "triton":
+            from mmfast.ops.log_mel.triton import log_mel as kernel
+        else:
+            kernel = extension.log_mel
         out = LogMelFunction.apply(batch, window_values, filters, n_fft, hop_length, center, pad_mode, power, log,
-                                   clamp_min)
+                                   clamp_min, kernel)
     else:
         precision = torch.float64 if batch.dtype == torch.float64 else torch.float32  # float64: the test oracle
         mel = reference.mel_power(batch, window_values, filters, n_fft, hop_length, center, pad_mode, power, precision)

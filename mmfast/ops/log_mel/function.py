@@ -1,20 +1,19 @@
-"""Autograd function of the log-mel spectrogram: the Triton kernel forward, the reference path's
-autograd for the waveform gradient (recomputed, as the issue allows)."""
+"""Autograd function of the log-mel spectrogram: a kernel's forward (Triton, or the csrc op), the
+reference path's autograd for the waveform gradient (recomputed)."""
 from __future__ import annotations
 
 import torch
 
 from mmfast.ops.log_mel import reference
-from mmfast.ops.log_mel import triton as kernels
 
 
 class LogMelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, waveform, window, filters, n_fft, hop_length, center, pad_mode, power, log, clamp_min):
+    def forward(ctx, waveform, window, filters, n_fft, hop_length, center, pad_mode, power, log, clamp_min, kernel):
         ctx.save_for_backward(waveform, window)
         ctx.settings = (filters, n_fft, hop_length, center, pad_mode, power, log, clamp_min)
-        return kernels.log_mel(waveform.float().contiguous(), window, filters, n_fft, hop_length, center, pad_mode,
-                               power, log, clamp_min)
+        return kernel(waveform.float().contiguous(), window, filters, n_fft, hop_length, center, pad_mode, power, log,
+                      clamp_min)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -25,4 +24,4 @@ class LogMelFunction(torch.autograd.Function):
             mel = reference.mel_power(leaf, window, filters, n_fft, hop_length, center, pad_mode, power)
             out = reference.apply_log(mel, log, clamp_min)
             (grad,) = torch.autograd.grad(out, leaf, grad_out)
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None
