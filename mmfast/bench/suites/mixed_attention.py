@@ -2,8 +2,9 @@
 causal text (BASELINES.md: B=2, H=16, S=8192, D=128, 4 documents of 2048 tokens per row, a
 576-token image each), against FlexAttention (block mask built once outside the timing, and
 rebuilt inside every step as when the packing changes), SDPA with the dense boolean mask, and,
-on plain causal attention, SDPA's flash and cuDNN backends; flash-attn varlen and xformers join
-where installed.
+on plain causal attention, SDPA's flash and cuDNN backends; flash-attn varlen and xformers'
+block-diagonal causal mask join there where installed (they have no bidirectional spans, so they
+time the packed causal case).
 
 FLOPs count only the unmasked (query, key) pairs: forward 4 * D * pairs * H, forward+backward
 3.5 times that (BASELINES.md's convention).
@@ -110,6 +111,12 @@ def _case(name, rows, row_length, heads, dim, documents, images, span, provider,
                 with sdpa_kernel(backend):
                     return F.scaled_dot_product_attention(batched(q), batched(k), batched(v),
                                                           is_causal=True).float().sum()
+        elif provider == "xformers block-diagonal":
+            from xformers.ops import fmha
+
+            bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(torch.diff(cu).tolist())
+            step = lambda: fmha.memory_efficient_attention(q[None], k[None], v[None],  # noqa: E731
+                                                           attn_bias=bias).float().sum()
         elif provider == "flash-attn varlen":
             from flash_attn import flash_attn_varlen_func
 
@@ -138,6 +145,8 @@ def _causal_providers(device) -> tuple[str, ...]:
     providers = ["mmfast", "sdpa flash", "sdpa cudnn"]
     if importlib.util.find_spec("flash_attn"):
         providers.append("flash-attn varlen")
+    if importlib.util.find_spec("xformers"):
+        providers.append("xformers block-diagonal")
     return tuple(providers)
 
 
