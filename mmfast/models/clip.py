@@ -1,0 +1,180 @@
+"""CLIP / SigLIP dual encoder on mmfast's modules (single-device model code).
+
+Vision: `mmfast.nn.CLIPVisionEmbeddings` (fused patch embedding, class token, positions) -> pre-norm
+-> pre-norm transformer blocks on `mmfast.nn.MixedAttention` (bidirectional) -> norm of the class
+token -> projection. Text: token + position embeddings -> causal blocks -> final norm -> the
+features at the end-of-text token (the largest token id, as OpenAI's CLIP, or a given id) ->
+projection. Module names follow HF's CLIPModel where they can, so converting is renaming
+(see convert.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfast.nn.attention import MixedAttention
+from mmfast.nn.patch_embed import CLIPVisionEmbeddings
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass(kw_only=True)
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    eot_token_id: int | None = None  # None: the largest id in each row (OpenAI's convention)
+
+
+@dataclass(kw_only=True)
+class ClipConfig:
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    activation: str = "quick_gelu"  # or "gelu"
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None  # set for SigLIP
+    backend: str | None = None
+
+
+def clip_config(size: str, **overrides) -> ClipConfig:
+    """Named sizes: "tiny" (tests, CPU runs), "ViT-B/16", "ViT-L/14" (OpenAI's shapes)."""
+    sizes = {
+        "tiny": ClipConfig(embed_dim=64, vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2),
+                           text=TextConfig(vocab_size=1000, context_length=16, width=64, layers=2, heads=2)),
+        "ViT-B/16": ClipConfig(embed_dim=512, vision=VisionConfig(patch_size=16, width=768, layers=12, heads=12),
+                               text=TextConfig(width=512, layers=12, heads=8)),
+        "ViT-L/14": ClipConfig(embed_dim=768, vision=VisionConfig(patch_size=14, width=1024, layers=24, heads=16),
+                               text=TextConfig(width=768, layers=12, heads=12)),
+    }
+    if size not in sizes:
+        raise ValueError(f"clip_config: size must be one of {sorted(sizes)}, got {size!r}")
+    config = sizes[size]
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"clip_config: unknown field {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.activation = QuickGELU() if activation == "quick_gelu" else nn.GELU()
+
+    def forward(self, x):
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), x + mlp(norm(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, causal: bool, activation: str, backend):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(width)
+        self.self_attn = MixedAttention(width, heads, bias=True, causal=causal, rotary_base=None, backend=backend)
+        self.layer_norm2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio), activation)
+
+    def forward(self, x, **attention):
+        x = x + self.self_attn(self.layer_norm1(x), **attention)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: VisionConfig, activation: str, backend=None):
+        super().__init__()
+        hf_like = SimpleNamespace(hidden_size=config.width, image_size=config.image_size,
+                                  patch_size=config.patch_size, num_channels=config.channels)
+        self.embeddings = CLIPVisionEmbeddings(hf_like, backend=backend)
+        self.pre_layrnorm = nn.LayerNorm(config.width)  # HF's spelling, kept for the state dict
+        self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, False, activation, backend)
+                                    for _ in range(config.layers))
+        self.post_layernorm = nn.LayerNorm(config.width)
+
+    def forward(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        x = self.pre_layrnorm(self.embeddings(pixels, interpolate_pos_encoding))
+        for layer in self.layers:
+            x = layer(x)
+        return self.post_layernorm(x[:, 0])
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, config: TextConfig, activation: str, backend=None):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Embedding(config.context_length, config.width)
+        self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, True, activation, backend)
+                                    for _ in range(config.layers))
+        self.final_layer_norm = nn.LayerNorm(config.width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[1] > self.config.context_length:
+            raise ValueError(f"TextTransformer: {tokens.shape[1]} tokens exceed context_length "
+                             f"{self.config.context_length}")
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.token_embedding(tokens) + self.position_embedding(positions)
+        for layer in self.layers:
+            x = layer(x)  # causal: padding after the end-of-text token never reaches it
+        x = self.final_layer_norm(x)
+        if self.config.eot_token_id is None:
+            end = tokens.argmax(dim=-1)
+        else:
+            end = (tokens == self.config.eot_token_id).int().argmax(dim=-1)
+        return x[torch.arange(x.shape[0], device=x.device), end]
+
+
+class CLIP(nn.Module):
+    """`encode_image(pixels)`, `encode_text(tokens)`, and `forward` returning both (normalized) with
+    the exponentiated logit scale (and bias) as open_clip's models do."""
+
+    def __init__(self, config: ClipConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = VisionTransformer(config.vision, config.activation, config.backend)
+        self.text_model = TextTransformer(config.text, config.activation, config.backend)
+        self.visual_projection = nn.Linear(config.vision.width, config.embed_dim, bias=False)
+        self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+                           if config.init_logit_bias is not None else None)
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.visual_projection(self.vision_model(pixels))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.text_projection(self.text_model(tokens))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> dict:
+        output = {"image_features": self.encode_image(pixels, normalize=True),
+                  "text_features": self.encode_text(tokens, normalize=True),
+                  "logit_scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            output["logit_bias"] = self.logit_bias
+        return output

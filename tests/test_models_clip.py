@@ -1,0 +1,82 @@
+"""mmfast.models.CLIP: loading HF CLIPModel and open_clip CLIP weights (random models built from
+configs) gives the same embeddings; a training step of the dual encoder on the fused loss."""
+import pytest
+import torch
+
+import mmfast
+import mmfast.models
+
+
+def _tokens(batch, length, vocab, seed):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocab - 1, (batch, length), generator=generator)
+    ends = torch.tensor([length - 1, length // 2, 3][:batch])
+    tokens[torch.arange(batch), ends] = vocab - 1  # end-of-text: the largest id (OpenAI's convention)
+    for row, end in enumerate(ends.tolist()):
+        tokens[row, end + 1:] = 0
+    return tokens
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_hf_clip_weights_give_the_same_embeddings(backend):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=2),
+        vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=48)
+    hf = transformers.CLIPModel(config).eval()
+    ours = mmfast.models.from_hf_clip(hf, backend=backend).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    tokens = _tokens(3, 16, 99, seed=1)
+    as_tensor = lambda output: output if torch.is_tensor(output) else output.pooler_output  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(pixels), as_tensor(hf.get_image_features(pixel_values=pixels)),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.encode_text(tokens), as_tensor(hf.get_text_features(input_ids=tokens)),
+                                   rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.logit_scale.detach(), hf.logit_scale.detach())
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_open_clip_weights_give_the_same_embeddings(backend):
+    open_clip_model = pytest.importorskip("open_clip.model")
+    torch.manual_seed(2)
+    theirs = open_clip_model.CLIP(
+        embed_dim=48, quick_gelu=True,
+        vision_cfg=open_clip_model.CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
+        text_cfg=open_clip_model.CLIPTextCfg(context_length=16, vocab_size=99, width=64, heads=2, layers=2)).eval()
+    ours = mmfast.models.from_open_clip(theirs, quick_gelu=True, backend=backend).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    tokens = _tokens(3, 16, 99, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(pixels), theirs.encode_image(pixels), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.encode_text(tokens), theirs.encode_text(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_training_step_on_the_fused_loss_lowers_the_loss():
+    torch.manual_seed(4)
+    model = mmfast.models.CLIP(mmfast.models.clip_config("tiny"))
+    loss_fn = mmfast.nn.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pixels, tokens = torch.randn(8, 3, 32, 32), _tokens(3, 16, 1000, seed=5).repeat(3, 1)[:8]
+    tokens[:, 1] = torch.arange(8) + 10  # distinct captions
+    losses = []
+    for _ in range(15):
+        output = model(pixels, tokens)
+        loss = loss_fn(output["image_features"], output["text_features"], output["logit_scale"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_named_sizes_and_bad_names():
+    config = mmfast.models.clip_config("ViT-B/16")
+    assert (config.vision.width, config.vision.layers, config.vision.patch_size) == (768, 12, 16)
+    assert mmfast.models.clip_config("ViT-L/14").vision.width == 1024
+    with pytest.raises(ValueError, match="size must be one of"):
+        mmfast.models.clip_config("ViT-H/99")
