@@ -44,7 +44,7 @@ def test_dropout_masks_are_replayed():
     loss_fn = mmfast.nn.ClipLoss()
     torch.manual_seed(7)
     loss_fn(model.encode_image(pixels, normalize=True), model.encode_text(tokens, normalize=True),
-            model.logit_scale.exp()).backward()
+            model.logit_scale.exp(), model.logit_bias).backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     torch.manual_seed(7)
