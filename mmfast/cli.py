@@ -52,6 +52,16 @@ def _bench(args) -> int:
     return 0
 
 
+def _synth(args) -> int:
+    from mmfast.data.synth import write_shards
+
+    written = write_shards(args.out, train=args.train, held_out=args.held_out, size=args.size, seed=args.seed,
+                           shard_size=args.shard_size, digit_fraction=args.digit_fraction)
+    for split, paths in written.items():
+        print(f"{split}: {len(paths)} shard(s) in {args.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="mmfast", description="Fused multimodal training kernels and tools.")
     commands = main.add_subparsers(dest="command", required=True)
@@ -67,6 +77,16 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", help="comma-separated: forward,backward,full (default: all)")
     bench.add_argument("--out", help="output folder (default: bench-results/<profile>-<time>)")
     bench.set_defaults(run=_bench)
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write the bundled synthetic image-caption shards (webdataset)")
+    synth.add_argument("--out", default="data/synth", help="output folder (default: data/synth)")
+    synth.add_argument("--train", type=int, default=20000, help="training samples")
+    synth.add_argument("--held-out", type=int, default=2000, help="held-out samples")
+    synth.add_argument("--size", type=int, default=32, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--shard-size", type=int, default=5000, help="samples per tar shard")
+    synth.add_argument("--digit-fraction", type=float, default=0.1, help="share of handwritten digits")
+    synth.set_defaults(run=_synth)
     return main
 
 
