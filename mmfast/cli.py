@@ -62,6 +62,18 @@ def _synth(args) -> int:
     return 0
 
 
+def _train(args, overrides) -> int:
+    from mmfast.train import load_config, train
+
+    config = load_config(args.recipe, overrides)
+    if args.run_dir:
+        config.run_dir = args.run_dir
+    result = train(config)
+    print(json.dumps(result))
+    print(f"run directory: {config.run_dir}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="mmfast", description="Fused multimodal training kernels and tools.")
     commands = main.add_subparsers(dest="command", required=True)
@@ -77,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", help="comma-separated: forward,backward,full (default: all)")
     bench.add_argument("--out", help="output folder (default: bench-results/<profile>-<time>)")
     bench.set_defaults(run=_bench)
+    train = commands.add_parser("train", help="train a model from a recipe (extra --section.key=value override it)")
+    train.add_argument("--recipe", default="clip-tiny", help="a recipe name in mmfast/configs/ or a YAML path")
+    train.add_argument("--run-dir", help="run directory (default: runs/<recipe>-<time>); an existing one resumes")
+    train.set_defaults(run=_train, takes_overrides=True)
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the bundled synthetic image-caption shards (webdataset)")
     synth.add_argument("--out", default="data/synth", help="output folder (default: data/synth)")
@@ -91,7 +107,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args, unknown = parser().parse_known_args(argv)
+    if getattr(args, "takes_overrides", False):
+        return args.run(args, unknown)
+    if unknown:
+        parser().error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.run(args)
 
 

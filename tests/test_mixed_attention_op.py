@@ -234,3 +234,24 @@ def test_bad_inputs_raise_clear_errors():
         call(q, kv, kv)
     with pytest.raises(ValueError, match="cu_seqlens goes with packed"):
         call(q[None], kv[None], kv[None], cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("with_spans", [True, False], ids=["spans", "no-spans"])
+def test_padded_cpu_path_matches_the_per_sequence_reference(causal, with_spans):
+    """The padded layout's PyTorch path is one SDPA call; it must equal the dense-mask oracle."""
+    batch, length = 3, 37
+    q, k, v = qkv(None, 4, 2, 40, torch.float32, 13, leading=(batch, length))
+    spans = None
+    if with_spans:
+        spans = torch.full((batch, length), -1, dtype=torch.int32, device=DEVICE)
+        spans[0, 4:15] = 0
+        spans[2, 30:] = 1
+    out, lse = mmfast.ops.mixed_attention(q, k, v, span_ids=spans, causal=causal, return_lse=True,
+                                          backend="reference")
+    cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+    flat = [x.detach().reshape(batch * length, *x.shape[2:]) for x in (q, k, v)]
+    flat_spans = spans.flatten() if with_spans else torch.full((batch * length,), -1, dtype=torch.int32)
+    expected, expected_lse = reference.attention(*flat, cu, flat_spans, causal, 40 ** -0.5)
+    torch.testing.assert_close(out.reshape(batch * length, 4, 40), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.transpose(0, 1).reshape(4, -1), expected_lse, rtol=1e-5, atol=1e-5)

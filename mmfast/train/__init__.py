@@ -1,4 +1,7 @@
-"""Training components. So far: gradient caching for large contrastive batches (grad_cache)."""
+"""Training: run configuration (recipes + overrides), the contrastive trainer, evaluation, and
+gradient caching for large contrastive batches."""
+from mmfast.train.config import RunConfig, load_config
 from mmfast.train.grad_cache import grad_cache_step
+from mmfast.train.trainer import train
 
-__all__ = ["grad_cache_step"]
+__all__ = ["RunConfig", "grad_cache_step", "load_config", "train"]

@@ -95,15 +95,21 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seq
         raise ValueError(f"{OP}: packed [total_tokens, H, D] inputs need cu_seqlens")
     if validate:
         _check_packing(cu_seqlens, span_ids, q.shape[0] if not padded else None, q.device, q.shape[:-2])
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    chosen = resolve_backend(OP, backend, q.device, _IMPLEMENTED)
+    if padded and chosen == "reference":
+        from mmfast.ops.mixed_attention import reference
+
+        out, lse = reference.padded_attention(q, k, v, span_ids, causal, scale, return_lse)
+        return (out, lse) if return_lse else out
     batch, length = (q.shape[0], q.shape[1]) if padded else (None, None)
     if padded:
         q, k, v = (x.reshape(batch * length, *x.shape[2:]) for x in (q, k, v))
         cu_seqlens = torch.arange(0, (batch + 1) * length, length, device=q.device, dtype=torch.int32)
         max_seqlen = length
         span_ids = None if span_ids is None else span_ids.reshape(-1)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     total = q.shape[0]
-    if resolve_backend(OP, backend, q.device, _IMPLEMENTED) == "triton":
+    if chosen == "triton":
         from mmfast.ops.mixed_attention.function import MixedAttentionFunction
 
         packing = build_packing(cu_seqlens, span_ids, total, max_seqlen, causal)

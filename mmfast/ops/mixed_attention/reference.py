@@ -36,3 +36,29 @@ def attention(q, k, v, cu_seqlens, span_ids, causal: bool, scale: float, dtype=t
     if not outputs:
         return q.new_zeros(q.shape, dtype=dtype), q.new_zeros((heads, 0), dtype=dtype)
     return torch.cat(outputs), torch.cat(lses, dim=1)
+
+
+def padded_attention(q, k, v, span_ids, causal: bool, scale: float, return_lse: bool):
+    """The CPU path for the padded layout: one SDPA call over [B, H, T, D] (the rule's mask built
+    densely only when spans are given), instead of a loop over sequences. Returns (out, lse or None)."""
+    group = q.shape[2] // k.shape[2]
+    query, key, value = (x.transpose(1, 2) for x in (q, k, v))
+    mask = None
+    if causal and span_ids is not None:
+        length = q.shape[1]
+        positions = torch.arange(length, device=q.device)
+        lower = positions[None, :] <= positions[:, None]
+        same_span = (span_ids[:, :, None] >= 0) & (span_ids[:, :, None] == span_ids[:, None, :])
+        mask = (lower[None] | same_span)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=group > 1)
+    lse = None
+    if return_lse:
+        with torch.no_grad():
+            scores = (query.float() @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+            if causal:
+                allowed = mask if mask is not None else torch.ones(scores.shape[-2:], dtype=torch.bool,
+                                                                   device=q.device).tril()
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            lse = torch.logsumexp(scores, dim=-1)  # [B, H, T]
+    return out.transpose(1, 2), lse

@@ -1,0 +1,55 @@
+"""Caption tokenizer: a BPE trained on the captions with HF `tokenizers`, or loaded from a local file.
+Calling it gives CLIP-style rows: <sot> tokens <eot>, padded with <pad> (id 0) to context_length."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+SPECIAL = ["<pad>", "<sot>", "<eot>", "<unk>"]
+
+
+class CaptionTokenizer:
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.pad_id, self.sot_id, self.eot_id = (tokenizer.token_to_id(token) for token in SPECIAL[:3])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, captions, vocab_size: int = 1000, context_length: int = 32) -> "CaptionTokenizer":
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+        tokenizer.normalizer = normalizers.Lowercase()
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False)
+        tokenizer.train_from_iterator(captions, trainer)
+        return cls(tokenizer, context_length)
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.tokenizer.save(path)
+        with open(path + ".json", "w") as handle:
+            json.dump({"context_length": self.context_length}, handle)
+
+    @classmethod
+    def load(cls, path: str) -> "CaptionTokenizer":
+        from tokenizers import Tokenizer
+
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"CaptionTokenizer: no tokenizer file at {path}")
+        settings = json.load(open(path + ".json")) if os.path.exists(path + ".json") else {"context_length": 32}
+        return cls(Tokenizer.from_file(path), settings["context_length"])
+
+    def __call__(self, texts) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        rows = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
+        for row, encoding in enumerate(self.tokenizer.encode_batch(texts)):
+            ids = [self.sot_id] + encoding.ids[: self.context_length - 2] + [self.eot_id]
+            rows[row, : len(ids)] = torch.tensor(ids)
+        return rows

@@ -1,0 +1,138 @@
+"""Run configuration: nested keyword-only dataclasses; recipes are YAML files in mmfast/configs/;
+dotted overrides (`--optim.lr=3e-4`) on top. Unknown keys and wrong types raise errors that name
+the key."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    synth_dir: str = "data/synth"  # the bundled data; written there on first use
+    train_samples: int = 20000
+    held_out_samples: int = 2000
+    image_size: int = 32
+    digit_fraction: float = 0.1
+    seed: int = 0
+    batch_size: int = 256
+    vocab_size: int = 1000
+    context_length: int = 24
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    size: str = "tiny"
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    embed_dim: int = 128
+    loss: str = "clip"  # or "siglip"
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # or "linear", "constant"
+    grad_clip: float = 1.0
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1500
+    eval_every: int = 500
+    log_every: int = 20
+    checkpoint_every: int = 500
+    seed: int = 0
+    micro_batch: int | None = None  # gradient caching when smaller than data.batch_size
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    recipe: str = ""
+    run_dir: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(key: str, value, kind):
+    """value (from YAML or the command line) as `kind`, or a ValueError naming the key."""
+    origin = typing.get_origin(kind)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        kind = options[0]
+    if isinstance(value, str) and kind is not str:
+        value = yaml.safe_load(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"config: {key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _apply(config, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(config))
+    names = {f.name for f in dataclasses.fields(config)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ValueError(f"config: unknown key {key!r}; {prefix or 'the top level'} has {sorted(names)}")
+        current = getattr(config, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config: {key} is a section, got {value!r}")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(config, name, _coerce(key, value, hints[name]))
+
+
+def recipes() -> list[str]:
+    return sorted(name[:-5] for name in os.listdir(RECIPES) if name.endswith(".yaml"))
+
+
+def load_config(recipe: str | None = None, overrides=(), path: str | None = None) -> RunConfig:
+    """A recipe (name in mmfast/configs/ or a YAML path), then `section.key=value` overrides."""
+    config = RunConfig()
+    source = path or (os.path.join(RECIPES, f"{recipe}.yaml") if recipe and not recipe.endswith(".yaml") else recipe)
+    if source:
+        if not os.path.exists(source):
+            raise ValueError(f"config: no recipe {recipe or path!r}; recipes: {recipes()}")
+        with open(source) as handle:
+            _apply(config, yaml.safe_load(handle) or {})
+        config.recipe = config.recipe or (recipe or os.path.basename(source))
+    for override in overrides:
+        key, separator, value = override.removeprefix("--").partition("=")
+        if not separator:
+            raise ValueError(f"config: overrides look like --section.key=value, got {override!r}")
+        nested: dict = {}
+        cursor = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        _apply(config, nested)
+    return config
+
+
+def save_config(config: RunConfig, path: str) -> None:
+    with open(path, "w") as handle:
+        yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
