@@ -60,6 +60,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
     micro_batch: int | None = None  # gradient caching when smaller than data.batch_size
+    stop_after: int | None = None  # end the run early at this step, schedule unchanged (resume later)
 
 
 @dataclass(kw_only=True)
@@ -80,7 +81,12 @@ def _coerce(key: str, value, kind):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         kind = options[0]
-    if isinstance(value, str) and kind is not str:
+    if isinstance(value, str) and kind in (int, float):
+        try:  # YAML reads "3e-4" as a string; Python's parsers do not
+            value = kind(value)
+        except ValueError:
+            pass
+    elif isinstance(value, str) and kind is not str:
         value = yaml.safe_load(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

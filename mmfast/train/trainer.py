@@ -161,7 +161,8 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
     log = open(metrics_path, "a")
     batch, steps = config.data.batch_size, config.train.steps
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="mmfast train", disable=not progress)
+    end = min(steps, config.train.stop_after or steps)
+    bar = tqdm(range(start, end), initial=start, total=steps, desc="mmfast train", disable=not progress)
     last_eval, window_start, window_samples = {}, time.perf_counter(), 0
 
     def save(step: int) -> None:
@@ -204,7 +205,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
             log.flush()
             bar.write(f"step {done}: zero-shot {last_eval['zero_shot_accuracy']:.3f}, "
                       f"I->T R@1 {last_eval['image_to_text_R@1']:.3f}")
-        if done % config.train.checkpoint_every == 0 or done == steps:
+        if done % config.train.checkpoint_every == 0 or done in (steps, end):
             save(done)
     log.close()
     if not last_eval:
