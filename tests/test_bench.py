@@ -91,3 +91,15 @@ def test_mixed_attention_suite_counts_only_unmasked_pairs(tmp_path):
     assert main(["bench", "mixed_attention", "--out", str(tmp_path), "--modes", "forward"]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())
     assert {r["provider"] for r in rows} == {"mmfast", "sdpa dense mask"} and all(r["status"] == "ok" for r in rows)
+
+
+def test_a_failing_provider_is_reported_and_the_run_goes_on():
+    from mmfast.bench.registry import Case
+    from mmfast.bench.runner import run_case
+
+    def broken():
+        raise RuntimeError("no compiler here\nmore detail")
+
+    case = Case(suite="s", group="g", provider="broken", params={}, make=broken, modes=("forward",))
+    rows = run_case(case, torch.device("cpu"), ("forward",), {})
+    assert rows[0]["status"] == "failed: RuntimeError: no compiler here"

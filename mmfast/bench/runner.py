@@ -32,10 +32,12 @@ def run_case(case, device: torch.device, modes, context: dict) -> list[dict]:
         try:
             step, leaves = case.make()
             timing = measure(step, leaves, mode, device, warmup=warmup, repeats=repeats, budget_s=budget)
-        except Exception as error:  # one failing provider must not end the run
-            if not _out_of_memory(error):
-                raise
-            row.update(status="out of memory")
+        except Exception as error:  # one failing provider must not end the run: its row says why
+            if _out_of_memory(error):
+                row.update(status="out of memory")
+            else:
+                row.update(status=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+                print(f"mmfast bench: {case.group} / {case.provider} / {mode} failed: {error!r}")
         else:
             row.update(status="ok", median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                        peak_memory_mb=timing.peak_memory_mb, repeats=timing.repeats)

@@ -70,14 +70,27 @@ def _case(batch, n_mels, seconds, provider, device):
         suite="log_mel", group=f"B={batch} x {seconds} s, {n_mels} mels", provider=provider,
         params={"B": batch, "seconds": seconds, "n_mels": n_mels},
         make=make, bytes=lambda mode: batch * (samples + n_mels * frames) * 4.0, modes=("forward",),
-        is_mmfast=provider in ("mmfast", "mmfast C++"), rates={"audio_hours_per_s": batch * seconds / 3600},
+        is_mmfast=provider in ("mmfast", "mmfast C++") or (provider == "mmfast PyTorch path" and not _cpp_buildable()),
+        rates={"audio_hours_per_s": batch * seconds / 3600},
     )
+
+
+def _cpp_buildable() -> bool:
+    """The C++ kernel is there, or can be compiled (ninja and a C++ compiler)."""
+    import shutil
+
+    from mmfast import _extension
+
+    return _extension.loaded() or (importlib.util.find_spec("ninja") is not None and shutil.which("c++") is not None)
 
 
 def _providers(device: torch.device) -> list[str]:
     """The Triton kernel is mmfast's GPU row and the C++ kernel its CPU row; the CUDA C++ kernel runs
     beside Triton so the table says which GPU path should be the default."""
-    mmfast_rows = ["mmfast", "mmfast CUDA C++"] if device.type == "cuda" else ["mmfast C++", "mmfast PyTorch path"]
+    if device.type == "cuda":
+        mmfast_rows = ["mmfast", "mmfast CUDA C++"]
+    else:
+        mmfast_rows = (["mmfast C++"] if _cpp_buildable() else []) + ["mmfast PyTorch path"]
     providers = mmfast_rows + ["whisper torch path"]
     if importlib.util.find_spec("torchaudio"):
         providers.append("torchaudio")
