@@ -100,7 +100,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         gather = lambda x: x.reshape(batch * length, *x.shape[2:])[indices]  # noqa: E731
         spans = None if span_ids is None else gather(span_ids.to(torch.int32))
         packed = mixed_attention(gather(q), gather(k), gather(v), cu_seqlens=cu, max_seqlen=longest, span_ids=spans,
-                                 **options)
+                                 validate=False, **options)  # cu comes from unpad: no need to re-check it
         out = pad(packed, indices, batch, length)
     else:
         spans = None if span_ids is None else span_ids.to(torch.int32)
