@@ -10,9 +10,10 @@ from mmfast.cli import main
 from mmfast.train import load_config, train
 
 pytest.importorskip("webdataset")
-TINY = ["--data.train_samples=256", "--data.held_out_samples=64", "--data.batch_size=32", "--data.vocab_size=200",
-        "--data.context_length=16", "--model.width=64", "--model.layers=1", "--model.heads=2",
-        "--model.text_width=64", "--model.text_layers=1", "--model.text_heads=2", "--model.embed_dim=32",
+TINY = ["--data.train_samples=256", "--data.held_out_samples=64", "--data.batch_size=32",
+        "--model.text.vocab_size=200", "--model.text.context_length=16", "--model.vision.width=64",
+        "--model.vision.layers=1", "--model.vision.heads=2", "--model.text.width=64", "--model.text.layers=1",
+        "--model.text.heads=2", "--model.embed_dim=32",
         "--train.steps=6", "--train.eval_every=3", "--train.checkpoint_every=3", "--train.log_every=1",
         "--optim.warmup_steps=2"]
 

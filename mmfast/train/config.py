@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from mmfast.models.clip import TextConfig, VisionConfig
+
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -22,21 +24,18 @@ class DataConfig:
     digit_fraction: float = 0.1
     seed: int = 0
     batch_size: int = 256
-    vocab_size: int = 1000
-    context_length: int = 24
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    size: str = "tiny"
-    patch_size: int = 8
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
-    text_width: int = 128
-    text_layers: int = 3
-    text_heads: int = 4
+    """mmfast.models' own tower configs. vision.image_size follows data.image_size, and text.vocab_size
+    is the tokenizer's target (the model gets the trained tokenizer's size and end-of-text id)."""
+
     embed_dim: int = 128
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(image_size=32, patch_size=8, width=128,
+                                                                      layers=4, heads=4))
+    text: TextConfig = field(default_factory=lambda: TextConfig(vocab_size=1000, context_length=24, width=128,
+                                                                layers=3, heads=4))
     loss: str = "clip"  # or "siglip"
 
 

@@ -6,6 +6,7 @@ is a function of (seed, step), and model, optimizer, scheduler and RNG states ar
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 import mmfast
 from mmfast.data import ShardPairs, class_names, write_shards
 from mmfast.data.tokenizer import CaptionTokenizer
-from mmfast.models import CLIP, ClipConfig, TextConfig, VisionConfig
+from mmfast.models import CLIP, ClipConfig
 from mmfast.train.config import RunConfig, save_config
 from mmfast.train.evaluate import retrieval_recall, zero_shot_accuracy
 from mmfast.train.grad_cache import grad_cache_step
@@ -55,10 +56,8 @@ def build_model(config: RunConfig, vocab_size: int, eot_token_id: int) -> CLIP:
     m = config.model
     model = CLIP(ClipConfig(
         embed_dim=m.embed_dim,
-        vision=VisionConfig(image_size=config.data.image_size, patch_size=m.patch_size, width=m.width,
-                            layers=m.layers, heads=m.heads),
-        text=TextConfig(vocab_size=vocab_size, context_length=config.data.context_length, width=m.text_width,
-                        layers=m.text_layers, heads=m.text_heads, eot_token_id=eot_token_id),
+        vision=dataclasses.replace(m.vision, image_size=config.data.image_size),
+        text=dataclasses.replace(m.text, vocab_size=vocab_size, eot_token_id=eot_token_id),
         init_logit_bias=-10.0 if m.loss == "siglip" else None))
     # uint8 pixels go straight into the fused patch embedding, normalized there
     model.vision_model.embeddings.mean, model.vision_model.embeddings.std = CLIP_MEAN, CLIP_STD
@@ -136,7 +135,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     if os.path.exists(tokenizer_path):
         tokenizer = CaptionTokenizer.load(tokenizer_path)
     else:
-        tokenizer = CaptionTokenizer.train(captions, config.data.vocab_size, config.data.context_length)
+        tokenizer = CaptionTokenizer.train(captions, config.model.text.vocab_size, config.model.text.context_length)
         tokenizer.save(tokenizer_path)
     tokens = tokenizer(captions)
     model = build_model(config, tokenizer.vocab_size, tokenizer.eot_id)

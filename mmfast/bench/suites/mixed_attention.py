@@ -86,8 +86,7 @@ def _case(name, rows, row_length, heads, dim, documents, images, span, provider,
                                                       span_ids=spans, validate=False).float().sum()
         elif provider.startswith("flex"):
             build = _flex_mask_builder(cu, spans, rows, row_length, device, compile_mask=device.type == "cuda")
-            attend = _compiled_flex() if device.type == "cuda" else __import__(
-                "torch.nn.attention.flex_attention", fromlist=["flex_attention"]).flex_attention
+            attend = _compiled_flex()
             if provider == "flex, mask built once":
                 mask = build()
                 step = lambda: attend(batched(q), batched(k), batched(v), block_mask=mask).float().sum()  # noqa: E731
