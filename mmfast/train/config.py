@@ -100,7 +100,7 @@ def _apply(config, values: dict, prefix: str = "") -> None:
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise ValueError(f"config: unknown key {key!r}; {prefix or 'the top level'} has {sorted(names)}")
+            raise ValueError(f"config: unknown key {key!r}; {prefix.rstrip('.') or 'the top level'} has {sorted(names)}")
         current = getattr(config, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
