@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmfast.nn.attention import MixedAttention
 from mmfast.nn.patch_embed import CLIPVisionEmbeddings
@@ -74,6 +75,24 @@ def clip_config(size: str, **overrides) -> ClipConfig:
     return config
 
 
+def _transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
+    """Forward FLOPs of `layers` blocks over one sequence: projections, MLP and attention matmuls."""
+    per_token = 2 * (4 * width * width + 2 * width * int(width * mlp_ratio)) + 2 * 2 * tokens * width
+    return layers * tokens * per_token
+
+
+def flops_per_sample(config: ClipConfig) -> float:
+    """Training FLOPs (forward + backward = 3 x forward) of one image-text pair for mmfast's CLIP;
+    recomputation under activation checkpointing is not counted, as MFU conventionally does."""
+    vision, text = config.vision, config.text
+    patches = (vision.image_size // vision.patch_size) ** 2
+    forward = 2 * patches * vision.channels * vision.patch_size ** 2 * vision.width
+    forward += _transformer_flops(patches + 1, vision.width, vision.layers, vision.mlp_ratio)
+    forward += _transformer_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
+    forward += 2 * config.embed_dim * (vision.width + text.width)
+    return 3.0 * forward
+
+
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -104,6 +123,13 @@ class Block(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def _run_blocks(layers: nn.ModuleList, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+    for layer in layers:
+        # activation checkpointing keeps one tensor per block and recomputes the rest in backward
+        x = checkpoint(layer, x, use_reentrant=False) if recompute and torch.is_grad_enabled() else layer(x)
+    return x
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, config: VisionConfig, activation: str, backend=None):
         super().__init__()
@@ -114,11 +140,11 @@ class VisionTransformer(nn.Module):
         self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, False, activation, backend)
                                     for _ in range(config.layers))
         self.post_layernorm = nn.LayerNorm(config.width)
+        self.grad_checkpointing = False
 
     def forward(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         x = self.pre_layrnorm(self.embeddings(pixels, interpolate_pos_encoding))
-        for layer in self.layers:
-            x = layer(x)
+        x = _run_blocks(self.layers, x, self.grad_checkpointing)
         return self.post_layernorm(x[:, 0])
 
 
@@ -131,6 +157,7 @@ class TextTransformer(nn.Module):
         self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, True, activation, backend)
                                     for _ in range(config.layers))
         self.final_layer_norm = nn.LayerNorm(config.width)
+        self.grad_checkpointing = False
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape[1] > self.config.context_length:
@@ -138,14 +165,20 @@ class TextTransformer(nn.Module):
                              f"{self.config.context_length}")
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
-        for layer in self.layers:
-            x = layer(x)  # causal: padding after the end-of-text token never reaches it
+        x = _run_blocks(self.layers, x, self.grad_checkpointing)  # causal: later padding never reaches the end token
         x = self.final_layer_norm(x)
         if self.config.eot_token_id is None:
             end = tokens.argmax(dim=-1)
         else:
             end = (tokens == self.config.eot_token_id).int().argmax(dim=-1)
         return x[torch.arange(x.shape[0], device=x.device), end]
+
+
+def _scalars_as_vectors(state_dict, prefix, *_):
+    for name in ("logit_scale", "logit_bias"):
+        value = state_dict.get(prefix + name)
+        if value is not None and value.dim() == 0:
+            state_dict[prefix + name] = value.reshape(1)
 
 
 class CLIP(nn.Module):
@@ -159,9 +192,26 @@ class CLIP(nn.Module):
         self.text_model = TextTransformer(config.text, config.activation, config.backend)
         self.visual_projection = nn.Linear(config.vision.width, config.embed_dim, bias=False)
         self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
-        self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+        # one-element vectors, not 0-dim: FSDP2 and DeepSpeed both refuse 0-dim parameters. The
+        # 0-dim entries of HF and open_clip state dicts are reshaped on load (_scalars_as_vectors).
+        self.logit_scale = nn.Parameter(torch.full([1], float(config.init_logit_scale)))
+        self.logit_bias = (nn.Parameter(torch.full([1], float(config.init_logit_bias)))
                            if config.init_logit_bias is not None else None)
+        self._register_load_state_dict_pre_hook(_scalars_as_vectors)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per transformer block (open_clip's and timm's method name)."""
+        self.vision_model.grad_checkpointing = self.text_model.grad_checkpointing = enable
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks of both towers: the units to shard, compile or checkpoint."""
+        return [*self.vision_model.layers, *self.text_model.layers]
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), capped at 100 as CLIP does. The cap is applied here rather than by
+        clamping the parameter after each step, so it holds under every sharding engine (whose
+        optimizers keep their own master copies); past the cap the scale's gradient is zero."""
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.visual_projection(self.vision_model(pixels))
@@ -174,7 +224,7 @@ class CLIP(nn.Module):
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> dict:
         output = {"image_features": self.encode_image(pixels, normalize=True),
                   "text_features": self.encode_text(tokens, normalize=True),
-                  "logit_scale": self.logit_scale.exp()}
+                  "logit_scale": self.scale()}
         if self.logit_bias is not None:
             output["logit_bias"] = self.logit_bias
         return output

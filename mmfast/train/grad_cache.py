@@ -32,7 +32,7 @@ def _rng_state():
 def grad_cache_step(model, loss_fn, pixels: torch.Tensor, tokens: torch.Tensor, micro_batch: int) -> torch.Tensor:
     """One forward/backward of `loss_fn(image_features, text_features, logit_scale[, logit_bias])` over the
     whole batch, the encoders running `micro_batch` rows at a time. `model` has `encode_image`,
-    `encode_text` (normalize=True) and `logit_scale` (and `logit_bias`) as mmfast's CLIP. Gradients are
+    `encode_text` (normalize=True), `scale()` (and `logit_bias`) as mmfast's CLIP. Gradients are
     accumulated into the parameters' .grad; returns the loss (detached)."""
     if pixels.shape[0] != tokens.shape[0]:
         raise ValueError(f"grad_cache_step: pixels and tokens must have one batch size, got {pixels.shape[0]} "
@@ -49,7 +49,7 @@ def grad_cache_step(model, loss_fn, pixels: torch.Tensor, tokens: torch.Tensor, 
     image = torch.cat(image_parts).requires_grad_()
     text = torch.cat(text_parts).requires_grad_()
     extra = [model.logit_bias] if getattr(model, "logit_bias", None) is not None else []
-    loss = loss_fn(image, text, model.logit_scale.exp(), *extra)
+    loss = loss_fn(image, text, model.scale(), *extra)
     loss.backward()  # scale/bias gradients land on the parameters, feature gradients are cached
     for (chunk_pixels, chunk_tokens), state, image_grad, text_grad in zip(
             chunks, states, image.grad.split(micro_batch), text.grad.split(micro_batch)):
