@@ -34,6 +34,15 @@ def class_names() -> list[str]:
     return [f"{color} {shape}" for color in COLORS for shape in SHAPES]
 
 
+def class_prompts() -> list[list[str]]:
+    """Zero-shot prompts per class of class_names(): pictures show one, two or three of a shape, so
+    each class has prompts for each count (scored by their best, see evaluate.zero_shot_accuracy)."""
+    templates = ("a photo of {what}.", "a picture showing {what}.", "an image of {what}.")
+    return [[template.format(what=f"{word} {color} {_plural(shape, count)}")
+             for count, word in ((1, "a"), (2, "two"), (3, "three")) for template in templates]
+            for color in COLORS for shape in SHAPES]
+
+
 def _plural(shape: str, count: int) -> str:
     if count == 1:
         return shape
@@ -97,7 +106,11 @@ def shape_sample(rng: np.random.Generator, size: int) -> Sample:
     for index in range(count):  # a row of `count` separate shapes around the position
         offset = (index - (count - 1) / 2) * radius * 2.2
         _draw(draw, shape, cx + offset, cy + float(rng.normal(0, 0.5)), radius, color)
-    what = f"{COUNT_WORDS[count]} {size_name} {color_name} {_plural(shape, count)} at the {position_name}"
+    # captions vary in detail as real ones do: size and position each named half the time, a single
+    # shape "one" or "a"; so "a red star" is as much a caption as "two small red stars at the center"
+    count_word = COUNT_WORDS[count] if count > 1 or rng.random() < 0.5 else "a"
+    details = [count_word] + ([size_name] if rng.random() < 0.5 else []) + [color_name, _plural(shape, count)]
+    what = " ".join(details) + (f" at the {position_name}" if rng.random() < 0.5 else "")
     caption = rng.choice(TEMPLATES).format(what=what)
     meta = {"kind": "shape", "color": color_name, "shape": shape, "size": size_name, "position": position_name,
             "count": count, "label": class_names().index(f"{color_name} {shape}")}
