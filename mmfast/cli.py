@@ -1,4 +1,4 @@
-"""The `mmfast` command: `mmfast info`, `mmfast bench`."""
+"""The `mmfast` command: info, bench, train, eval, export, data synth."""
 from __future__ import annotations
 
 import argparse
@@ -69,8 +69,30 @@ def _train(args, overrides) -> int:
     if args.run_dir:
         config.run_dir = args.run_dir
     result = train(config)
+    if result:  # rank 0
+        print(json.dumps(result))
+        print(f"run directory: {config.run_dir}")
+    return 0
+
+
+def _eval(args) -> int:
+    from mmfast.train.config import load_config
+    from mmfast.train.data import ensure_synth, load_split
+    from mmfast.train.evaluate import evaluate
+    from mmfast.train.load import load_clip
+
+    model, _, tokenizer = load_clip(args.run_dir)
+    config = load_config(path=os.path.join(args.run_dir, "config.yaml"))
+    ensure_synth(config.data)
+    result = evaluate(model, tokenizer, load_split(config.data, "held_out"))
     print(json.dumps(result))
-    print(f"run directory: {config.run_dir}")
+    return 0
+
+
+def _export(args) -> int:
+    from mmfast.train.load import export_run
+
+    print(f"wrote {export_run(args.run_dir, args.step)}")
     return 0
 
 
@@ -92,7 +114,15 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model from a recipe (extra --section.key=value override it)")
     train.add_argument("--recipe", default="clip-tiny", help="a recipe name in mmfast/configs/ or a YAML path")
     train.add_argument("--run-dir", help="run directory (default: runs/<recipe>-<time>); an existing one resumes")
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     train.set_defaults(run=_train, takes_overrides=True)
+    evaluation = commands.add_parser("eval", help="zero-shot and retrieval scores of a run on its held-out split")
+    evaluation.add_argument("run_dir", help="a run directory of mmfast train")
+    evaluation.set_defaults(run=_eval)
+    export = commands.add_parser("export", help="consolidate a run's (sharded) checkpoint into <run_dir>/model.pt")
+    export.add_argument("run_dir", help="a run directory of mmfast train")
+    export.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
+    export.set_defaults(run=_export)
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the bundled synthetic image-caption shards (webdataset)")
     synth.add_argument("--out", default="data/synth", help="output folder (default: data/synth)")

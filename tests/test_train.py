@@ -3,9 +3,12 @@ configuration errors that name the key."""
 import json
 import os
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
+import mmfast
 from mmfast.cli import main
 from mmfast.train import load_config, train
 
@@ -32,22 +35,78 @@ def _losses(run_dir):
 def test_a_run_writes_its_directory(tmp_path):
     result = train(_config(tmp_path, "run"), progress=False)
     run = tmp_path / "run"
-    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "curves.png", "metrics.jsonl", "tokenizer.json",
-                                       "tokenizer.json.json"]
-    assert sorted(os.listdir(run / "checkpoints")) == ["latest.pt", "step-0000003.pt", "step-0000006.pt"]
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "curves.png", "metrics.jsonl", "model.pt",
+                                       "tensorboard", "tokenizer.json", "tokenizer.json.json"]
+    assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step-0000003", "step-0000006"]
+    assert (run / "checkpoints" / "latest").read_text() == "step-0000006"
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 6
     assert 0.0 <= result["zero_shot_accuracy"] <= 1.0 and result["step"] == 6
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert {"lr", "samples_per_s", "logit_scale"} <= set(rows[0])
+    assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s", "tflops_per_s", "peak_memory_mb",
+            "logit_scale"} <= set(rows[0])
+    assert "mfu" not in rows[0]  # no known peak for a CPU
     assert [r["step"] for r in rows if "zero_shot_accuracy" in r] == [3, 6]
+    board = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = board.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [event.value for event in events.Scalars("eval/zero_shot_accuracy")] == pytest.approx(
+        [r["zero_shot_accuracy"] for r in rows if "zero_shot_accuracy" in r])
+
+
+def test_load_clip_and_eval_give_the_run_scores(tmp_path, capsys):
+    result = train(_config(tmp_path, "run"), progress=False)
+    model, preprocess, tokenizer = mmfast.load_clip(str(tmp_path / "run"))
+    from mmfast.train.checkpoint import consolidate
+
+    trained = consolidate(str(tmp_path / "run" / "checkpoints" / "step-0000006"))
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in trained.items())
+    image = preprocess(np.full((40, 50, 3), 200, np.uint8))
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    features = model.encode_image(image[None], normalize=True)
+    assert features.shape == (1, 32) and torch.allclose(features.norm(dim=-1), torch.ones(1))
+    assert model.encode_text(tokenizer(["a red star."])).shape == (1, 32)
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["zero_shot_accuracy"] == pytest.approx(result["zero_shot_accuracy"])
+    with pytest.raises(FileNotFoundError, match="neither a run directory nor a model file"):
+        mmfast.load_clip(str(tmp_path / "nowhere"))
+
+
+def test_export_consolidates_a_chosen_checkpoint(tmp_path):
+    train(_config(tmp_path, "run"), progress=False)
+    os.remove(tmp_path / "run" / "model.pt")
+    assert main(["export", str(tmp_path / "run"), "--step", "3"]) == 0
+    exported = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    step3 = torch.load(tmp_path / "run" / "checkpoints" / "step-0000003" / "state.pt", weights_only=False)["model"]
+    assert all(torch.equal(exported["state_dict"][key], value) for key, value in step3.items())
+    assert exported["clip_config"]["vision"]["width"] == 64
+
+
+def test_precision_checkpointing_and_optimizer_options(tmp_path):
+    """Activation checkpointing recomputes the same numbers; bf16 autocast and 8-bit AdamW train
+    close to the fp32 run."""
+    short = ["--train.steps=3", "--train.eval_every=3"]
+    train(_config(tmp_path, "fp32", *short), progress=False)
+    train(_config(tmp_path, "recomputed", *short, "--engine.activation_checkpointing=true"), progress=False)
+    assert _losses(tmp_path / "recomputed") == _losses(tmp_path / "fp32")
+    train(_config(tmp_path, "bf16", *short, "--engine.precision=bf16"), progress=False)
+    assert list(_losses(tmp_path / "bf16").values()) == pytest.approx(list(_losses(tmp_path / "fp32").values()),
+                                                                      abs=3e-2)
+    pytest.importorskip("bitsandbytes")
+    train(_config(tmp_path, "adam8", *short, "--optim.name=adamw8bit"), progress=False)
+    assert list(_losses(tmp_path / "adam8").values()) == pytest.approx(list(_losses(tmp_path / "fp32").values()),
+                                                                       abs=5e-2)
+    with pytest.raises(ValueError, match="engine.precision=fp16 needs a CUDA device"):
+        train(_config(tmp_path, "fp16", *short, "--engine.precision=fp16"), progress=False)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     train(_config(tmp_path, "straight"), progress=False)
     train(_config(tmp_path, "resumed", "--train.stop_after=3"), progress=False)
     assert sorted(_losses(tmp_path / "resumed")) == [1, 2, 3]
-    train(_config(tmp_path, "resumed"), progress=False)  # picks up checkpoints/latest.pt at step 3
+    train(_config(tmp_path, "resumed"), progress=False)  # picks up checkpoints/latest (step 3)
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
 
 
@@ -75,3 +134,11 @@ def test_cli_train_with_overrides(tmp_path, capsys):
                  f"--data.synth_dir={tmp_path / 'synth'}", "--train.steps=2", "--train.eval_every=2"]
     assert main(arguments) == 0
     assert f"run directory: {tmp_path / 'cli'}" in capsys.readouterr().out
+
+
+def test_compiled_blocks_give_the_eager_losses(tmp_path):
+    short = ["--train.steps=2", "--train.eval_every=2"]
+    train(_config(tmp_path, "eager", *short), progress=False)
+    train(_config(tmp_path, "compiled", *short, "--engine.compile=true"), progress=False)
+    assert list(_losses(tmp_path / "compiled").values()) == pytest.approx(
+        list(_losses(tmp_path / "eager").values()), abs=1e-4)

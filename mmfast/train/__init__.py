@@ -1,5 +1,5 @@
-"""Training: run configuration (recipes + overrides), the contrastive trainer, evaluation, and
-gradient caching for large contrastive batches."""
+"""Training: run configuration (recipes + overrides), engines (single, DDP, FSDP2, DeepSpeed ZeRO),
+the contrastive trainer, evaluation, checkpoints, and gradient caching for large contrastive batches."""
 from mmfast.train.config import RunConfig, load_config
 from mmfast.train.grad_cache import grad_cache_step
 from mmfast.train.trainer import train

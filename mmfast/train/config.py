@@ -41,6 +41,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
+    name: str = "adamw"  # or "adamw8bit" (bitsandbytes; single, ddp and deepspeed engines)
     lr: float = 2e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -58,8 +59,22 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 500
     seed: int = 0
-    micro_batch: int | None = None  # gradient caching when smaller than data.batch_size
+    micro_batch: int | None = None  # gradient caching when smaller than data.batch_size (single engine)
+    accumulation_steps: int = 1  # plain accumulation: each step's batch in this many contrastive batches
     stop_after: int | None = None  # end the run early at this step, schedule unchanged (resume later)
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """How the model is placed and sharded. "auto" is "single" in one process and "ddp" under a launcher."""
+
+    name: str = "auto"  # single, ddp, fsdp2, deepspeed
+    zero_stage: int = 2  # deepspeed: 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed: optimizer state and step on the CPU; fsdp2: CPUOffloadPolicy
+    offload_parameters: bool = False  # deepspeed ZeRO-3: parameters on the CPU
+    precision: str = "fp32"  # bf16, or fp16 (CUDA; single, ddp and deepspeed)
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward pass
+    compile: bool = False  # torch.compile each transformer block
 
 
 @dataclass(kw_only=True)
@@ -69,6 +84,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -9,17 +9,32 @@ TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.", "a picture showin
 
 @torch.no_grad()
 def _encode(function, inputs: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    return torch.cat([function(inputs[start:start + batch], normalize=True) for start in range(0, len(inputs), batch)])
+    device = next(function.__self__.parameters()).device
+    return torch.cat([function(inputs[start:start + batch].to(device), normalize=True).float().cpu()
+                      for start in range(0, len(inputs), batch)])
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, classes, templates=TEMPLATES):
-    """Top-1 accuracy of classifying `images` by the prompt embeddings of `classes`."""
-    prompts = [template.format(name) for name in classes for template in templates]
-    text = _encode(model.encode_text, tokenizer(prompts)).reshape(len(classes), len(templates), -1).mean(1)
-    text = torch.nn.functional.normalize(text, dim=-1)
-    predictions = (_encode(model.encode_image, images) @ text.T).argmax(dim=1)
-    return (predictions == labels).float().mean().item()
+def zero_shot_accuracy(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, classes=None,
+                       templates=TEMPLATES, *, prompts=None, reduce: str = "mean"):
+    """Top-1 accuracy of classifying `images` by prompts: `templates` over `classes`, or `prompts`
+    (one list per class). reduce="mean" averages a class's prompt embeddings (CLIP's prompt
+    ensembling); "max" scores a class by its best prompt, for classes whose pictures differ in
+    kind (one shape or several)."""
+    if prompts is None:
+        prompts = [[template.format(name) for template in templates] for name in classes]
+    counts = {len(group) for group in prompts}
+    if len(counts) != 1 or reduce not in ("mean", "max"):
+        raise ValueError(f"zero_shot_accuracy: expected as many prompts per class and reduce 'mean' or 'max', "
+                         f"got prompt counts {sorted(counts)} and reduce {reduce!r}")
+    flat = [prompt for group in prompts for prompt in group]
+    text = _encode(model.encode_text, tokenizer(flat)).reshape(len(prompts), counts.pop(), -1)
+    image = _encode(model.encode_image, images)
+    if reduce == "mean":
+        scores = image @ torch.nn.functional.normalize(text.mean(1), dim=-1).T
+    else:
+        scores = torch.einsum("nd,cpd->ncp", image, text).amax(dim=-1)
+    return (scores.argmax(dim=1) == labels).float().mean().item()
 
 
 @torch.no_grad()
@@ -32,4 +47,20 @@ def retrieval_recall(model, tokenizer, images: torch.Tensor, captions, ks=(1, 5,
         rank = (scores > scores[target, target][:, None]).sum(dim=1)  # how many beat the match
         for k in ks:
             result[f"{direction}_R@{k}"] = (rank < k).float().mean().item()
+    return result
+
+
+def evaluate(model, tokenizer, held_out) -> dict:
+    """Zero-shot accuracy over the bundled color x shape classes and retrieval recalls on the held-out split."""
+    from mmfast.data.synth import class_prompts
+
+    images, captions, metas = held_out
+    shapes = [i for i, meta in enumerate(metas) if meta.get("kind") == "shape"]
+    labels = torch.tensor([metas[i]["label"] for i in shapes])
+    was_training = model.training
+    model.eval()
+    result = {"zero_shot_accuracy": zero_shot_accuracy(model, tokenizer, images[shapes], labels,
+                                                       prompts=class_prompts(), reduce="max")}
+    result.update(retrieval_recall(model, tokenizer, images[:1000], captions[:1000]))
+    model.train(was_training)
     return result

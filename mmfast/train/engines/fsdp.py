@@ -1,0 +1,75 @@
+"""PyTorch FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks,
+each transformer block a unit that is gathered for its forward and backward.
+Mixed precision is FSDP2's policy (bf16 compute, fp32 gradient reduction and master weights)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+from mmfast.train.engines.base import Engine, build_optimizer, parameter_groups, schedule
+
+
+class FSDP2Engine(Engine):
+    name = "fsdp2"
+    precisions = ("fp32", "bf16")
+
+    def __init__(self, config, placement):
+        super().__init__(config, placement)
+        if self.optim.name != "adamw":
+            raise ValueError(f"config: optim.name={self.optim.name!r} does not take FSDP2's DTensor parameters; "
+                             "use adamw, or engine.name=deepspeed / ddp")
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        model.to(self.placement.device)
+        self._common_setup(model)
+        # the evaluation copy is plain: rank 0 loads gathered weights into it
+        self.evaluation_copy = copy.deepcopy(model) if self.placement.is_main else None
+        options = {}
+        if self.dtype != torch.float32:
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        if self.engine.offload_optimizer:
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.placement.device.type == "cuda")
+        for block in model.blocks():
+            fully_shard(block, **options)
+        fully_shard(model, **options)
+        self.model = self.module = model
+        # after fully_shard: the optimizer must see the sharded (DTensor) parameters
+        self.optimizer = build_optimizer(parameter_groups(model, self.optim.weight_decay), self.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(self.optim, self.config.train.steps))
+        self.scaler = None
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        self.model.set_requires_gradient_sync(sync)
+        super().backward(loss, sync)
+
+    def save(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(folder, "sharded"))
+        if self.placement.is_main:
+            torch.save({"scheduler": self.scheduler.state_dict()}, os.path.join(folder, "scheduler.pt"))
+
+    def load(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=os.path.join(folder, "sharded"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+        scheduler = torch.load(os.path.join(folder, "scheduler.pt"), weights_only=False)
+        self.scheduler.load_state_dict(scheduler["scheduler"])
+
+    def evaluation_model(self) -> torch.nn.Module | None:
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.placement.is_main:
+            return None
+        self.evaluation_copy.load_state_dict(full)
+        return self.evaluation_copy

@@ -1,0 +1,80 @@
+"""`mmfast.load_clip`: a trained CLIP back from its run directory, open_clip style."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from mmfast.data.tokenizer import CaptionTokenizer
+from mmfast.models import CLIP, ClipConfig
+from mmfast.models.clip import TextConfig, VisionConfig
+
+
+class Preprocess:
+    """PIL image (or HxWx3 uint8 array) -> uint8 tensor [3, size, size]: shorter side resized to
+    `size` (bicubic), centre crop. Normalization happens inside the model's fused patch embedding,
+    so pixels stay uint8 (a quarter of float32's bytes on their way to the GPU)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            array = np.asarray(image)
+            if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+                raise ValueError(f"preprocess: expected a PIL image or an HxWx3 uint8 array, got shape "
+                                 f"{array.shape} dtype {array.dtype}")
+            image = Image.fromarray(array)
+        image = image.convert("RGB")
+        scale = self.size / min(image.size)
+        width, height = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+        image = image.resize((width, height), Image.BICUBIC)
+        left, top = (width - self.size) // 2, (height - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+
+
+def export_run(run_dir: str, step: int | None = None) -> str:
+    """Consolidates a run's checkpoint (the latest, or the one taken after `step`), whatever engine
+    wrote it, into <run_dir>/model.pt; returns its path."""
+    from mmfast.train import checkpoint
+    from mmfast.train.config import load_config
+    from mmfast.train.trainer import clip_config, export
+
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    folder = checkpoint.latest(checkpoints) if step is None else os.path.join(checkpoints,
+                                                                               checkpoint.folder_name(step))
+    if folder is None or not os.path.isdir(folder):
+        raise FileNotFoundError(f"export: {run_dir} has no checkpoint" + (f" of step {step}" if step else ""))
+    tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
+    config = load_config(path=os.path.join(run_dir, "config.yaml"))
+    return export(run_dir, folder, clip_config(config, tokenizer.vocab_size, tokenizer.eot_id))
+
+
+def _model_file(path: str) -> str:
+    """model.pt of a run directory (consolidated from its latest checkpoint when missing), or `path`."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"load_clip: {path!r} is neither a run directory nor a model file")
+    model_path = os.path.join(path, "model.pt")
+    return model_path if os.path.exists(model_path) else export_run(path)
+
+
+def load_clip(path: str, device: str | torch.device = "cpu"):
+    """(model, preprocess, tokenizer) from a run directory or its model.pt (tokenizer.json beside it).
+
+    model.encode_image(torch.stack([preprocess(image) for image in images])) and
+    model.encode_text(tokenizer(texts)) as with open_clip; the model is in eval mode."""
+    model_path = _model_file(path)
+    saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    fields = dict(saved["clip_config"])
+    fields["vision"], fields["text"] = VisionConfig(**fields["vision"]), TextConfig(**fields["text"])
+    model = CLIP(ClipConfig(**fields))
+    model.vision_model.embeddings.mean, model.vision_model.embeddings.std = saved["mean"], saved["std"]
+    model.load_state_dict(saved["state_dict"])
+    tokenizer = CaptionTokenizer.load(os.path.join(os.path.dirname(model_path), "tokenizer.json"))
+    return model.to(device).eval(), Preprocess(model.config.vision.image_size), tokenizer

@@ -1,0 +1,91 @@
+"""What a run reports: JSONL and TensorBoard scalars (rank 0), MFU where the device's
+peak is known, peak memory, and the curves PNG at the end."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+
+import torch
+
+# dense peak FLOP/s by precision (vendor figures, SXM parts); fp32 is without TF32 (PyTorch's default)
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl and mirrors their numbers to TensorBoard (when installed)."""
+
+    def __init__(self, run_dir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.handle = open(self.path, "a") if enabled else None
+        self.board = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:
+                print("mmfast train: tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def write(self, record: dict, group: str) -> None:
+        if not self.enabled:
+            return
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if self.board:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"{group}/{key}", value, record["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.handle.close()
+            if self.board:
+                self.board.close()
+
+
+def plot(metrics_path: str, out_path: str) -> None:
+    """Loss and held-out evaluation curves of a run as a PNG (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(metrics_path)]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "zero_shot_accuracy" in r]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot([r["step"] for r in train], [r["loss"] for r in train])
+    left.set(title="training loss", xlabel="step")
+    right.plot([r["step"] for r in evals], [r["zero_shot_accuracy"] for r in evals], marker="o", label="zero-shot")
+    right.plot([r["step"] for r in evals], [r["image_to_text_R@1"] for r in evals], marker="o", label="I->T R@1")
+    right.set(title="held-out evaluation", xlabel="step", ylim=(0, 1))
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=110)
+    plt.close(figure)
