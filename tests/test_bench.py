@@ -103,3 +103,26 @@ def test_a_failing_provider_is_reported_and_the_run_goes_on():
     case = Case(suite="s", group="g", provider="broken", params={}, make=broken, modes=("forward",))
     rows = run_case(case, torch.device("cpu"), ("forward",), {})
     assert rows[0]["status"] == "failed: RuntimeError: no compiler here"
+
+
+def test_clip_train_suite_compares_the_same_model(tmp_path):
+    """Both providers start from the same weights: their first losses agree, and each step reports
+    samples/s."""
+    from mmfast.bench.suites.clip_train import cases
+
+    pytest.importorskip("transformers")
+    losses = [case.make()[0]().item() for case in cases("cpu", torch.device("cpu"))]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert main(["bench", "clip_train", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["provider"] for r in rows} == {"mmfast", "hf sdpa + open_clip loss"}
+    assert all(r["status"] == "ok" and r["mode"] == "full" and r["samples_per_s"] > 0 for r in rows)
+
+
+def test_grad_cache_benchmark_script_runs_a_step():
+    import runpy
+
+    script = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "clip_grad_cache.py"))
+    result = script["main"](["--size", "tiny", "--batch", "48", "--micro-batch", "16", "--steps", "1",
+                             "--dtype", "fp32"])
+    assert result["finite"] and result["batch"] == 48 and result["seconds_per_step"] > 0

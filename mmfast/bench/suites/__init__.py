@@ -1,9 +1,10 @@
 """Benchmark suites by name: each maps (profile, device) to a list of cases."""
-from mmfast.bench.suites import contrastive, log_mel, mixed_attention, patch_embed
+from mmfast.bench.suites import clip_train, contrastive, log_mel, mixed_attention, patch_embed
 
 SUITES = {
     "contrastive": contrastive.cases,
     "patch_embed": patch_embed.cases,
     "mixed_attention": mixed_attention.cases,
     "log_mel": log_mel.cases,
+    "clip_train": clip_train.cases,
 }
