@@ -142,3 +142,18 @@ def test_compiled_blocks_give_the_eager_losses(tmp_path):
     train(_config(tmp_path, "compiled", *short, "--engine.compile=true"), progress=False)
     assert list(_losses(tmp_path / "compiled").values()) == pytest.approx(
         list(_losses(tmp_path / "eager").values()), abs=1e-4)
+
+
+def test_a_tokenizer_file_on_disk_replaces_the_trained_one(tmp_path):
+    from mmfast.data.tokenizer import CaptionTokenizer
+
+    captions = ["a red star.", "two blue squares at the center."] * 20
+    CaptionTokenizer.train(captions, vocab_size=60, context_length=8).save(str(tmp_path / "mine.json"))
+    config = _config(tmp_path, "run", "--train.steps=1", "--train.eval_every=1",
+                     f"--data.tokenizer={tmp_path / 'mine.json'}")
+    train(config, progress=False)
+    used = CaptionTokenizer.load(str(tmp_path / "run" / "tokenizer.json"))
+    assert used.vocab_size == CaptionTokenizer.load(str(tmp_path / "mine.json")).vocab_size < 200
+    assert used.context_length == 16  # the model's, not the file's 8
+    assert torch.load(tmp_path / "run" / "model.pt", weights_only=False)["clip_config"]["text"]["vocab_size"] == \
+        used.vocab_size

@@ -15,6 +15,9 @@ class CaptionTokenizer:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.pad_id, self.sot_id, self.eot_id = (tokenizer.token_to_id(token) for token in SPECIAL[:3])
+        if None in (self.pad_id, self.sot_id, self.eot_id):
+            raise ValueError(f"CaptionTokenizer: the tokenizer must have the tokens {SPECIAL[:3]}, got ids "
+                             f"{[self.pad_id, self.sot_id, self.eot_id]}")
 
     @property
     def vocab_size(self) -> int:
@@ -38,13 +41,15 @@ class CaptionTokenizer:
             json.dump({"context_length": self.context_length}, handle)
 
     @classmethod
-    def load(cls, path: str) -> "CaptionTokenizer":
+    def load(cls, path: str, context_length: int | None = None) -> "CaptionTokenizer":
+        """An HF `tokenizers` file (with <pad>, <sot>, <eot>); context_length from the settings saved
+        beside it unless given."""
         from tokenizers import Tokenizer
 
         if not os.path.exists(path):
             raise FileNotFoundError(f"CaptionTokenizer: no tokenizer file at {path}")
         settings = json.load(open(path + ".json")) if os.path.exists(path + ".json") else {"context_length": 32}
-        return cls(Tokenizer.from_file(path), settings["context_length"])
+        return cls(Tokenizer.from_file(path), context_length or settings["context_length"])
 
     def __call__(self, texts) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)

@@ -23,7 +23,8 @@ class DataConfig:
     image_size: int = 32
     digit_fraction: float = 0.1
     seed: int = 0
-    batch_size: int = 256
+    batch_size: int = 256  # the global batch (shared out over ranks)
+    tokenizer: str = ""  # an HF tokenizers file on disk (with <pad>, <sot>, <eot>); empty: train a BPE
 
 
 @dataclass(kw_only=True)

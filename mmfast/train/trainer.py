@@ -82,8 +82,10 @@ def _prepare_run(config: RunConfig, placement, progress: bool):
     train_split, held_out = load_split(config.data, "train"), load_split(config.data, "held_out")
     tokenizer_path = os.path.join(config.run_dir, "tokenizer.json")
     if placement.is_main and not os.path.exists(tokenizer_path):
-        text = config.model.text
-        CaptionTokenizer.train(train_split[1], text.vocab_size, text.context_length).save(tokenizer_path)
+        context = config.model.text.context_length
+        tokenizer = (CaptionTokenizer.load(config.data.tokenizer, context) if config.data.tokenizer else
+                     CaptionTokenizer.train(train_split[1], config.model.text.vocab_size, context))
+        tokenizer.save(tokenizer_path)
     distributed.barrier()
     return train_split, held_out, CaptionTokenizer.load(tokenizer_path)
 
