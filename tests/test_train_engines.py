@@ -105,7 +105,9 @@ def test_deepspeed_zero_stages_follow_the_single_process_run(root):
                    ("zero1-offload-bf16", ["--engine.name=deepspeed", "--engine.zero_stage=1",
                                            "--engine.offload_optimizer=true", "--engine.precision=bf16"]),
                    ("zero3-offload", ["--engine.name=deepspeed", "--engine.zero_stage=3",
-                                      "--engine.offload_optimizer=true", "--engine.offload_parameters=true"])])
+                                      "--engine.offload_optimizer=true", "--engine.offload_parameters=true"]),
+                   ("zero2-adamw8bit", ["--engine.name=deepspeed", "--engine.zero_stage=2",
+                                        "--optim.name=adamw8bit"])])
     for name in ("zero2", "zero3"):
         _assert_follows(root, name)
         _assert_same_weights(root, name)  # model.pt: consolidated from the ZeRO shards
@@ -116,6 +118,7 @@ def test_deepspeed_zero_stages_follow_the_single_process_run(root):
     assert full.keys() == torch.load(root / "single" / "model.pt", weights_only=False)["state_dict"].keys()
     assert _losses(root / "zero1-offload-bf16") == pytest.approx(_losses(root / "single"), abs=3e-2)
     _assert_follows(root, "zero3-offload", tolerance=1e-3)  # DeepSpeed's CPU Adam: its own rounding
+    assert _losses(root / "zero2-adamw8bit") == pytest.approx(_losses(root / "single"), abs=5e-2)
 
 
 def test_torchrun_launches_the_cli(root):
@@ -131,3 +134,32 @@ def test_torchrun_launches_the_cli(root):
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"run directory: {run}" in finished.stdout
     assert _losses(run) == pytest.approx(_losses(root / "single"), abs=2e-4)
+
+
+def test_engine_choices_are_checked_before_any_process_group():
+    from mmfast.train.distributed import Placement
+    from mmfast.train.engines import build_engine
+    from mmfast.train.engines.fsdp import FSDP2Engine
+    from mmfast.train.engines.zero import DeepSpeedEngine
+
+    one, two = (Placement(rank=0, world_size=n, local_rank=0, device=torch.device("cpu")) for n in (1, 2))
+    with pytest.raises(ValueError, match="engine.name must be one of"):
+        build_engine(load_config("clip-tiny", ["--engine.name=horovod"]), one)
+    with pytest.raises(ValueError, match="engine.name=fsdp2 shards over processes"):
+        build_engine(load_config("clip-tiny", ["--engine.name=fsdp2"]), one)
+    with pytest.raises(ValueError, match="engine.name=single runs one process"):
+        build_engine(load_config("clip-tiny", ["--engine.name=single"]), two)
+    with pytest.raises(ValueError, match="does not take FSDP2's DTensor parameters"):
+        FSDP2Engine(load_config("clip-tiny", ["--engine.name=fsdp2", "--optim.name=adamw8bit"]), two)
+    with pytest.raises(ValueError, match="engine.precision must be one of"):
+        FSDP2Engine(load_config("clip-tiny", ["--engine.name=fsdp2", "--engine.precision=fp16"]), two)
+    with pytest.raises(ValueError, match="offload_parameters needs engine.zero_stage=3"):
+        DeepSpeedEngine(load_config("clip-tiny", ["--engine.offload_parameters=true"]), two)
+    with pytest.raises(ValueError, match="zero_stage must be 1, 2 or 3"):
+        DeepSpeedEngine(load_config("clip-tiny", ["--engine.zero_stage=4"]), two)
+    with pytest.raises(ValueError, match=r"data.batch_size \(100\) must be a multiple of ranks x"):
+        from mmfast.train.trainer import _check
+
+        _check(load_config("clip-tiny", ["--data.batch_size=100", "--train.accumulation_steps=3"]), 1)
+    with pytest.raises(ValueError, match="train.micro_batch .gradient caching. runs with engine.name=single"):
+        _check(load_config("clip-tiny", ["--train.micro_batch=8", "--engine.name=ddp"]), 1)
