@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model = CLIP(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    size, vision, text = config.vision.image_size, config.vision, config.text
+    size, text = config.vision.image_size, config.text
     pixels = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)  # host memory, moved per step
     tokens = torch.randint(1, text.vocab_size - 1, (args.batch, text.context_length))
     tokens[:, -1] = text.vocab_size - 1

@@ -11,6 +11,7 @@ import yaml
 import mmfast
 from mmfast.cli import main
 from mmfast.train import load_config, train
+from tests.runs import losses, run_config
 
 pytest.importorskip("webdataset")
 TINY = ["--data.train_samples=256", "--data.held_out_samples=64", "--data.batch_size=32",
@@ -22,14 +23,7 @@ TINY = ["--data.train_samples=256", "--data.held_out_samples=64", "--data.batch_
 
 
 def _config(tmp_path, name, *extra):
-    config = load_config("clip-tiny", TINY + [f"--data.synth_dir={tmp_path / 'synth'}", *extra])
-    config.run_dir = str(tmp_path / name)
-    return config
-
-
-def _losses(run_dir):
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return run_config(tmp_path, name, TINY, *extra)
 
 
 def test_a_run_writes_its_directory(tmp_path):
@@ -90,13 +84,13 @@ def test_precision_checkpointing_and_optimizer_options(tmp_path):
     short = ["--train.steps=3", "--train.eval_every=3"]
     train(_config(tmp_path, "fp32", *short), progress=False)
     train(_config(tmp_path, "recomputed", *short, "--engine.activation_checkpointing=true"), progress=False)
-    assert _losses(tmp_path / "recomputed") == _losses(tmp_path / "fp32")
+    assert losses(tmp_path / "recomputed") == losses(tmp_path / "fp32")
     train(_config(tmp_path, "bf16", *short, "--engine.precision=bf16"), progress=False)
-    assert list(_losses(tmp_path / "bf16").values()) == pytest.approx(list(_losses(tmp_path / "fp32").values()),
+    assert list(losses(tmp_path / "bf16").values()) == pytest.approx(list(losses(tmp_path / "fp32").values()),
                                                                       abs=3e-2)
     pytest.importorskip("bitsandbytes")
     train(_config(tmp_path, "adam8", *short, "--optim.name=adamw8bit"), progress=False)
-    assert list(_losses(tmp_path / "adam8").values()) == pytest.approx(list(_losses(tmp_path / "fp32").values()),
+    assert list(losses(tmp_path / "adam8").values()) == pytest.approx(list(losses(tmp_path / "fp32").values()),
                                                                        abs=5e-2)
     with pytest.raises(ValueError, match="engine.precision=fp16 needs a CUDA device"):
         train(_config(tmp_path, "fp16", *short, "--engine.precision=fp16"), progress=False)
@@ -105,15 +99,15 @@ def test_precision_checkpointing_and_optimizer_options(tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     train(_config(tmp_path, "straight"), progress=False)
     train(_config(tmp_path, "resumed", "--train.stop_after=3"), progress=False)
-    assert sorted(_losses(tmp_path / "resumed")) == [1, 2, 3]
+    assert sorted(losses(tmp_path / "resumed")) == [1, 2, 3]
     train(_config(tmp_path, "resumed"), progress=False)  # picks up checkpoints/latest (step 3)
-    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
 
 
 def test_gradient_caching_run(tmp_path):
     train(_config(tmp_path, "cached", "--train.micro_batch=8", "--train.steps=2", "--train.eval_every=2"),
           progress=False)
-    assert sorted(_losses(tmp_path / "cached")) == [1, 2]
+    assert sorted(losses(tmp_path / "cached")) == [1, 2]
 
 
 def test_configuration_errors_name_the_key(tmp_path):
@@ -136,12 +130,12 @@ def test_cli_train_with_overrides(tmp_path, capsys):
     assert f"run directory: {tmp_path / 'cli'}" in capsys.readouterr().out
 
 
-def test_compiled_blocks_give_the_eager_losses(tmp_path):
+def test_compiled_blocks_give_the_eagerlosses(tmp_path):
     short = ["--train.steps=2", "--train.eval_every=2"]
     train(_config(tmp_path, "eager", *short), progress=False)
     train(_config(tmp_path, "compiled", *short, "--engine.compile=true"), progress=False)
-    assert list(_losses(tmp_path / "compiled").values()) == pytest.approx(
-        list(_losses(tmp_path / "eager").values()), abs=1e-4)
+    assert list(losses(tmp_path / "compiled").values()) == pytest.approx(
+        list(losses(tmp_path / "eager").values()), abs=1e-4)
 
 
 def test_a_tokenizer_file_on_disk_replaces_the_trained_one(tmp_path):

@@ -5,7 +5,6 @@ resume from sharded checkpoints is exact; sharded checkpoints consolidate to the
 DeepSpeed JIT-compiles two C++ ops on a fresh cache (its shared-memory all-reduce, about 60 s, and
 the CPU Adam used with offload, about 75 s). TORCH_EXTENSIONS_DIR points at one cache per user,
 so CI pays for them once per machine, not per run."""
-import json
 import os
 import socket
 
@@ -14,6 +13,7 @@ import torch
 
 from mmfast.train import load_config, train
 from mmfast.train.checkpoint import consolidate
+from tests.runs import losses, run_config
 
 pytest.importorskip("webdataset")
 TINY = ["--data.train_samples=96", "--data.held_out_samples=40", "--data.batch_size=16",
@@ -25,14 +25,11 @@ EXTENSIONS = os.path.join(os.path.expanduser("~"), ".cache", "mmfast", "torch_ex
 
 
 def _config(root, name, *extra):
-    config = load_config("clip-tiny", TINY + [f"--data.synth_dir={root / 'synth'}", *extra])
-    config.run_dir = str(root / name)
-    return config
+    return run_config(root, name, TINY, *extra)
 
 
 def _losses(run_dir):
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return [r["loss"] for r in rows if "loss" in r]
+    return list(losses(run_dir).values())
 
 
 def _worker(rank, world, port, root, runs):
