@@ -83,8 +83,9 @@ def test_ddp_and_fsdp2_follow_the_single_process_run(root):
                    ("ddp-accumulated", ["--engine.name=ddp", "--train.accumulation_steps=2"]),
                    ("fsdp2-bf16", ["--engine.name=fsdp2", "--engine.precision=bf16",
                                    "--engine.activation_checkpointing=true"]),
-                   ("fsdp2-offload", ["--engine.name=fsdp2", "--engine.offload_optimizer=true"])])
-    for name in ("ddp", "fsdp2", "fsdp2-offload"):
+                   ("fsdp2-offload", ["--engine.name=fsdp2", "--engine.offload_optimizer=true"]),
+                   ("ddp-cached", ["--engine.name=ddp", "--train.micro_batch=3"])])
+    for name in ("ddp", "fsdp2", "fsdp2-offload", "ddp-cached"):  # gradient caching: the same gradients
         _assert_follows(root, name)
         _assert_same_weights(root, name)
     assert _losses(root / "fsdp2-resumed") == _losses(root / "fsdp2")  # resumed from sharded checkpoints
@@ -158,5 +159,5 @@ def test_engine_choices_are_checked_before_any_process_group():
         from mmfast.train.trainer import _check
 
         _check(load_config("clip-tiny", ["--data.batch_size=100", "--train.accumulation_steps=3"]), 1)
-    with pytest.raises(ValueError, match="train.micro_batch .gradient caching. runs with engine.name=single"):
-        _check(load_config("clip-tiny", ["--train.micro_batch=8", "--engine.name=ddp"]), 1)
+    with pytest.raises(ValueError, match="train.micro_batch .gradient caching. runs with engine.name single or ddp"):
+        _check(load_config("clip-tiny", ["--train.micro_batch=8", "--engine.name=fsdp2"]), 2)

@@ -60,7 +60,7 @@ class TrainConfig:
     log_every: int = 20
     checkpoint_every: int = 500
     seed: int = 0
-    micro_batch: int | None = None  # gradient caching when smaller than data.batch_size (single engine)
+    micro_batch: int | None = None  # gradient caching when smaller than each rank's batch (single, ddp)
     accumulation_steps: int = 1  # plain accumulation: each step's batch in this many contrastive batches
     stop_after: int | None = None  # end the run early at this step, schedule unchanged (resume later)
 

@@ -54,10 +54,9 @@ def _check(config: RunConfig, world_size: int) -> None:
     if accumulation < 1 or config.data.batch_size % (world_size * accumulation):
         raise ValueError(f"config: data.batch_size ({config.data.batch_size}) must be a multiple of ranks x "
                          f"train.accumulation_steps ({world_size} x {accumulation})")
-    if config.train.micro_batch and (world_size > 1 or config.engine.name not in ("auto", "single")
-                                     or accumulation > 1):
-        raise ValueError("config: train.micro_batch (gradient caching) runs with engine.name=single in one "
-                         "process and train.accumulation_steps=1")
+    if config.train.micro_batch and (config.engine.name not in ("auto", "single", "ddp") or accumulation > 1):
+        raise ValueError("config: train.micro_batch (gradient caching) runs with engine.name single or ddp and "
+                         "train.accumulation_steps=1")
 
 
 def _loss_function(config: RunConfig, placement):
@@ -137,7 +136,9 @@ def train(config: RunConfig, progress: bool = True) -> dict:
         rows = rows.view(engine.accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)
         pixels, text = images[rows].to(device, non_blocking=True), tokens[rows].to(device, non_blocking=True)
         if config.train.micro_batch and config.train.micro_batch < len(rows):
-            loss = grad_cache_step(engine.module, loss_fn, pixels, text, config.train.micro_batch)
+            with engine.autocast():
+                loss = grad_cache_step(engine.module, loss_fn, pixels, text, config.train.micro_batch,
+                                       forward=engine.model, no_sync=getattr(engine.model, "no_sync", None))
         else:
             losses = []
             parts = list(zip(pixels.chunk(engine.accumulation), text.chunk(engine.accumulation)))
