@@ -58,6 +58,7 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     train(_config(root, "single", "--engine.name=single"), progress=False)
     train(_config(root, "single-accumulated", "--train.accumulation_steps=2"), progress=False)
+    train(_config(root, "single-siglip", "--model.loss=siglip"), progress=False)
     return root
 
 
@@ -84,13 +85,15 @@ def test_ddp_and_fsdp2_follow_the_single_process_run(root):
                    ("fsdp2-bf16", ["--engine.name=fsdp2", "--engine.precision=bf16",
                                    "--engine.activation_checkpointing=true"]),
                    ("fsdp2-offload", ["--engine.name=fsdp2", "--engine.offload_optimizer=true"]),
-                   ("ddp-cached", ["--engine.name=ddp", "--train.micro_batch=3"])])
+                   ("ddp-cached", ["--engine.name=ddp", "--train.micro_batch=3"]),
+                   ("fsdp2-siglip", ["--engine.name=fsdp2", "--model.loss=siglip"])])
     for name in ("ddp", "fsdp2", "fsdp2-offload", "ddp-cached"):  # gradient caching: the same gradients
         _assert_follows(root, name)
         _assert_same_weights(root, name)
     assert _losses(root / "fsdp2-resumed") == _losses(root / "fsdp2")  # resumed from sharded checkpoints
     assert os.path.isdir(root / "fsdp2" / "checkpoints" / "step-0000002" / "sharded")
     _assert_follows(root, "ddp-accumulated", reference="single-accumulated")
+    _assert_follows(root, "fsdp2-siglip", reference="single-siglip")  # SigLIP's pairwise loss across ranks
     assert _losses(root / "fsdp2-bf16") == pytest.approx(_losses(root / "single"), abs=3e-2)
 
 
