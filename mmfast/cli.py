@@ -83,7 +83,8 @@ def _eval(args) -> int:
 
     model, _, tokenizer = load_clip(args.run_dir)
     config = load_config(path=os.path.join(args.run_dir, "config.yaml"))
-    ensure_synth(config.data)
+    if config.data.source == "synth":
+        ensure_synth(config.data)
     result = evaluate(model, tokenizer, load_split(config.data, "held_out"))
     print(json.dumps(result))
     return 0

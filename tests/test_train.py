@@ -151,3 +151,46 @@ def test_a_tokenizer_file_on_disk_replaces_the_trained_one(tmp_path):
     assert used.context_length == 16  # the model's, not the file's 8
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=False)["clip_config"]["text"]["vocab_size"] == \
         used.vocab_size
+
+
+def _png(rng, height, width) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_training_on_ones_own_shards_and_files(tmp_path, capsys):
+    """img2dataset-style shards and an open_clip-style CSV: images of any size are resized, a corrupt
+    image and a missing file are skipped and reported, and retrieval is evaluated (zero-shot needs
+    the bundled classes)."""
+    import webdataset
+
+    rng = np.random.default_rng(0)
+    with webdataset.TarWriter(str(tmp_path / "mine-000000.tar")) as sink:
+        for index in range(40):
+            sink.write({"__key__": f"{index:05d}", "png": _png(rng, 40 + index, 50), "txt": f"picture {index}"})
+        sink.write({"__key__": "broken", "png": b"not a png", "txt": "broken"})
+    overrides = ["--data.source=shards", f"--data.train={tmp_path}/mine-*.tar", f"--data.held_out={tmp_path}/mine-*.tar",
+                 "--train.steps=2", "--train.eval_every=2"]
+    result = train(_config(tmp_path, "shards", *overrides), progress=False)
+    assert "skipped 1 samples of train" in capsys.readouterr().out
+    assert "zero_shot_accuracy" not in result and 0 <= result["image_to_text_R@1"] <= 1
+    (tmp_path / "images").mkdir()
+    lines = ["filepath,title"]
+    for index in range(40):
+        (tmp_path / "images" / f"{index}.png").write_bytes(_png(rng, 32, 64))
+        lines.append(f"images/{index}.png,a picture numbered {index}")
+    lines.append("images/missing.png,gone")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    overrides = ["--data.source=files", f"--data.train={tmp_path / 'pairs.csv'}",
+                 f"--data.held_out={tmp_path / 'pairs.csv'}", "--train.steps=2", "--train.eval_every=2"]
+    result = train(_config(tmp_path, "files", *overrides), progress=False)
+    assert "skipped 1 samples of train: {'missing file': 1}" in capsys.readouterr().out
+    assert 0 <= result["text_to_image_R@1"] <= 1
+    with pytest.raises(ValueError, match="data.train matches no shards"):
+        train(_config(tmp_path, "none", "--data.source=shards", f"--data.train={tmp_path}/nothing-*.tar"),
+              progress=False)

@@ -17,6 +17,11 @@ RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @dataclass(kw_only=True)
 class DataConfig:
+    source: str = "synth"  # the bundled data, "shards" (webdataset tars) or "files" (CSV/TSV/JSONL)
+    train: str = ""  # shards: a glob of .tar files (img2dataset layout); files: the CSV/TSV/JSONL path
+    held_out: str = ""  # the same for the held-out split (retrieval is evaluated on it)
+    image_key: str = "filepath"  # files: the image path column (open_clip's --csv-img-key default)
+    caption_key: str = "title"  # files: the caption column
     synth_dir: str = "data/synth"  # the bundled data; written there on first use
     train_samples: int = 20000
     held_out_samples: int = 2000

@@ -1,14 +1,17 @@
-"""The trainer's view of the bundled data: whole splits in memory (uint8 images, captions, metadata)
-and the data order as a function of (seed, step), which makes resuming exact."""
+"""The trainer's view of its data (the bundled synthetic shards, webdataset shards, or CSV/TSV/JSONL
+files): whole splits in memory as uint8 images of one size, captions and metadata; and the data
+order as a function of (seed, step), which makes resuming exact."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 
-import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from mmfast.data import ShardPairs, write_shards
+from mmfast.data import FilePairs, ShardPairs, write_shards
+from mmfast.data.preprocess import Preprocess
 
 
 SYNTH_FORMAT = 2  # bumped when the generator changes, so older shards on disk are rewritten
@@ -27,19 +30,39 @@ def ensure_synth(data, progress: bool = True) -> None:
         json.dump(wanted, handle)
 
 
+def _reader(data, split: str):
+    if data.source == "synth":
+        return ShardPairs(sorted(os.path.join(data.synth_dir, name) for name in os.listdir(data.synth_dir)
+                                 if name.startswith(split + "-") and name.endswith(".tar")))
+    pattern = data.train if split == "train" else data.held_out
+    if data.source == "shards":
+        shards = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not shards:
+            raise ValueError(f"config: data.{split} matches no shards, got {pattern!r}")
+        return ShardPairs(shards)
+    if data.source == "files":
+        if not os.path.exists(pattern):
+            raise ValueError(f"config: data.{split} must be a CSV/TSV/JSONL file, got {pattern!r}")
+        return FilePairs(pattern, data.image_key, data.caption_key)
+    raise ValueError(f"config: data.source must be 'synth', 'shards' or 'files', got {data.source!r}")
+
+
 def load_split(data, split: str):
-    """(uint8 images [N, 3, H, W], captions, metas) of a split; corrupt samples are skipped and reported."""
-    shards = sorted(os.path.join(data.synth_dir, name) for name in os.listdir(data.synth_dir)
-                    if name.startswith(split + "-") and name.endswith(".tar"))
-    dataset = ShardPairs(shards)
+    """(uint8 images [N, 3, S, S], captions, metas) of a split, every image resized and centre-cropped
+    to data.image_size; corrupt or missing images are skipped, counted and reported. The split is held
+    in memory (S * S * 3 bytes per image)."""
+    reader, preprocess = _reader(data, split), Preprocess(data.image_size)
+    pairs = ((image, caption, {}) for image, caption in reader.valid()) if isinstance(reader, FilePairs) else reader
     images, captions, metas = [], [], []
-    for image, caption, meta in dataset:
-        images.append(np.asarray(image))
+    for image, caption, meta in tqdm(pairs, desc=f"reading {split}", disable=data.source == "synth", leave=False):
+        images.append(preprocess(image))
         captions.append(caption)
         metas.append(meta)
-    if dataset.skipped:
-        print(f"mmfast train: skipped {dataset.skipped} samples of {split}: {dict(dataset.problems)}")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions, metas
+    if reader.skipped:
+        print(f"mmfast train: skipped {reader.skipped} samples of {split}: {dict(reader.problems)}")
+    if not images:
+        raise ValueError(f"mmfast train: the {split} split has no readable image-caption pairs")
+    return torch.stack(images), captions, metas
 
 
 def batch_indices(step: int, size: int, batch: int, seed: int) -> torch.Tensor:

@@ -78,11 +78,13 @@ def plot(metrics_path: str, out_path: str) -> None:
         return
     rows = [json.loads(line) for line in open(metrics_path)]
     train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "zero_shot_accuracy" in r]
+    evals = [r for r in rows if "image_to_text_R@1" in r]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     left.plot([r["step"] for r in train], [r["loss"] for r in train])
     left.set(title="training loss", xlabel="step")
-    right.plot([r["step"] for r in evals], [r["zero_shot_accuracy"] for r in evals], marker="o", label="zero-shot")
+    if any("zero_shot_accuracy" in r for r in evals):
+        right.plot([r["step"] for r in evals], [r["zero_shot_accuracy"] for r in evals], marker="o",
+                   label="zero-shot")
     right.plot([r["step"] for r in evals], [r["image_to_text_R@1"] for r in evals], marker="o", label="I->T R@1")
     right.set(title="held-out evaluation", xlabel="step", ylim=(0, 1))
     right.legend()

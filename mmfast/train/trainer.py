@@ -75,7 +75,8 @@ def _prepare_run(config: RunConfig, placement, progress: bool):
         config.run_dir = config.run_dir or os.path.join("runs", f"{config.recipe or 'run'}-{stamp}")
         os.makedirs(os.path.join(config.run_dir, "checkpoints"), exist_ok=True)
         save_config(config, os.path.join(config.run_dir, "config.yaml"))
-        ensure_synth(config.data, progress)
+        if config.data.source == "synth":
+            ensure_synth(config.data, progress)
     config.run_dir = distributed.broadcast_object(config.run_dir)
     distributed.barrier()
     train_split, held_out = load_split(config.data, "train"), load_split(config.data, "held_out")
@@ -195,8 +196,8 @@ def _evaluate(engine, tokenizer, held_out, step: int, metrics: MetricsWriter, ba
     if model is not None:
         result = {"step": step, **evaluate(model, tokenizer, held_out)}
         metrics.write(result, "eval")
-        bar.write(f"step {step}: zero-shot {result['zero_shot_accuracy']:.3f}, "
-                  f"I->T R@1 {result['image_to_text_R@1']:.3f}")
+        shown = [f"zero-shot {result['zero_shot_accuracy']:.3f}"] if "zero_shot_accuracy" in result else []
+        bar.write(f"step {step}: " + ", ".join(shown + [f"I->T R@1 {result['image_to_text_R@1']:.3f}"]))
     distributed.barrier()
     return result
 
