@@ -2,7 +2,6 @@
 configs: outputs and gradients against "sdpa" (and "eager" with the equivalent 4-D mask)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mmfast
 from mmfast.nn.attention import rotary_tables, rotate_half
