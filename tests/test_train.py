@@ -163,7 +163,7 @@ def _png(rng, height, width) -> bytes:
     return buffer.getvalue()
 
 
-def test_training_on_ones_own_shards_and_files(tmp_path, capsys):
+def test_training_on_ones_own_shards_and_files(tmp_path, capfd):
     """img2dataset-style shards and an open_clip-style CSV: images of any size are resized, a corrupt
     image and a missing file are skipped and reported, and retrieval is evaluated (zero-shot needs
     the bundled classes)."""
@@ -177,8 +177,12 @@ def test_training_on_ones_own_shards_and_files(tmp_path, capsys):
     overrides = ["--data.source=shards", f"--data.train={tmp_path}/mine-*.tar", f"--data.held_out={tmp_path}/mine-*.tar",
                  "--train.steps=2", "--train.eval_every=2"]
     result = train(_config(tmp_path, "shards", *overrides), progress=False)
-    assert "skipped 1 samples of train" in capsys.readouterr().out
+    assert "skipped 1 samples of train" in capfd.readouterr().out
     assert "zero_shot_accuracy" not in result and 0 <= result["image_to_text_R@1"] <= 1
+    streamed = ["--data.streaming=true", "--data.workers=1", "--data.shuffle_buffer=8"]
+    result = train(_config(tmp_path, "streamed", *overrides, *streamed), progress=False)
+    assert "rank 0 skipped 1 samples" in capfd.readouterr().out  # the worker's report after a pass
+    assert sorted(losses(tmp_path / "streamed")) == [1, 2] and 0 <= result["image_to_text_R@1"] <= 1
     (tmp_path / "images").mkdir()
     lines = ["filepath,title"]
     for index in range(40):
@@ -189,8 +193,19 @@ def test_training_on_ones_own_shards_and_files(tmp_path, capsys):
     overrides = ["--data.source=files", f"--data.train={tmp_path / 'pairs.csv'}",
                  f"--data.held_out={tmp_path / 'pairs.csv'}", "--train.steps=2", "--train.eval_every=2"]
     result = train(_config(tmp_path, "files", *overrides), progress=False)
-    assert "skipped 1 samples of train: {'missing file': 1}" in capsys.readouterr().out
+    assert "skipped 1 samples of train: {'missing file': 1}" in capfd.readouterr().out
     assert 0 <= result["text_to_image_R@1"] <= 1
     with pytest.raises(ValueError, match="data.train matches no shards"):
         train(_config(tmp_path, "none", "--data.source=shards", f"--data.train={tmp_path}/nothing-*.tar"),
               progress=False)
+
+
+def test_streaming_shares_out_shards_without_overlap():
+    from mmfast.train.stream import ShardStream
+
+    shards = [f"s{index}.tar" for index in range(5)]
+    mine = [ShardStream(shards, rank, 2, 32, 0, 8)._my_shards(shards) for rank in (0, 1)]
+    assert sorted(mine[0] + mine[1]) == shards and not set(mine[0]) & set(mine[1])
+    assert ShardStream(shards[:1], 1, 2, 32, 0, 8)._my_shards(shards[:1]) == shards[:1]  # fewer shards: shared
+    with pytest.raises(ValueError, match="data.streaming reads webdataset shards"):
+        train(load_config("clip-tiny", ["--data.streaming=true"]), progress=False)

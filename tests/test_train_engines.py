@@ -86,7 +86,10 @@ def test_ddp_and_fsdp2_follow_the_single_process_run(root):
                                    "--engine.activation_checkpointing=true"]),
                    ("fsdp2-offload", ["--engine.name=fsdp2", "--engine.offload_optimizer=true"]),
                    ("ddp-cached", ["--engine.name=ddp", "--train.micro_batch=3"]),
-                   ("fsdp2-siglip", ["--engine.name=fsdp2", "--model.loss=siglip"])])
+                   ("fsdp2-siglip", ["--engine.name=fsdp2", "--model.loss=siglip"]),
+                   ("ddp-streamed", ["--engine.name=ddp", "--data.source=shards", "--data.streaming=true",
+                                     f"--data.train={root}/synth/train-*.tar", "--data.workers=1",
+                                     f"--data.held_out={root}/synth/held_out-*.tar", "--data.shuffle_buffer=16"])])
     for name in ("ddp", "fsdp2", "fsdp2-offload", "ddp-cached"):  # gradient caching: the same gradients
         _assert_follows(root, name)
         _assert_same_weights(root, name)
@@ -94,6 +97,8 @@ def test_ddp_and_fsdp2_follow_the_single_process_run(root):
     assert os.path.isdir(root / "fsdp2" / "checkpoints" / "step-0000002" / "sharded")
     _assert_follows(root, "ddp-accumulated", reference="single-accumulated")
     _assert_follows(root, "fsdp2-siglip", reference="single-siglip")  # SigLIP's pairwise loss across ranks
+    streamed = _losses(root / "ddp-streamed")  # another data order: it runs and gives finite losses
+    assert len(streamed) == 4 and all(0 < loss < 10 for loss in streamed)
     assert _losses(root / "fsdp2-bf16") == pytest.approx(_losses(root / "single"), abs=3e-2)
 
 

@@ -24,16 +24,17 @@ def _open_image(data: bytes | str) -> Image.Image:
 class ShardPairs(IterableDataset):
     """Yields (image, caption, meta) from tar shards in order; `transform(image)` if given.
 
-    Every process reads every shard unless `split_by_node` (then webdataset's split over ranks):
-    mmfast's trainer holds whole splits and shares out each batch itself."""
+    Every process (and DataLoader worker) reads every shard given unless `split_by_node` /
+    `split_by_worker` (webdataset's splits): mmfast's trainer chooses the shards of each rank and
+    worker itself."""
 
-    def __init__(self, shards, transform=None, split_by_node: bool = False):
+    def __init__(self, shards, transform=None, split_by_node: bool = False, split_by_worker: bool = False):
         self.shards = [shards] if isinstance(shards, str) else list(shards)
         missing = [path for path in self.shards if not os.path.exists(path)]
         if missing:
             raise FileNotFoundError(f"ShardPairs: shards not found: {missing[:5]}")
         self.transform = transform
-        self.split_by_node = split_by_node
+        self.split_by_node, self.split_by_worker = split_by_node, split_by_worker
         self.problems: Counter = Counter()
 
     @property
@@ -43,9 +44,11 @@ class ShardPairs(IterableDataset):
     def __iter__(self):
         import webdataset
 
-        splitter = webdataset.split_by_node if self.split_by_node else (lambda shards: shards)
-        for sample in webdataset.WebDataset(self.shards, shardshuffle=False, empty_check=False,
-                                            nodesplitter=splitter):
+        every = lambda shards: shards  # noqa: E731
+        for sample in webdataset.WebDataset(
+                self.shards, shardshuffle=False, empty_check=False,
+                nodesplitter=webdataset.split_by_node if self.split_by_node else every,
+                workersplitter=webdataset.split_by_worker if self.split_by_worker else every):
             key = sample.get("__key__")
             image_key = next((extension for extension in IMAGE_EXTENSIONS if extension in sample), None)
             if image_key is None or "txt" not in sample:

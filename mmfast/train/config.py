@@ -22,6 +22,9 @@ class DataConfig:
     held_out: str = ""  # the same for the held-out split (retrieval is evaluated on it)
     image_key: str = "filepath"  # files: the image path column (open_clip's --csv-img-key default)
     caption_key: str = "title"  # files: the caption column
+    streaming: bool = False  # shards: stream the training split instead of holding it in memory
+    workers: int = 2  # streaming: DataLoader worker processes per rank
+    shuffle_buffer: int = 1000  # streaming: samples mixed across shards
     synth_dir: str = "data/synth"  # the bundled data; written there on first use
     train_samples: int = 20000
     held_out_samples: int = 2000

@@ -30,16 +30,22 @@ def ensure_synth(data, progress: bool = True) -> None:
         json.dump(wanted, handle)
 
 
-def _reader(data, split: str):
+def shard_paths(data, split: str) -> list[str]:
+    """The .tar shards of a split: the bundled ones, or those data.train / data.held_out match."""
     if data.source == "synth":
-        return ShardPairs(sorted(os.path.join(data.synth_dir, name) for name in os.listdir(data.synth_dir)
-                                 if name.startswith(split + "-") and name.endswith(".tar")))
+        return sorted(os.path.join(data.synth_dir, name) for name in os.listdir(data.synth_dir)
+                      if name.startswith(split + "-") and name.endswith(".tar"))
     pattern = data.train if split == "train" else data.held_out
-    if data.source == "shards":
-        shards = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not shards:
-            raise ValueError(f"config: data.{split} matches no shards, got {pattern!r}")
-        return ShardPairs(shards)
+    shards = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not shards:
+        raise ValueError(f"config: data.{split} matches no shards, got {pattern!r}")
+    return shards
+
+
+def _reader(data, split: str):
+    if data.source in ("synth", "shards"):
+        return ShardPairs(shard_paths(data, split))
+    pattern = data.train if split == "train" else data.held_out
     if data.source == "files":
         if not os.path.exists(pattern):
             raise ValueError(f"config: data.{split} must be a CSV/TSV/JSONL file, got {pattern!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import time
@@ -24,7 +25,8 @@ from mmfast.models import CLIP, ClipConfig
 from mmfast.models.clip import flops_per_sample
 from mmfast.train import checkpoint, distributed
 from mmfast.train.config import RunConfig, save_config
-from mmfast.train.data import batch_indices, ensure_synth, load_split
+from mmfast.train.data import batch_indices, ensure_synth, load_split, shard_paths
+from mmfast.train.stream import sample_captions, stream_batches
 from mmfast.train.engines import build_engine
 from mmfast.train.evaluate import evaluate
 from mmfast.train.grad_cache import grad_cache_step
@@ -54,6 +56,9 @@ def _check(config: RunConfig, world_size: int) -> None:
     if accumulation < 1 or config.data.batch_size % (world_size * accumulation):
         raise ValueError(f"config: data.batch_size ({config.data.batch_size}) must be a multiple of ranks x "
                          f"train.accumulation_steps ({world_size} x {accumulation})")
+    if config.data.streaming and config.data.source != "shards":
+        raise ValueError(f"config: data.streaming reads webdataset shards: set data.source=shards, "
+                         f"got {config.data.source!r}")
     if config.train.micro_batch and (config.engine.name not in ("auto", "single", "ddp") or accumulation > 1):
         raise ValueError("config: train.micro_batch (gradient caching) runs with engine.name single or ddp and "
                          "train.accumulation_steps=1")
@@ -69,7 +74,8 @@ def _loss_function(config: RunConfig, placement):
 
 
 def _prepare_run(config: RunConfig, placement, progress: bool):
-    """Run directory, data and tokenizer: written by rank 0, read by every rank."""
+    """Run directory, data and tokenizer: written by rank 0, read by every rank. The training split is
+    None when streamed."""
     if placement.is_main:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         config.run_dir = config.run_dir or os.path.join("runs", f"{config.recipe or 'run'}-{stamp}")
@@ -79,15 +85,39 @@ def _prepare_run(config: RunConfig, placement, progress: bool):
             ensure_synth(config.data, progress)
     config.run_dir = distributed.broadcast_object(config.run_dir)
     distributed.barrier()
-    train_split, held_out = load_split(config.data, "train"), load_split(config.data, "held_out")
+    train_split = None if config.data.streaming else load_split(config.data, "train")
+    held_out = load_split(config.data, "held_out")
     tokenizer_path = os.path.join(config.run_dir, "tokenizer.json")
     if placement.is_main and not os.path.exists(tokenizer_path):
         context = config.model.text.context_length
-        tokenizer = (CaptionTokenizer.load(config.data.tokenizer, context) if config.data.tokenizer else
-                     CaptionTokenizer.train(train_split[1], config.model.text.vocab_size, context))
+        if config.data.tokenizer:
+            tokenizer = CaptionTokenizer.load(config.data.tokenizer, context)
+        else:
+            captions = train_split[1] if train_split else sample_captions(shard_paths(config.data, "train"), 20000)
+            tokenizer = CaptionTokenizer.train(captions, config.model.text.vocab_size, context)
         tokenizer.save(tokenizer_path)
     distributed.barrier()
     return train_split, held_out, CaptionTokenizer.load(tokenizer_path)
+
+
+def _batches(config: RunConfig, placement, accumulation: int, start: int, train_split, tokenizer):
+    """This rank's share of every global batch from step `start` on: (uint8 pixels, tokens)."""
+    data, seed = config.data, config.train.seed
+    if data.streaming:
+        stream = stream_batches(shard_paths(data, "train"), data.batch_size // placement.world_size, placement.rank,
+                                placement.world_size, data.image_size, seed + start, data.shuffle_buffer,
+                                data.workers)
+        for pixels, captions in stream:
+            yield pixels, tokenizer(captions)
+        return
+    images, captions, _ = train_split
+    tokens = tokenizer(captions)
+    for step in itertools.count(start):
+        rows = batch_indices(step, len(tokens), data.batch_size, seed)
+        # accumulated batch i is the global batch's i-th slice, shared out over the ranks: the same
+        # contrastive batches as in one process
+        rows = rows.view(accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)
+        yield images[rows], tokens[rows]
 
 
 def train(config: RunConfig, progress: bool = True) -> dict:
@@ -95,8 +125,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     placement = distributed.setup()
     _check(config, placement.world_size)
     engine = build_engine(config, placement)
-    (images, captions, _), held_out, tokenizer = _prepare_run(config, placement, progress)
-    tokens = tokenizer(captions)
+    train_split, held_out, tokenizer = _prepare_run(config, placement, progress)
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     model_config = clip_config(config, tokenizer.vocab_size, tokenizer.eot_id)
     engine.prepare(build_model(model_config))
@@ -130,13 +159,11 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     bar = tqdm(range(start, end), initial=start, total=steps, desc="mmfast train",
                disable=not (progress and placement.is_main))
     last_eval, evaluated, window_start, window_samples, folder = {}, False, time.perf_counter(), 0, resume_from
+    batches = _batches(config, placement, engine.accumulation, start, train_split, tokenizer)
     for step in bar:
-        rows = batch_indices(step, len(tokens), batch, config.train.seed)
-        # accumulated batch i is the global batch's i-th slice, shared out over the ranks: the same
-        # contrastive batches as in one process
-        rows = rows.view(engine.accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)
-        pixels, text = images[rows].to(device, non_blocking=True), tokens[rows].to(device, non_blocking=True)
-        if config.train.micro_batch and config.train.micro_batch < len(rows):
+        pixels, text = next(batches)
+        pixels, text = pixels.to(device, non_blocking=True), text.to(device, non_blocking=True)
+        if config.train.micro_batch and config.train.micro_batch < len(text):
             with engine.autocast():
                 loss = grad_cache_step(engine.module, loss_fn, pixels, text, config.train.micro_batch,
                                        forward=engine.model, no_sync=getattr(engine.model, "no_sync", None))
