@@ -120,6 +120,26 @@ def _batches(config: RunConfig, placement, accumulation: int, start: int, train_
         yield images[rows], tokens[rows]
 
 
+def _forward_backward(engine, loss_fn, pixels, text, micro_batch: int | None) -> torch.Tensor:
+    """This rank's gradients for one optimizer step; returns its loss (detached). The loss runs in
+    float32 whatever the engine's precision."""
+    if micro_batch and micro_batch < len(text):
+        with engine.autocast():
+            return grad_cache_step(engine.module, loss_fn, pixels, text, micro_batch, forward=engine.model,
+                                   no_sync=getattr(engine.model, "no_sync", None))
+    losses = []
+    parts = list(zip(pixels.chunk(engine.accumulation), text.chunk(engine.accumulation)))
+    for index, (part_pixels, part_text) in enumerate(parts):
+        with engine.autocast():
+            output = engine.model(part_pixels, part_text)
+        extra = [output["logit_bias"].float()] if "logit_bias" in output else []
+        loss = loss_fn(output["image_features"].float(), output["text_features"].float(),
+                       output["logit_scale"].float(), *extra)
+        engine.backward(loss, sync=index == len(parts) - 1)
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
 def train(config: RunConfig, progress: bool = True) -> dict:
     """Runs (or resumes) the training described by `config`; returns the last evaluation (rank 0)."""
     placement = distributed.setup()
@@ -163,22 +183,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     for step in bar:
         pixels, text = next(batches)
         pixels, text = pixels.to(device, non_blocking=True), text.to(device, non_blocking=True)
-        if config.train.micro_batch and config.train.micro_batch < len(text):
-            with engine.autocast():
-                loss = grad_cache_step(engine.module, loss_fn, pixels, text, config.train.micro_batch,
-                                       forward=engine.model, no_sync=getattr(engine.model, "no_sync", None))
-        else:
-            losses = []
-            parts = list(zip(pixels.chunk(engine.accumulation), text.chunk(engine.accumulation)))
-            for index, (part_pixels, part_text) in enumerate(parts):
-                with engine.autocast():
-                    output = engine.model(part_pixels, part_text)
-                extra = [output["logit_bias"].float()] if "logit_bias" in output else []
-                part_loss = loss_fn(output["image_features"].float(), output["text_features"].float(),
-                                    output["logit_scale"].float(), *extra)
-                engine.backward(part_loss, sync=index == len(parts) - 1)
-                losses.append(part_loss.detach())
-            loss = torch.stack(losses).mean()
+        loss = _forward_backward(engine, loss_fn, pixels, text, config.train.micro_batch)
         grad_norm = engine.step()
         window_samples += batch
         done = step + 1
