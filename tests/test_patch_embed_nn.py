@@ -52,6 +52,30 @@ def test_patch_embed_matches_timm(settings, backend):
     assert ours.num_patches == theirs.num_patches and ours.grid_size == theirs.grid_size
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu-reference"),
+                                    pytest.param("cuda", id="cuda-triton", marks=pytest.mark.cuda)])
+def test_autocast_computes_in_its_dtype_as_conv2d_does(device):
+    """Under torch.autocast, nn.Conv2d runs in bf16 and returns float32 gradients to float32 weights:
+    the fused embedding does the same (on the CPU through the PyTorch path; bf16 arithmetic in
+    Triton's interpreter is not supported)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    torch.manual_seed(0)
+    settings = dict(img_size=32, patch_size=16, in_chans=3, embed_dim=48)
+    theirs = timm_layers.PatchEmbed(**settings).to(device)
+    ours = mmfast.nn.PatchEmbed(**settings, backend="reference" if device == "cpu" else "triton").to(device)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ours_out, theirs_out = ours(x), theirs(x)
+    assert ours_out.dtype == theirs_out.dtype == torch.bfloat16
+    torch.testing.assert_close(ours_out.float(), theirs_out.float(), rtol=2e-2, atol=2e-2)
+    ours_out.float().sum().backward()
+    theirs_out.float().sum().backward()
+    assert ours.proj.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(ours.proj.weight.grad, theirs.proj.weight.grad, rtol=2e-2, atol=2e-1)
+
+
 def test_patch_embed_strict_size_errors():
     module = mmfast.nn.PatchEmbed(img_size=28, patch_size=14, embed_dim=8)
     with pytest.raises(ValueError, match=r"input size \(28, 42\) doesn't match"):

@@ -107,7 +107,8 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         sequences or tensors of C values (or one value for all).
     dynamic_pad: zero-pad (after normalization) the end of each dimension so every pixel falls in a
         patch, as timm's `dynamic_img_pad`; otherwise leftover pixels are dropped as a Conv does.
-    Gradients flow to weight, bias, pos_embed, cls_token and float pixels.
+    Gradients flow to weight, bias, pos_embed, cls_token and float pixels. Under `torch.autocast`
+    a float32 weight (and bias, positions, prefix) is cast to autocast's dtype, as nn.Conv2d's is.
     """
     if not isinstance(pixels, torch.Tensor):
         raise TypeError(f"{OP}: pixels must be a torch.Tensor, got {type(pixels).__name__}")
@@ -151,6 +152,17 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     inv_std = 1.0 / _channel_vector("std", std, channels, view.device, 1.0)
     in_scale = 1.0 / 255.0 if pixels.dtype == torch.uint8 else 1.0
 
+    device_type = view.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        # as nn.Conv2d under autocast: compute in autocast's dtype, gradients return in float32
+        dtype = torch.get_autocast_dtype(device_type)
+        weight, bias, positions, prefix = (None if t is None else t.to(dtype) for t in (weight, bias, positions, prefix))
+        with torch.autocast(device_type, enabled=False):
+            return _dispatch(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry, backend)
+    return _dispatch(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry, backend)
+
+
+def _dispatch(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry, backend):
     if resolve_backend(OP, backend, view.device, _IMPLEMENTED) == "triton":
         from mmfast.ops.patch_embed.function import PatchEmbedFunction
 
