@@ -5,6 +5,7 @@ resume from sharded checkpoints is exact; sharded checkpoints consolidate to the
 DeepSpeed JIT-compiles two C++ ops on a fresh cache (its shared-memory all-reduce, about 60 s, and
 the CPU Adam used with offload, about 75 s). TORCH_EXTENSIONS_DIR points at one cache per user,
 so CI pays for them once per machine, not per run."""
+import json
 import os
 import socket
 
@@ -114,6 +115,9 @@ def test_deepspeed_zero_stages_follow_the_single_process_run(root):
                                       "--engine.offload_optimizer=true", "--engine.offload_parameters=true"]),
                    ("zero2-adamw8bit", ["--engine.name=deepspeed", "--engine.zero_stage=2",
                                         "--optim.name=adamw8bit"])])
+    rows = [json.loads(line) for line in open(root / "zero3" / "metrics.jsonl")]
+    scales = [row["logit_scale"] for row in rows if "loss" in row]  # gathered from ZeRO-3's partitions
+    assert len(scales) == 4 and all(13 < scale < 16 for scale in scales)  # starts at 1 / 0.07 = 14.3
     for name in ("zero2", "zero3"):
         _assert_follows(root, name)
         _assert_same_weights(root, name)  # model.pt: consolidated from the ZeRO shards

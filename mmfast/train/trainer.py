@@ -215,11 +215,18 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     return last_eval
 
 
-def _logit_scale(module) -> float | None:
-    value = module.logit_scale.detach()
-    if hasattr(value, "full_tensor"):  # a DTensor under FSDP2 (collective: every rank logs)
+def _logit_scale(module) -> float:
+    """exp(logit_scale) for the metrics; collective under FSDP2 and ZeRO-3, so every rank calls it."""
+    parameter = module.logit_scale
+    if hasattr(parameter, "ds_numel"):  # partitioned by ZeRO-3
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([parameter]):
+            return parameter.detach().float().exp().item()
+    value = parameter.detach()
+    if hasattr(value, "full_tensor"):  # a DTensor under FSDP2
         value = value.full_tensor()
-    return value.float().exp().item() if value.numel() == 1 else None  # ZeRO-3 leaves it partitioned
+    return value.float().exp().item()
 
 
 def _evaluate(engine, tokenizer, held_out, step: int, metrics: MetricsWriter, bar) -> dict:
