@@ -34,11 +34,13 @@ def _losses(run_dir):
 
 
 def _worker(rank, world, port, root, runs):
+    # CPU processes over gloo even on a GPU machine (set before CUDA is first touched)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), TORCH_EXTENSIONS_DIR=EXTENSIONS)
+                      MASTER_PORT=str(port), TORCH_EXTENSIONS_DIR=EXTENSIONS, CUDA_VISIBLE_DEVICES="")
     for name, overrides in runs:
         train(_config(root, name, *overrides), progress=False)
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -55,11 +57,11 @@ def _launch(root, runs, world=2):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A single-process reference run (the same global batch) beside the runs under test."""
+    """Single-process reference runs (the same global batch) beside the runs under test, on the CPU
+    as those are."""
     root = tmp_path_factory.mktemp("engines")
-    train(_config(root, "single", "--engine.name=single"), progress=False)
-    train(_config(root, "single-accumulated", "--train.accumulation_steps=2"), progress=False)
-    train(_config(root, "single-siglip", "--model.loss=siglip"), progress=False)
+    _launch(root, [("single", ["--engine.name=single"]), ("single-accumulated", ["--train.accumulation_steps=2"]),
+                   ("single-siglip", ["--model.loss=siglip"])], world=1)
     return root
 
 
@@ -77,6 +79,7 @@ def _assert_same_weights(root, name, tolerance=1e-4):
         torch.testing.assert_close(exported[key], reference[key], atol=tolerance, rtol=0, msg=key)
 
 
+@pytest.mark.distributed
 def test_ddp_and_fsdp2_follow_the_single_process_run(root):
     _launch(root, [("ddp", ["--engine.name=ddp"]),
                    ("fsdp2", ["--engine.name=fsdp2"]),
@@ -103,6 +106,7 @@ def test_ddp_and_fsdp2_follow_the_single_process_run(root):
     assert _losses(root / "fsdp2-bf16") == pytest.approx(_losses(root / "single"), abs=3e-2)
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("deepspeed"), reason="needs deepspeed")
 def test_deepspeed_zero_stages_follow_the_single_process_run(root):
     _launch(root, [("zero2", ["--engine.name=deepspeed", "--engine.zero_stage=2"]),
@@ -131,6 +135,7 @@ def test_deepspeed_zero_stages_follow_the_single_process_run(root):
     assert _losses(root / "zero2-adamw8bit") == pytest.approx(_losses(root / "single"), abs=5e-2)
 
 
+@pytest.mark.distributed
 def test_torchrun_launches_the_cli(root):
     """The README's launch line, on two CPU processes."""
     import subprocess
@@ -140,7 +145,8 @@ def test_torchrun_launches_the_cli(root):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(_free_port()), "-m", "mmfast", "train", "--recipe", "clip-tiny", "--run-dir", str(run), *TINY,
                f"--data.synth_dir={root / 'synth'}", "--engine.name=fsdp2"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"run directory: {run}" in finished.stdout
     assert _losses(run) == pytest.approx(_losses(root / "single"), abs=2e-4)
