@@ -6,6 +6,7 @@ DeepSpeed's CPU Adam runs the step (compiled by DeepSpeed on first use, about a 
 schedule is handed to DeepSpeed, which steps and checkpoints it."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -89,8 +90,6 @@ class DeepSpeedEngine(Engine):
         self.scaler = None
 
     def autocast(self):
-        import contextlib
-
         return contextlib.nullcontext()  # DeepSpeed holds the model in bf16/fp16 itself
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
