@@ -26,6 +26,24 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# The SM count of the GPU the launchers plan for while mmfast.bench.compile records their launches
+# for an ahead-of-time compile on a machine without one; None otherwise.
+_planning_for_sm_count: int | None = None
+
+
+def plans_for_gpu(device: torch.device) -> bool:
+    """Whether launchers pick the tile sizes of a real GPU compile: on CUDA tensors outside the
+    interpreter, and while mmfast.bench.compile records launches for a GPU target."""
+    return _planning_for_sm_count is not None or (device.type == "cuda" and not triton_interpreting())
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the GPU a launcher sizes its grid for."""
+    if _planning_for_sm_count is not None:
+        return _planning_for_sm_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def resolve_backend(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...],
                     cpu_kernel_ready=None) -> str:
     """Returns the concrete backend ("triton", "cuda" or "reference") for `op` on `device`.
@@ -53,7 +71,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, implemen
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend 'triton' needs the triton package (pip install 'mmfast[triton]')")
-        if device.type != "cuda" and not triton_interpreting():
+        if device.type != "cuda" and not triton_interpreting() and _planning_for_sm_count is None:
             raise RuntimeError(
                 f"{op}: backend 'triton' got tensors on {device.type}; Triton kernels need CUDA tensors, "
                 "or TRITON_INTERPRET=1 set before triton is imported to run them in Triton's interpreter"

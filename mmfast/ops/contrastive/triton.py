@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.ops._backend import triton_interpreting
+from mmfast.ops._backend import multiprocessor_count, plans_for_gpu
 
-NEG = -1.0e30  # stands for -inf in masked tiles without producing NaN in (x - max)
+NEG = tl.constexpr(-1.0e30)  # stands for -inf in masked tiles without producing NaN in (x - max)
 FUSED_BACKWARD_MAX_D = 256  # wider features take _backward_by_chunks
 DS_CHUNK_ELEMENTS = 1 << 27  # 256 MiB of bf16 dLoss/dLogits at a time
 
@@ -247,7 +247,7 @@ def _grad_logits_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, row_lse_ptr, col_lse_
 def _config(a: torch.Tensor) -> dict:
     """Tile sizes and flags for a's dtype and D. Fixed (autotune fails in the interpreter)."""
     D = a.shape[1]
-    interpreting = triton_interpreting() or a.device.type != "cuda"
+    interpreting = not plans_for_gpu(a.device)
     # The interpreter gets bf16 arithmetic wrong: upcast right after loading there.
     upcast = interpreting and a.dtype == torch.bfloat16
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
@@ -262,9 +262,9 @@ def _config(a: torch.Tensor) -> dict:
 
 
 def _program_count(device: torch.device, row_blocks: int) -> int:
-    if device.type != "cuda":
+    if not plans_for_gpu(device):
         return row_blocks
-    return min(row_blocks, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(row_blocks, 2 * multiprocessor_count(device))
 
 
 def lse_forward(a, b, scale, columns: bool):

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.ops._backend import triton_interpreting
+from mmfast.ops._backend import plans_for_gpu
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def log_mel(waveform, window, filters, n_fft, hop_length, center, pad_mode, powe
     n_mels = filters.shape[1]
     pad = n_fft // 2 if center else 0
     frames = (T + 2 * pad - n_fft) // hop_length + 1
-    interpreting = triton_interpreting() or waveform.device.type != "cuda"
+    interpreting = not plans_for_gpu(waveform.device)
     block_mel = max(16, triton.next_power_of_2(n_mels))
     block_q = 64
     cos, sin, mel, padded_q = _basis(n_fft, filters, waveform.device, block_q, block_mel)

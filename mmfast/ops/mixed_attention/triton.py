@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.ops._backend import triton_interpreting
+from mmfast.ops._backend import plans_for_gpu
 
 LOG2E = 1.4426950408889634
 
@@ -199,7 +199,7 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_pt
 
 
 def _config(dtype: torch.dtype, device: torch.device, head_dim: int, backward: bool) -> dict:
-    interpreting = triton_interpreting() or device.type != "cuda"
+    interpreting = not plans_for_gpu(device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     precision = "ieee" if dtype == torch.float32 else "tf32"
     if interpreting:

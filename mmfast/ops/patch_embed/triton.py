@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfast.ops._backend import triton_interpreting
+from mmfast.ops._backend import multiprocessor_count, plans_for_gpu
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def _weight_grad_kernel(p_ptr, g_ptr, mean_ptr, inv_std_ptr, dw_ptr,
 
 
 def _config(dtype: torch.dtype, device: torch.device) -> dict:
-    interpreting = triton_interpreting() or device.type != "cuda"
+    interpreting = not plans_for_gpu(device)
     precision = "ieee" if dtype == torch.float32 else "tf32"
     if interpreting:
         return dict(BM=64, BE=64, BK=64, UPCAST=dtype == torch.bfloat16, PRECISION=precision, num_warps=4,
@@ -160,8 +160,8 @@ def weight_grad(pixels, grad_out, mean, inv_std, in_scale, geometry, prefix_coun
     M = B * N
     c = _config(grad_out.dtype, pixels.device)
     tiles = triton.cdiv(K, c["BK"]) * triton.cdiv(E, c["BE"])
-    if pixels.device.type == "cuda":
-        programs = 4 * torch.cuda.get_device_properties(pixels.device).multi_processor_count
+    if plans_for_gpu(pixels.device):
+        programs = 4 * multiprocessor_count(pixels.device)
         splits = max(1, min(triton.cdiv(M, c["BM"]), programs // tiles))
     else:
         splits = 2  # exercises the split reduction in the interpreter

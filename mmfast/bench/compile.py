@@ -1,0 +1,293 @@
+"""Ahead-of-time compilation of every Triton kernel for real GPU targets, on a machine without a GPU.
+
+Triton's interpreter, which runs the kernels in the CPU tests, executes them as Python and accepts
+what a real compile refuses (a plain module global read inside a kernel, a tile shape the tensor
+cores do not take). This module calls the public ops on small CPU tensors while the launchers plan
+for a GPU (`mmfast.ops._backend.plans_for_gpu`), records each kernel launch instead of running it,
+and compiles every distinct (kernel, argument types, constexprs, options) with `triton.compile`
+for sm_80 and sm_90.
+
+    python -m mmfast.bench.compile [--targets 80,90] [--jobs 2] [--json report.json]
+    mmfast bench compile ...
+
+Run it without TRITON_INTERPRET: the interpreter replaces kernels with Python functions that
+cannot be compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib
+import json
+import multiprocessing
+import sys
+import time
+
+import torch
+
+DEFAULT_TARGETS = (80, 90)
+DTYPES = (torch.float16, torch.bfloat16)
+CONTRASTIVE_WIDTHS = (40, 64, 128, 256, 512, 768, 1024)  # fused backward up to 256, chunked above
+HEAD_DIMS = (32, 40, 64, 80, 96, 128, 256)  # what the README lists for mixed_attention
+POINTER_TYPES = {
+    torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+    torch.int8: "*i8", torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64",
+    torch.bool: "*i1",
+}
+OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One compile: a kernel, its argument types, constexpr values and launch options."""
+
+    module: str
+    name: str
+    signature: tuple[tuple[str, str], ...]
+    constexprs: tuple[tuple[str, object], ...]
+    options: tuple[tuple[str, int], ...]
+
+    def describe(self) -> str:
+        types = sorted({t for _, t in self.signature if t.startswith("*") and t not in ("*fp32", "*i32")})
+        values = ", ".join(f"{k}={v}" for k, v in self.constexprs)
+        options = ", ".join(f"{k}={v}" for k, v in self.options)
+        return f"{self.name}[{'/'.join(types) or 'fp32'}] {values}; {options}"
+
+
+@dataclasses.dataclass
+class _Launch:
+    kernel: object
+    args: tuple
+    kwargs: dict
+
+
+def _argument_type(value, name: str) -> str:
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in POINTER_TYPES:
+            raise TypeError(f"compile: argument {name} has dtype {value.dtype}, which has no Triton pointer type here")
+        return POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"compile: argument {name} is a {type(value).__name__}; expected a tensor, int, float or bool")
+
+
+def spec_of(kernel, args, kwargs) -> KernelSpec:
+    """The compile a launch `kernel[grid](*args, **kwargs)` would trigger on a GPU."""
+    kwargs = dict(kwargs)
+    options = tuple((name, kwargs.pop(name)) for name in OPTION_NAMES if name in kwargs)
+    bound = {param.name: value for param, value in zip(kernel.params, args)}
+    bound.update(kwargs)
+    signature, constexprs = [], []
+    for param in kernel.params:
+        if param.name not in bound:
+            if not param.has_default:
+                raise TypeError(f"compile: launch of {kernel.fn.__name__} passes no value for {param.name}")
+            bound[param.name] = param.default
+        value = bound[param.name]
+        if param.is_constexpr:
+            signature.append((param.name, "constexpr"))
+            constexprs.append((param.name, value))
+        else:
+            signature.append((param.name, _argument_type(value, param.name)))
+    return KernelSpec(kernel.fn.__module__, kernel.fn.__name__, tuple(signature), tuple(constexprs), options)
+
+
+@contextlib.contextmanager
+def recorded_launches(sm_count: int = 132):
+    """While inside, launchers plan for a GPU with `sm_count` SMs, and every `kernel[grid](...)` is
+    recorded (not run) into the yielded list. Outputs of the kernels are left unwritten."""
+    from triton.runtime.jit import JITFunction, KernelInterface
+
+    from mmfast.ops import _backend
+
+    if _backend.triton_interpreting():
+        raise RuntimeError("compile: TRITON_INTERPRET=1 turns kernels into Python functions that cannot be "
+                           "compiled; run without it")
+    launches: list[_Launch] = []
+    original = KernelInterface.__getitem__
+
+    def record(kernel, grid):
+        if not isinstance(kernel, JITFunction):
+            return original(kernel, grid)
+        return lambda *args, **kwargs: launches.append(_Launch(kernel, args, kwargs))
+
+    KernelInterface.__getitem__ = record
+    _backend._planning_for_sm_count = sm_count
+    try:
+        yield launches
+    finally:
+        KernelInterface.__getitem__ = original
+        _backend._planning_for_sm_count = None
+
+
+def _backward(output, *inputs):
+    grads = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    torch.autograd.grad(output.float().sum(), grads, allow_unused=True)
+
+
+def _contrastive_cases():
+    from mmfast.ops import clip_loss, siglip_loss, similarity_logsumexp
+
+    for dtype in DTYPES:
+        for width in CONTRASTIVE_WIDTHS:
+            def features(rows):
+                return torch.randn(rows, width, dtype=dtype).requires_grad_()
+
+            def run():
+                image, text, scale = features(33), features(33), torch.tensor(10.0, requires_grad=True)
+                _backward(clip_loss(image, text, scale, backend="triton"), image, text, scale)
+                rows, _ = similarity_logsumexp(image, text, scale, columns=False, backend="triton")
+                _backward(rows, image, text, scale)
+                bias = torch.tensor(-5.0, requires_grad=True)
+                for offset in (0, None):
+                    loss = siglip_loss(image, features(21), scale, bias, positive_offset=offset, backend="triton")
+                    _backward(loss, image, scale, bias)
+
+            yield f"contrastive {dtype} D={width}", run
+
+
+def _attention_cases():
+    from mmfast.ops import mixed_attention
+
+    cu_seqlens = torch.tensor([0, 40, 103], dtype=torch.int32)
+    span_ids = torch.full((103,), -1, dtype=torch.int32)
+    span_ids[5:20] = 0
+    for dtype in DTYPES:
+        for head_dim in HEAD_DIMS:
+            for causal, kv_heads in ((True, 4), (True, 2), (False, 4)):
+                def run():
+                    q, k, v = (torch.randn(103, heads, head_dim, dtype=dtype).requires_grad_()
+                               for heads in (4, kv_heads, kv_heads))
+                    out = mixed_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=63, causal=causal,
+                                          span_ids=span_ids if causal else None, backend="triton")
+                    _backward(out, q, k, v)
+
+                yield f"mixed_attention {dtype} D={head_dim} causal={causal} kv_heads={kv_heads}", run
+
+
+def _patch_embed_cases():
+    from mmfast.ops import patch_embed
+
+    shapes = {  # pixels, weight, stride
+        "image p16": ((2, 3, 32, 32), (768, 3, 16, 16), None),
+        "image p14": ((2, 3, 28, 28), (1024, 3, 14, 14), None),
+        "video 2x16x16": ((2, 3, 4, 32, 32), (768, 3, 2, 16, 16), None),
+        "audio AST 16x16 stride 10": ((2, 1, 36, 46), (768, 1, 16, 16), 10),
+    }
+    for dtype in DTYPES:
+        for label, (pixel_shape, weight_shape, stride) in shapes.items():
+            for pixel_dtype in (torch.uint8, dtype):
+                def run():
+                    embed_dim = weight_shape[0]
+                    pixels = torch.randint(0, 255, pixel_shape, dtype=torch.uint8).to(pixel_dtype)
+                    weight = torch.randn(weight_shape, dtype=dtype).requires_grad_()
+                    bias = torch.randn(embed_dim, dtype=dtype).requires_grad_()
+                    prefix = torch.randn(1, embed_dim, dtype=dtype).requires_grad_()
+                    full = patch_embed(pixels, weight, bias, cls_token=prefix, stride=stride, backend="triton")
+                    positions = torch.randn(full.shape[1], embed_dim, dtype=dtype).requires_grad_()
+                    out = patch_embed(pixels, weight, bias, pos_embed=positions, cls_token=prefix, stride=stride,
+                                      backend="triton")
+                    _backward(out, weight, bias, prefix, positions)
+                    _backward(patch_embed(pixels, weight, stride=stride, backend="triton"), weight)
+
+                yield f"patch_embed {dtype} {label} pixels {pixel_dtype}", run
+
+
+def _log_mel_cases():
+    from mmfast.ops import log_mel_spectrogram
+
+    settings = {
+        "whisper 80": dict(n_mels=80, normalize="whisper"),
+        "whisper 128": dict(n_mels=128, normalize="whisper"),
+        "torchaudio power 2": dict(n_mels=128, log=None, pad_mode="constant"),
+        "power 1 ln": dict(n_mels=64, power=1, log="ln", clamp_min=None),
+    }
+    for label, kwargs in settings.items():
+        def run():
+            log_mel_spectrogram(torch.randn(2, 4000), backend="triton", **kwargs)
+
+        yield f"log_mel {label}", run
+
+
+def planned_specs(sm_count: int = 132) -> dict[KernelSpec, list[str]]:
+    """Every distinct compile the launchers would ask for on a GPU, with the cases that lead to it."""
+    specs: dict[KernelSpec, list[str]] = {}
+    for cases in (_contrastive_cases, _attention_cases, _patch_embed_cases, _log_mel_cases):
+        for label, run in cases():
+            with recorded_launches(sm_count) as launches:
+                run()
+            if not launches:
+                raise RuntimeError(f"compile: case {label!r} launched no kernel")
+            for launch in launches:
+                specs.setdefault(spec_of(launch.kernel, launch.args, launch.kwargs), []).append(label)
+    return specs
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> dict:
+    """Compiles one spec for sm_<arch>; returns a report row (error text instead of raising)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(importlib.import_module(spec.module), spec.name)
+    row = {"kernel": f"{spec.module}.{spec.name}", "target": f"sm_{arch}", "config": spec.describe()}
+    start = time.perf_counter()
+    try:
+        source = ASTSource(fn=kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs))
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(spec.options))
+    except Exception as error:  # the report names every failure, not just the first
+        row.update(ok=False, error=f"{type(error).__name__}: {error}")
+    else:
+        row.update(ok=True, shared_bytes=compiled.metadata.shared)
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def _compile_job(job):
+    return compile_spec(*job)
+
+
+def compile_all(targets=DEFAULT_TARGETS, jobs: int = 2, progress: bool = True) -> list[dict]:
+    """Compiles every planned spec for every target; one report row per (spec, target)."""
+    from tqdm.auto import tqdm
+
+    work = [(spec, arch) for spec in planned_specs() for arch in targets]
+    context = multiprocessing.get_context("spawn")  # workers import only what one compile needs
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context) as pool:
+        rows = list(tqdm(pool.map(_compile_job, work), total=len(work), desc="compiling kernels",
+                         disable=not progress))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mmfast bench compile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", default=",".join(map(str, DEFAULT_TARGETS)),
+                        help="compute capabilities, comma-separated (default: 80,90)")
+    parser.add_argument("--jobs", type=int, default=2, help="compiles in parallel (default: 2)")
+    parser.add_argument("--json", help="write the report rows to this file")
+    args = parser.parse_args(argv)
+    try:
+        targets = tuple(int(t.removeprefix("sm_")) for t in args.targets.split(","))
+    except ValueError:
+        parser.error(f"--targets takes compute capabilities like 80,90; got {args.targets!r}")
+    rows = compile_all(targets, args.jobs)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+    failures = [row for row in rows if not row["ok"]]
+    kernels = sorted({row["kernel"] for row in rows})
+    print(f"mmfast bench compile: {len(rows) - len(failures)} of {len(rows)} compiles passed "
+          f"({len(kernels)} kernels, targets {', '.join(f'sm_{t}' for t in targets)})")
+    for row in failures:
+        print(f"FAILED {row['kernel']} {row['target']} {row['config']}\n    {row['error'][:2000]}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
