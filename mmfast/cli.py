@@ -116,7 +116,6 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model from a recipe (extra --section.key=value override it)")
     train.add_argument("--recipe", default="clip-tiny", help="a recipe name in mmfast/configs/ or a YAML path")
     train.add_argument("--run-dir", help="run directory (default: runs/<recipe>-<time>); an existing one resumes")
-    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     train.set_defaults(run=_train, takes_overrides=True)
     evaluation = commands.add_parser("eval", help="zero-shot and retrieval scores of a run on its held-out split")
     evaluation.add_argument("run_dir", help="a run directory of mmfast train")
@@ -138,8 +137,31 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
+
+
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """Removes `--local_rank N` / `--local_rank=N` wherever a launcher put it (DeepSpeed's and
+    torch.distributed.launch put it before the subcommand) and keeps it in LOCAL_RANK, which the
+    engines read (the launchers set that variable too; theirs wins)."""
+    rest, index = [], 0
+    while index < len(argv):
+        name, has_value, value = argv[index].partition("=")
+        if name not in LOCAL_RANK_FLAGS:
+            rest.append(argv[index])
+        else:
+            if not has_value:
+                index += 1
+                value = argv[index] if index < len(argv) else ""
+            if not value.isdigit():
+                raise SystemExit(f"mmfast: {name} takes a non-negative integer, got {value!r}")
+            os.environ.setdefault("LOCAL_RANK", value)
+        index += 1
+    return rest
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _take_local_rank(sys.argv[1:] if argv is None else list(argv))
     if argv[:2] == ["bench", "compile"]:  # not a timed suite: its own flags (--targets, --jobs, --json)
         from mmfast.bench import compile as compile_check
 

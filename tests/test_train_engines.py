@@ -7,7 +7,10 @@ the CPU Adam used with offload, about 75 s). TORCH_EXTENSIONS_DIR points at one 
 so CI pays for them once per machine, not per run."""
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -135,21 +138,80 @@ def test_deepspeed_zero_stages_follow_the_single_process_run(root):
     assert _losses(root / "zero2-adamw8bit") == pytest.approx(_losses(root / "single"), abs=5e-2)
 
 
+# The README's launch lines, as written there but with 2 CPU processes (or 2 one-process "nodes") and
+# the tiny model. DeepSpeed's launcher runs `python -m mmfast --local_rank=N train ...`.
+NEEDS_DEEPSPEED = pytest.mark.skipif(not __import__("importlib").util.find_spec("deepspeed"), reason="needs deepspeed")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _deepspeed_launcher():
+    beside_python = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [shutil.which("deepspeed") or beside_python]
+
+
+def _cli_run(root, name, launcher, *engine, environment=None, processes=None):
+    """Starts `launcher ... mmfast train` (several commands at once for several nodes) and returns the
+    run directory once every one exited 0."""
+    run = root / name
+    arguments = ["train", "--recipe", "clip-tiny", *engine, "--run-dir", str(run), *TINY,
+                 f"--data.synth_dir={root / 'synth'}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TORCH_EXTENSIONS_DIR": EXTENSIONS, "DS_ACCELERATOR": "cpu",
+           **(environment or {})}
+    commands = [prefix + arguments for prefix in (processes or [launcher])]
+    started = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                cwd=root) for command in commands]
+    outputs = [process.communicate(timeout=600)[0] for process in started]
+    for process, output in zip(started, outputs):
+        assert process.returncode == 0, output[-4000:]
+    assert f"run directory: {run}" in outputs[0]
+    return run
+
+
 @pytest.mark.distributed
 def test_torchrun_launches_the_cli(root):
-    """The README's launch line, on two CPU processes."""
-    import subprocess
-    import sys
+    """README: `torchrun --nproc_per_node N -m mmfast train ...` (fp32 here, and bf16 as in the README)."""
+    for name, precision in (("torchrun", "fp32"), ("torchrun-bf16", "bf16")):
+        launcher = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "mmfast"]
+        run = _cli_run(root, name, launcher, "--engine.name=fsdp2", f"--engine.precision={precision}")
+        _assert_follows(root, run.name, tolerance=2e-4 if precision == "fp32" else 3e-2)
 
-    run = root / "torchrun"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "mmfast", "train", "--recipe", "clip-tiny", "--run-dir", str(run), *TINY,
-               f"--data.synth_dir={root / 'synth'}", "--engine.name=fsdp2"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert f"run directory: {run}" in finished.stdout
-    assert _losses(run) == pytest.approx(_losses(root / "single"), abs=2e-4)
+
+@pytest.mark.distributed
+def test_torchrun_two_nodes_launch_the_cli(root):
+    """README: one torchrun per node with --nnodes/--node_rank/--master_addr (two one-process nodes here)."""
+    port = str(_free_port())
+    nodes = [[*TORCHRUN, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr",
+              "127.0.0.1", "--master_port", port, "-m", "mmfast"] for node in (0, 1)]
+    run = _cli_run(root, "torchrun-nodes", None, "--engine.name=deepspeed", "--engine.zero_stage=2", processes=nodes)
+    _assert_follows(root, run.name)
+
+
+@pytest.mark.distributed
+@NEEDS_DEEPSPEED
+def test_deepspeed_launcher_runs_the_cli(root):
+    """README: `deepspeed --num_gpus N --module mmfast train ...` and `deepspeed --hostfile hostfile --module
+    mmfast train ...`; the launcher puts --local_rank before the subcommand."""
+    launcher = [*_deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "mmfast"]
+    run = _cli_run(root, "deepspeed-launcher", launcher, "--engine.name=deepspeed", "--engine.zero_stage=3")
+    _assert_follows(root, run.name)
+    # Several nodes from a hostfile, one command per node (DeepSpeed's --no_ssh; two one-process nodes here)
+    (root / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(_free_port())
+    nodes = [[*_deepspeed_launcher(), "--hostfile", str(root / "hostfile"), "--no_ssh", "--node_rank", str(node),
+              "--master_addr", "127.0.0.1", "--master_port", port, "--module", "mmfast"] for node in (0, 1)]
+    run = _cli_run(root, "deepspeed-nodes", None, "--engine.name=deepspeed", "--engine.zero_stage=3", processes=nodes)
+    _assert_follows(root, run.name)
+
+
+def test_local_rank_is_taken_before_or_after_the_subcommand(monkeypatch):
+    from mmfast.cli import _take_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _take_local_rank(["--local_rank=1", "train", "--recipe", "clip-tiny"]) == ["train", "--recipe", "clip-tiny"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert _take_local_rank(["train", "--local-rank", "1", "--optim.lr=1e-3"]) == ["train", "--optim.lr=1e-3"]
+    with pytest.raises(SystemExit, match="--local_rank takes a non-negative integer, got 'x'"):
+        _take_local_rank(["--local_rank=x", "train"])
 
 
 def test_engine_choices_are_checked_before_any_process_group():
