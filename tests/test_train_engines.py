@@ -233,7 +233,7 @@ def test_engine_choices_are_checked_before_any_process_group():
         FSDP2Engine(load_config("clip-tiny", ["--engine.name=fsdp2", "--engine.precision=fp16"]), two)
     with pytest.raises(ValueError, match="offload_parameters needs engine.zero_stage=3"):
         DeepSpeedEngine(load_config("clip-tiny", ["--engine.offload_parameters=true"]), two)
-    with pytest.raises(ValueError, match="zero_stage must be 1, 2 or 3"):
+    with pytest.raises(ValueError, match=r"engine.zero_stage must be one of \[1, 2, 3\]"):
         DeepSpeedEngine(load_config("clip-tiny", ["--engine.zero_stage=4"]), two)
     with pytest.raises(ValueError, match=r"data.batch_size \(100\) must be a multiple of ranks x"):
         from mmfast.train.trainer import _check

@@ -87,9 +87,18 @@ class EngineConfig:
 
 
 @dataclass(kw_only=True)
+class ResumeConfig:
+    """What a resumed run may change. A run directory with a checkpoint resumes; its config.yaml is
+    compared with the new configuration first."""
+
+    allow_changes: str = ""  # comma-separated keys or sections (optim.lr,data) that may differ on resume
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     recipe: str = ""
     run_dir: str = ""
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -135,6 +144,52 @@ def _apply(config, values: dict, prefix: str = "") -> None:
             setattr(config, name, _coerce(key, value, hints[name]))
 
 
+# Every value is checked for its choices and its range, with the key named (checked after overrides).
+CHOICES = {
+    "data.source": ("synth", "shards", "files"),
+    "model.loss": ("clip", "siglip"),
+    "optim.name": ("adamw", "adamw8bit"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "engine.name": ("auto", "single", "ddp", "fsdp2", "deepspeed"),
+    "engine.precision": ("fp32", "bf16", "fp16"),
+    "engine.zero_stage": (1, 2, 3),
+}
+AT_LEAST = {  # key: smallest allowed value (None values are allowed where the type is optional)
+    "data.batch_size": 1, "data.train_samples": 1, "data.held_out_samples": 1, "data.image_size": 1,
+    "data.workers": 0, "data.shuffle_buffer": 1, "data.digit_fraction": 0.0,
+    "model.embed_dim": 1, **{f"model.{tower}.{name}": 1 for tower in ("vision", "text")
+                             for name in ("width", "layers", "heads")},
+    "model.vision.patch_size": 1, "model.text.vocab_size": 1, "model.text.context_length": 1,
+    "optim.weight_decay": 0.0, "optim.beta1": 0.0, "optim.beta2": 0.0,
+    "optim.warmup_steps": 0, "optim.grad_clip": 0.0,
+    "train.steps": 1, "train.eval_every": 1, "train.log_every": 1, "train.checkpoint_every": 1,
+    "train.accumulation_steps": 1, "train.micro_batch": 1, "train.stop_after": 1,
+}
+ABOVE = {"optim.lr": 0.0, "optim.eps": 0.0}  # strictly greater
+AT_MOST = {"data.digit_fraction": 1.0}
+BELOW = {"optim.beta1": 1.0, "optim.beta2": 1.0}  # strictly smaller
+
+
+def value_at(config, key: str):
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def check_config(config: RunConfig) -> None:
+    """Raises a ValueError naming the key, its allowed values or range, and what it got."""
+    for key, choices in CHOICES.items():
+        if value_at(config, key) not in choices:
+            raise ValueError(f"config: {key} must be one of {list(choices)}, got {value_at(config, key)!r}")
+    bounds = [(AT_LEAST, ">=", lambda v, b: v >= b), (ABOVE, ">", lambda v, b: v > b),
+              (AT_MOST, "<=", lambda v, b: v <= b), (BELOW, "<", lambda v, b: v < b)]
+    for table, sign, holds in bounds:
+        for key, bound in table.items():
+            value = value_at(config, key)
+            if value is not None and not holds(value, bound):
+                raise ValueError(f"config: {key} must be {sign} {bound}, got {value!r}")
+
+
 def recipes() -> list[str]:
     return sorted(name[:-5] for name in os.listdir(RECIPES) if name.endswith(".yaml"))
 
@@ -142,6 +197,9 @@ def recipes() -> list[str]:
 def load_config(recipe: str | None = None, overrides=(), path: str | None = None) -> RunConfig:
     """A recipe (name in mmfast/configs/ or a YAML path), then `section.key=value` overrides."""
     config = RunConfig()
+    if recipe and not recipe.endswith(".yaml") and (os.sep in recipe or "/" in recipe or recipe.startswith(".")):
+        raise ValueError(f"config: a recipe is a name in mmfast/configs/ ({recipes()}) or a path ending in .yaml, "
+                         f"got {recipe!r}")
     source = path or (os.path.join(RECIPES, f"{recipe}.yaml") if recipe and not recipe.endswith(".yaml") else recipe)
     if source:
         if not os.path.exists(source):
@@ -160,6 +218,7 @@ def load_config(recipe: str | None = None, overrides=(), path: str | None = None
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
         _apply(config, nested)
+    check_config(config)
     return config
 
 

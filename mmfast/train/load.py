@@ -9,12 +9,13 @@ from mmfast.data.preprocess import Preprocess
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models import CLIP, ClipConfig
 from mmfast.models.clip import TextConfig, VisionConfig
+from mmfast.train import checkpoint
+from mmfast.train.files import load_tensors
 
 
 def export_run(run_dir: str, step: int | None = None) -> str:
     """Consolidates a run's checkpoint (the latest, or the one taken after `step`), whatever engine
     wrote it, into <run_dir>/model.pt; returns its path."""
-    from mmfast.train import checkpoint
     from mmfast.train.config import load_config
     from mmfast.train.trainer import clip_config, export
 
@@ -44,7 +45,7 @@ def load_clip(path: str, device: str | torch.device = "cpu"):
     model.encode_image(torch.stack([preprocess(image) for image in images])) and
     model.encode_text(tokenizer(texts)) as with open_clip; the model is in eval mode."""
     model_path = _model_file(path)
-    saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    saved = load_tensors(model_path)
     fields = dict(saved["clip_config"])
     fields["vision"], fields["text"] = VisionConfig(**fields["vision"]), TextConfig(**fields["text"])
     model = CLIP(ClipConfig(**fields))

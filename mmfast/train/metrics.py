@@ -8,6 +8,8 @@ import resource
 
 import torch
 
+from mmfast.train.files import write_atomically
+
 # dense peak FLOP/s by precision (vendor figures, SXM parts); fp32 is without TF32 (PyTorch's default)
 PEAK_FLOPS = {
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
@@ -33,25 +35,50 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class MetricsWriter:
-    """Appends records to metrics.jsonl and mirrors their numbers to TensorBoard (when installed)."""
+def _rows_until(path: str, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to `step`: what a run resumed after `step` keeps (the steps it
+    replays would otherwise appear twice). A line cut by a kill is dropped."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
 
-    def __init__(self, run_dir: str, enabled: bool = True):
+
+class MetricsWriter:
+    """Appends records to metrics.jsonl and mirrors their numbers to TensorBoard (when installed).
+    A run resumed after step `resumed_at` first drops what was logged past it (JSONL rows and
+    TensorBoard events), so the curves hold each step once."""
+
+    def __init__(self, run_dir: str, enabled: bool = True, resumed_at: int = 0):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.handle = open(self.path, "a") if enabled else None
-        self.board = None
+        self.handle = self.board = None
+        self.evaluated_steps: set[int] = set()
         if enabled:
+            kept = _rows_until(self.path, resumed_at)
+            self.evaluated_steps = {json.loads(line)["step"] for line in kept if "loss" not in json.loads(line)}
+            write_atomically(self.path, "".join(kept))
+            self.handle = open(self.path, "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.board = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                self.board = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resumed_at + 1)
             except ImportError:
                 print("mmfast train: tensorboard is not installed; metrics go to metrics.jsonl only")
 
-    def write(self, record: dict, group: str) -> None:
-        if not self.enabled:
+    def write(self, record: dict, group: str, once: bool = False) -> None:
+        """Logs `record` (which has a "step"); with once=True, an evaluation of a step already logged
+        is not logged again."""
+        if not self.enabled or (once and group == "eval" and record["step"] in self.evaluated_steps):
             return
+        if group == "eval":
+            self.evaluated_steps.add(record["step"])
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
         if self.board:

@@ -14,6 +14,7 @@ import datetime
 import itertools
 import json
 import os
+import re
 import time
 
 import torch
@@ -24,13 +25,14 @@ from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models import CLIP, ClipConfig
 from mmfast.models.clip import flops_per_sample
 from mmfast.train import checkpoint, distributed
-from mmfast.train.config import RunConfig, save_config
+from mmfast.train.config import RunConfig, check_config, save_config
 from mmfast.train.data import batch_indices, ensure_synth, load_split, shard_paths
 from mmfast.train.stream import sample_captions, stream_batches
 from mmfast.train.engines import build_engine
 from mmfast.train.evaluate import evaluate
 from mmfast.train.grad_cache import grad_cache_step
 from mmfast.train.metrics import MetricsWriter, peak_flops, peak_memory_mb, plot
+from mmfast.train.resume import check_resume
 
 CLIP_MEAN, CLIP_STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 
@@ -73,14 +75,21 @@ def _loss_function(config: RunConfig, placement):
     return mmfast.nn.SigLipLoss(rank=placement.rank, world_size=placement.world_size)
 
 
-def _prepare_run(config: RunConfig, placement, progress: bool):
+def _run_name(recipe: str) -> str:
+    """A folder name from the recipe's name (a recipe path or a name with separators stays in runs/)."""
+    name = os.path.basename(recipe or "run").removesuffix(".yaml")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).lstrip(".-") or "run"
+
+
+def _prepare_run(config: RunConfig, placement, progress: bool, resuming: bool):
     """Run directory, data and tokenizer: written by rank 0, read by every rank. The training split is
-    None when streamed."""
+    None when streamed. A resumed run's config.yaml is rewritten only after its checkpoint loaded."""
     if placement.is_main:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        config.run_dir = config.run_dir or os.path.join("runs", f"{config.recipe or 'run'}-{stamp}")
+        config.run_dir = config.run_dir or os.path.join("runs", f"{_run_name(config.recipe)}-{stamp}")
         os.makedirs(os.path.join(config.run_dir, "checkpoints"), exist_ok=True)
-        save_config(config, os.path.join(config.run_dir, "config.yaml"))
+        if not resuming:
+            save_config(config, os.path.join(config.run_dir, "config.yaml"))
         if config.data.source == "synth":
             ensure_synth(config.data, progress)
     config.run_dir = distributed.broadcast_object(config.run_dir)
@@ -143,9 +152,13 @@ def _forward_backward(engine, loss_fn, pixels, text, micro_batch: int | None) ->
 def train(config: RunConfig, progress: bool = True) -> dict:
     """Runs (or resumes) the training described by `config`; returns the last evaluation (rank 0)."""
     placement = distributed.setup()
+    check_config(config)
     _check(config, placement.world_size)
+    # every rank checks a resume before anything is loaded or written, so all raise alike
+    resuming = bool(config.run_dir) and checkpoint.latest(os.path.join(config.run_dir, "checkpoints")) is not None
+    changed = check_resume(config.run_dir, config) if resuming else {}
     engine = build_engine(config, placement)
-    train_split, held_out, tokenizer = _prepare_run(config, placement, progress)
+    train_split, held_out, tokenizer = _prepare_run(config, placement, progress, resuming)
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     model_config = clip_config(config, tokenizer.vocab_size, tokenizer.eot_id)
     engine.prepare(build_model(model_config))
@@ -159,6 +172,11 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     if resume_from:
         engine.load(resume_from)
         start = checkpoint.load_trainer_state(resume_from, placement.rank)
+        if "optim.lr" in changed:
+            engine.set_learning_rate(config.optim.lr)
+        if placement.is_main and changed:
+            print(f"mmfast train: resuming with changes {changed}")
+            save_config(config, os.path.join(config.run_dir, "config.yaml"))
 
     def save(step: int) -> str:
         folder = os.path.join(checkpoints, checkpoint.folder_name(step))
@@ -169,7 +187,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
             checkpoint.mark_latest(checkpoints, folder)
         return folder
 
-    metrics = MetricsWriter(config.run_dir, enabled=placement.is_main)
+    metrics = MetricsWriter(config.run_dir, enabled=placement.is_main, resumed_at=start)
     batch, steps, device = config.data.batch_size, config.train.steps, placement.device
     end = min(steps, config.train.stop_after or steps)
     sample_flops = flops_per_sample(model_config)
@@ -205,8 +223,8 @@ def train(config: RunConfig, progress: bool = True) -> dict:
             last_eval, evaluated = _evaluate(engine, tokenizer, held_out, done, metrics, bar), True
         if done % config.train.checkpoint_every == 0 or done in (steps, end):
             folder = save(done)
-    if not evaluated:  # a resumed run with nothing left to do still reports its scores
-        last_eval = _evaluate(engine, tokenizer, held_out, max(start, end), metrics, bar)
+    if not evaluated:  # a resumed run with nothing left to do still reports its scores (logged once)
+        last_eval = _evaluate(engine, tokenizer, held_out, max(start, end), metrics, bar, once=True)
     metrics.close()
     if placement.is_main and end == steps and folder:
         export(config.run_dir, folder, model_config)
@@ -229,12 +247,12 @@ def _logit_scale(module) -> float:
     return value.float().exp().item()
 
 
-def _evaluate(engine, tokenizer, held_out, step: int, metrics: MetricsWriter, bar) -> dict:
+def _evaluate(engine, tokenizer, held_out, step: int, metrics: MetricsWriter, bar, once: bool = False) -> dict:
     model = engine.evaluation_model()  # collective; a plain module on rank 0
     result = {}
     if model is not None:
         result = {"step": step, **evaluate(model, tokenizer, held_out)}
-        metrics.write(result, "eval")
+        metrics.write(result, "eval", once=once)
         shown = [f"zero-shot {result['zero_shot_accuracy']:.3f}"] if "zero_shot_accuracy" in result else []
         bar.write(f"step {step}: " + ", ".join(shown + [f"I->T R@1 {result['image_to_text_R@1']:.3f}"]))
     distributed.barrier()

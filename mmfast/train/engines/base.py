@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from mmfast.train.files import load_tensors
 from mmfast.train.distributed import Placement
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,6 +115,14 @@ class Engine:
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.optim.grad_clip or float("inf"))
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
+    def set_learning_rate(self, lr: float) -> None:
+        """After a resume that changes optim.lr: the restored schedule continues from the new peak."""
+        ratio = lr / self.scheduler.base_lrs[0]
+        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
+        for group in self.scheduler.optimizer.param_groups:
+            group["initial_lr"] = lr
+            group["lr"] *= ratio
+
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -130,7 +139,7 @@ class Engine:
             torch.save(state, os.path.join(folder, "state.pt"))
 
     def load(self, folder: str) -> None:
-        state = torch.load(os.path.join(folder, "state.pt"), map_location=self.placement.device, weights_only=False)
+        state = load_tensors(os.path.join(folder, "state.pt"), map_location=self.placement.device)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

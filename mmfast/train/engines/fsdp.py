@@ -10,6 +10,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from mmfast.train.files import load_tensors
 from mmfast.train.engines.base import Engine, build_optimizer, parameter_groups, schedule
 
 
@@ -64,7 +65,7 @@ class FSDP2Engine(Engine):
         dcp.load(state, checkpoint_id=os.path.join(folder, "sharded"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-        scheduler = torch.load(os.path.join(folder, "scheduler.pt"), weights_only=False)
+        scheduler = load_tensors(os.path.join(folder, "scheduler.pt"))
         self.scheduler.load_state_dict(scheduler["scheduler"])
 
     def evaluation_model(self) -> torch.nn.Module | None:
