@@ -94,6 +94,9 @@ class WhisperFeatureExtractor:
 
     @staticmethod
     def _as_clips(raw_speech) -> list:
+        if isinstance(raw_speech, (list, tuple, np.ndarray, torch.Tensor)) and len(raw_speech) == 0:
+            raise ValueError("WhisperFeatureExtractor: raw_speech is empty; pass one clip (a 1-D array or list of "
+                             "samples) or a list of clips")
         if isinstance(raw_speech, (np.ndarray, torch.Tensor)) and raw_speech.ndim == 1:
             return [raw_speech]
         if isinstance(raw_speech, (np.ndarray, torch.Tensor)) and raw_speech.ndim == 2:

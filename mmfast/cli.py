@@ -64,14 +64,23 @@ def _synth(args) -> int:
 
 def _train(args, overrides) -> int:
     from mmfast.train import load_config, train
+    from mmfast.train.distributed import shutdown
 
     config = load_config(args.recipe, overrides)
     if args.run_dir:
         config.run_dir = args.run_dir
     result = train(config)
+    distributed = shutdown()
     if result:  # rank 0
         print(json.dumps(result))
         print(f"run directory: {config.run_dir}")
+    if distributed:
+        # FSDP2's device meshes (in DTensor's internal caches) and DeepSpeed's communication module keep
+        # the process group and its threads alive after destroy_process_group; tearing those down at
+        # interpreter exit can abort a finished run. Everything is written and closed: leave without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

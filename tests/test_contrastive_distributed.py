@@ -1,21 +1,16 @@
 """mmfast.nn.ClipLoss / SigLipLoss across processes (gloo on CPU) against open_clip's classes
 run in the same processes, and against the single-process loss on the global batch."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.processes import assert_process_group_freed, free_port
+
 pytestmark = pytest.mark.distributed
 LOCAL_BATCH, DIM = 5, 24
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_features(world_size, seed):
@@ -50,12 +45,21 @@ def _as_global(grads):
 
 
 def _worker(rank, world_size, port, check):
+    # Import before the process group exists: open_clip imports torch.distributed.nn, whose functions
+    # bind the default group as a default argument when first imported after init_process_group; the
+    # group then outlives destroy_process_group and its threads die at interpreter shutdown, which
+    # aborted rank 0 about one run in three.
+    import open_clip.loss  # noqa: F401
+
+    import mmfast  # noqa: F401
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         check(rank, world_size)
     finally:
         dist.destroy_process_group()
+    assert_process_group_freed()
 
 
 def _check_clip(rank, world_size):
@@ -129,7 +133,7 @@ def _check_siglip(rank, world_size):
 
 def _spawn(check, world_size):
     pytest.importorskip("open_clip")
-    mp.spawn(_worker, args=(world_size, _free_port(), check), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), check), nprocs=world_size, join=True)
 
 
 def test_clip_loss_two_ranks_match_open_clip_and_global_batch():

@@ -8,7 +8,6 @@ so CI pays for them once per machine, not per run."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import torch
 
 from mmfast.train import load_config, train
 from mmfast.train.checkpoint import consolidate
+from tests.processes import free_port
 from tests.runs import losses, run_config
 
 pytest.importorskip("webdataset")
@@ -44,17 +44,17 @@ def _worker(rank, world, port, root, runs):
         train(_config(root, name, *overrides), progress=False)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    # FSDP2's device meshes (in DTensor's internal caches) and DeepSpeed's communication module keep the
+    # group and its threads alive past destroy_process_group; their teardown at interpreter exit can
+    # abort a worker whose work is done and written: leave without it (as `mmfast train` does).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _launch(root, runs, world=2):
     """Runs train() for each (run name, overrides) in `world` processes, one process group for all."""
-    torch.multiprocessing.start_processes(_worker, args=(world, _free_port(), root, runs), nprocs=world,
+    torch.multiprocessing.start_processes(_worker, args=(world, free_port(), root, runs), nprocs=world,
                                           start_method="spawn")
 
 
@@ -171,7 +171,7 @@ def _cli_run(root, name, launcher, *engine, environment=None, processes=None):
 def test_torchrun_launches_the_cli(root):
     """README: `torchrun --nproc_per_node N -m mmfast train ...` (fp32 here, and bf16 as in the README)."""
     for name, precision in (("torchrun", "fp32"), ("torchrun-bf16", "bf16")):
-        launcher = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "mmfast"]
+        launcher = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mmfast"]
         run = _cli_run(root, name, launcher, "--engine.name=fsdp2", f"--engine.precision={precision}")
         _assert_follows(root, run.name, tolerance=2e-4 if precision == "fp32" else 3e-2)
 
@@ -179,7 +179,7 @@ def test_torchrun_launches_the_cli(root):
 @pytest.mark.distributed
 def test_torchrun_two_nodes_launch_the_cli(root):
     """README: one torchrun per node with --nnodes/--node_rank/--master_addr (two one-process nodes here)."""
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [[*TORCHRUN, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr",
               "127.0.0.1", "--master_port", port, "-m", "mmfast"] for node in (0, 1)]
     run = _cli_run(root, "torchrun-nodes", None, "--engine.name=deepspeed", "--engine.zero_stage=2", processes=nodes)
@@ -191,12 +191,12 @@ def test_torchrun_two_nodes_launch_the_cli(root):
 def test_deepspeed_launcher_runs_the_cli(root):
     """README: `deepspeed --num_gpus N --module mmfast train ...` and `deepspeed --hostfile hostfile --module
     mmfast train ...`; the launcher puts --local_rank before the subcommand."""
-    launcher = [*_deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "mmfast"]
+    launcher = [*_deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "mmfast"]
     run = _cli_run(root, "deepspeed-launcher", launcher, "--engine.name=deepspeed", "--engine.zero_stage=3")
     _assert_follows(root, run.name)
     # Several nodes from a hostfile, one command per node (DeepSpeed's --no_ssh; two one-process nodes here)
     (root / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [[*_deepspeed_launcher(), "--hostfile", str(root / "hostfile"), "--no_ssh", "--node_rank", str(node),
               "--master_addr", "127.0.0.1", "--master_port", port, "--module", "mmfast"] for node in (0, 1)]
     run = _cli_run(root, "deepspeed-nodes", None, "--engine.name=deepspeed", "--engine.zero_stage=3", processes=nodes)

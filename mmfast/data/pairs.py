@@ -7,12 +7,15 @@ import csv
 import io
 import json
 import os
+import re
+import tarfile
 from collections import Counter
 
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
 
 
 def _open_image(data: bytes | str) -> Image.Image:
@@ -21,12 +24,58 @@ def _open_image(data: bytes | str) -> Image.Image:
     return image.convert("RGB")
 
 
+class TruncatedShard(Exception):
+    """A tar shard that ends before its end-of-archive blocks (a partial download or copy)."""
+
+
+def _is_complete_tar(path: str) -> bool:
+    """A complete tar ends with two 512-byte zero blocks; a truncated one does not. (A compressed
+    shard's cut shows when it is read: the decompressor raises.)"""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        if handle.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+            return True
+        if size < 1024 or size % 512:
+            return False
+        handle.seek(size - 1024)
+        return not any(handle.read(1024))
+
+
+def tar_samples(path: str):
+    """(key, {extension: bytes}) of one tar shard in order, grouped as webdataset groups them (the
+    key is the member's path up to the first dot of its name). Raises TruncatedShard after the
+    samples read before the cut."""
+    complete = _is_complete_tar(path)
+    key, sample = None, {}
+    try:
+        with tarfile.open(path, "r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                folder, name = os.path.split(member.name)
+                stem, _, extension = name.partition(".")
+                member_key = os.path.join(folder, stem)
+                if member_key != key and sample:
+                    yield key, sample
+                    sample = {}
+                key = member_key
+                sample[extension.lower()] = archive.extractfile(member).read()
+    except (tarfile.ReadError, EOFError, OSError) as error:
+        raise TruncatedShard(f"{os.path.basename(path)} ({error})") from None
+    if not complete:
+        raise TruncatedShard(f"{os.path.basename(path)} (no end-of-archive blocks)")
+    if sample:
+        yield key, sample
+
+
 class ShardPairs(IterableDataset):
     """Yields (image, caption, meta) from tar shards in order; `transform(image)` if given.
 
     Every process (and DataLoader worker) reads every shard given unless `split_by_node` /
     `split_by_worker` (webdataset's splits): mmfast's trainer chooses the shards of each rank and
-    worker itself."""
+    worker itself. Bad samples are skipped and counted in `problems` by reason: a missing image or
+    caption, an image that does not decode, a caption that is not UTF-8, a malformed .json; a
+    truncated shard is reported with its name and how many samples were read from it."""
 
     def __init__(self, shards, transform=None, split_by_node: bool = False, split_by_worker: bool = False):
         self.shards = [shards] if isinstance(shards, str) else list(shards)
@@ -41,27 +90,51 @@ class ShardPairs(IterableDataset):
     def skipped(self) -> int:
         return sum(self.problems.values())
 
-    def __iter__(self):
-        import webdataset
+    def _my_shards(self) -> list[str]:
+        import torch.distributed as dist
+        from torch.utils.data import get_worker_info
 
-        every = lambda shards: shards  # noqa: E731
-        for sample in webdataset.WebDataset(
-                self.shards, shardshuffle=False, empty_check=False,
-                nodesplitter=webdataset.split_by_node if self.split_by_node else every,
-                workersplitter=webdataset.split_by_worker if self.split_by_worker else every):
-            key = sample.get("__key__")
-            image_key = next((extension for extension in IMAGE_EXTENSIONS if extension in sample), None)
-            if image_key is None or "txt" not in sample:
-                self.problems["missing image or caption"] += 1
-                continue
+        shards = self.shards
+        if self.split_by_node and dist.is_available() and dist.is_initialized():
+            shards = shards[dist.get_rank()::dist.get_world_size()]
+        worker = get_worker_info()
+        if self.split_by_worker and worker is not None:
+            shards = shards[worker.id::worker.num_workers]
+        return shards
+
+    def __iter__(self):
+        for path in self._my_shards():
+            read = 0
             try:
-                image = _open_image(sample[image_key])
-            except Exception as error:  # any decoder failure means a corrupt sample
-                self.problems[f"corrupt image ({type(error).__name__})"] += 1
-                continue
-            caption = sample["txt"].decode() if isinstance(sample["txt"], bytes) else sample["txt"]
+                for key, sample in tar_samples(path):
+                    pair = self._pair(key, sample)
+                    if pair is not None:
+                        read += 1
+                        yield pair
+            except TruncatedShard as error:
+                self.problems[f"truncated shard {error} after {read} samples"] += 1
+
+    def _pair(self, key: str, sample: dict):
+        image_key = next((extension for extension in IMAGE_EXTENSIONS if extension in sample), None)
+        if image_key is None or "txt" not in sample:
+            self.problems["missing image or caption"] += 1
+            return None
+        try:
+            caption = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            self.problems["caption not UTF-8"] += 1
+            return None
+        try:
             meta = json.loads(sample["json"]) if "json" in sample else {"key": key}
-            yield (self.transform(image) if self.transform else image), caption, meta
+        except ValueError:
+            self.problems["malformed .json"] += 1
+            return None
+        try:
+            image = _open_image(sample[image_key])
+        except Exception as error:  # any decoder failure means a corrupt sample
+            self.problems[f"corrupt image ({type(error).__name__})"] += 1
+            return None
+        return (self.transform(image) if self.transform else image), caption, meta
 
 
 class FilePairs(Dataset):
@@ -72,17 +145,35 @@ class FilePairs(Dataset):
     def __init__(self, path: str, image_key: str = "filepath", caption_key: str = "title", separator: str | None = None,
                  transform=None):
         self.root = os.path.dirname(os.path.abspath(path))
-        if path.endswith(".jsonl"):
-            with open(path) as handle:
-                rows = [json.loads(line) for line in handle if line.strip()]
-        else:
-            with open(path, newline="") as handle:
+        self.problems: Counter = Counter()
+        # surrogateescape keeps a non-UTF-8 byte visible (as a lone surrogate) so its row is skipped
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            if path.endswith(".jsonl"):
+                rows, malformed = [], []
+                for number, line in enumerate(handle, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except ValueError:
+                            malformed.append(number)
+                if malformed:
+                    name = os.path.basename(path)
+                    self.problems[f"malformed JSONL line (first: {name} line {malformed[0]})"] = len(malformed)
+            else:
                 rows = list(csv.DictReader(handle, delimiter=separator or ("\t" if path.endswith(".tsv") else ",")))
+        rows = [row for row in rows if isinstance(row, dict)]
         if rows and (image_key not in rows[0] or caption_key not in rows[0]):
             raise ValueError(f"FilePairs: {path} needs columns {image_key!r} and {caption_key!r}, has {sorted(rows[0])}")
-        self.rows = [(row[image_key], row[caption_key]) for row in rows]
+        self.rows = []
+        for row in rows:
+            image, caption = row.get(image_key), row.get(caption_key)
+            if not isinstance(image, str) or not isinstance(caption, str) or not image:
+                self.problems["row without image path or caption"] += 1
+            elif NOT_UTF8.search(image) or NOT_UTF8.search(caption):
+                self.problems["not UTF-8"] += 1
+            else:
+                self.rows.append((image, caption))
         self.transform = transform
-        self.problems: Counter = Counter()
 
     @property
     def skipped(self) -> int:

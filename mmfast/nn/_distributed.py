@@ -1,26 +1,50 @@
-"""Collectives with autograd for the distributed contrastive losses (torch.distributed)."""
-from __future__ import annotations
+"""Collectives with autograd for the distributed contrastive losses (torch.distributed).
 
-import warnings
+mmfast does not import `torch.distributed.nn`: its functions take `group=group.WORLD` as a default
+argument, so when that module is first imported after `init_process_group` (as when a user imports
+mmfast inside a worker) the default group is bound into those defaults for good. destroy_process_group
+then cannot free it: gloo's threads and rank 0's TCPStore server live on until interpreter shutdown,
+where their destruction order is arbitrary and sometimes aborts the process ("terminate called
+without an active exception")."""
+from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's `[n, ...]` tensor concatenated along dim 0; the gradient of each rank's rows is
+    the sum over ranks of the gradient that reached those rows."""
+
+    @staticmethod
+    def forward(ctx, tensor, rank: int, world_size: int):
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rank, ctx.world_size = rank, world_size
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = grad.shape[0] // ctx.world_size
+        if dist.get_backend() == "nccl" and ctx.rank == dist.get_rank():  # moves 1/world_size of the data
+            mine = grad.new_empty((rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(mine, grad.contiguous())
+            return mine, None, None
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.rank * rows:(ctx.rank + 1) * rows], None, None
 
 
 def all_gather_rows(tensor: torch.Tensor, rank: int, world_size: int, *, with_grad: bool,
                     keep_local_grad: bool) -> torch.Tensor:
-    """Concatenates every rank's `tensor` along dim 0.
+    """Concatenates every rank's `tensor` along dim 0 (the same shape on every rank).
 
     with_grad: gradients flow back to every rank's rows (summed over ranks).
     keep_local_grad (without with_grad): this rank's own rows stay connected to `tensor`,
     the others are constants. Both follow open_clip's `gather_features`.
     """
     if with_grad:
-        with warnings.catch_warnings():
-            # Deprecated in favour of a private functional API; still the public autograd gather.
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.cat(torch.distributed.nn.all_gather(tensor), dim=0)
+        return _GatherRows.apply(tensor, rank, world_size)
     gathered = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(gathered, tensor.detach().contiguous())
     if keep_local_grad:

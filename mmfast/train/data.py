@@ -30,13 +30,30 @@ def ensure_synth(data, progress: bool = True) -> None:
         json.dump(wanted, handle)
 
 
+def expand_shards(pattern: str) -> list[str]:
+    """Shard paths from webdataset/open_clip syntax: braces (`{00000..00099}`, `{a,b}`), then glob
+    patterns, joined with `::` for several sources; a named shard that is missing is an error."""
+    from braceexpand import braceexpand
+
+    paths = []
+    for part in pattern.split("::"):
+        for expanded in braceexpand(os.path.expanduser(part)):
+            if glob.has_magic(expanded):
+                paths.extend(sorted(glob.glob(expanded)))
+            elif os.path.exists(expanded):
+                paths.append(expanded)
+            else:
+                raise ValueError(f"config: shard {expanded!r} of {pattern!r} does not exist")
+    return paths
+
+
 def shard_paths(data, split: str) -> list[str]:
     """The .tar shards of a split: the bundled ones, or those data.train / data.held_out match."""
     if data.source == "synth":
         return sorted(os.path.join(data.synth_dir, name) for name in os.listdir(data.synth_dir)
                       if name.startswith(split + "-") and name.endswith(".tar"))
     pattern = data.train if split == "train" else data.held_out
-    shards = sorted(glob.glob(os.path.expanduser(pattern)))
+    shards = expand_shards(pattern)
     if not shards:
         raise ValueError(f"config: data.{split} matches no shards, got {pattern!r}")
     return shards

@@ -2,6 +2,7 @@
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and the few collectives the trainer needs."""
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -35,9 +36,25 @@ def setup() -> Placement:
     if cuda:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        # Imported while no group exists: torch.distributed.nn's functions take the default group as a
+        # default argument, bound when the module is first imported (DDP, FSDP2 and checkpointing import
+        # it). Bound after init_process_group, it keeps the group alive past destroy_process_group, and
+        # its threads are torn down at interpreter exit, where that can abort the process.
+        importlib.import_module("torch.distributed.nn")
+
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Placement(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown() -> bool:
+    """Leaves the process group after a finished run, so its threads end before the interpreter exits
+    (not after a failure: a rank that raised may leave the others inside a collective). Returns
+    whether there was one."""
+    if not dist.is_initialized():
+        return False
+    dist.destroy_process_group()
+    return True
 
 
 def barrier() -> None:

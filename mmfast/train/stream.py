@@ -8,12 +8,13 @@ restarts at a pass drawn from the resume step rather than replaying the exact sa
 from __future__ import annotations
 
 import random
-import tarfile
+from collections import Counter
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmfast.data import ShardPairs
+from mmfast.data.pairs import TruncatedShard, tar_samples
 from mmfast.data.preprocess import Preprocess
 
 
@@ -63,12 +64,21 @@ def stream_batches(shards: list[str], batch: int, rank: int, world_size: int, im
 
 def sample_captions(shards: list[str], limit: int) -> list[str]:
     """Up to `limit` captions read straight from the shards' .txt members (to train the tokenizer)."""
-    captions = []
+    captions, problems = [], Counter()
     for path in sorted(shards):
-        with tarfile.open(path) as archive:
-            for member in archive:
-                if member.name.endswith(".txt"):
-                    captions.append(archive.extractfile(member).read().decode())
-                    if len(captions) >= limit:
-                        return captions
+        try:
+            for _, sample in tar_samples(path):
+                try:
+                    captions.append(sample["txt"].decode("utf-8"))
+                except KeyError:
+                    continue
+                except UnicodeDecodeError:
+                    problems["caption not UTF-8"] += 1
+                    continue
+                if len(captions) >= limit:
+                    return captions
+        except TruncatedShard as error:
+            problems[f"truncated shard {error}"] += 1
+    if problems:
+        print(f"mmfast train: tokenizer captions: skipped {dict(problems)}")
     return captions

@@ -89,6 +89,17 @@ def _check(waveform, sample_rate, n_fft, hop_length, win_length, n_mels, f_min, 
                          f"{mel_scale!r}, {mel_norm!r}")
 
 
+def _checked_tensor(name: str, tensor, shape: tuple, described: str, device: torch.device) -> torch.Tensor:
+    """A float tensor of `shape`, on `device` (a CPU tensor is moved there)."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise TypeError(f"{OP}: {name} must be a float tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{OP}: {name} must be {described} = {list(shape)}, got {tuple(tensor.shape)}")
+    if tensor.device != device and tensor.device.type != "cpu":
+        raise ValueError(f"{OP}: {name} must be on the waveform's device {device} (or the CPU), got {tensor.device}")
+    return tensor.to(device)
+
+
 def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_fft: int = 400, hop_length: int = 160,
                         win_length: int | None = None, window="hann", n_mels: int = 80, f_min: float = 0.0,
                         f_max: float | None = None, center: bool = True, pad_mode: str = "reflect",
@@ -110,7 +121,7 @@ def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_f
     filters: a custom filterbank `[n_fft // 2 + 1, n_mels]` instead of the one the mel arguments
     describe. The waveform receives a gradient.
     """
-    win_length = win_length or n_fft
+    win_length = n_fft if win_length is None else win_length
     f_max = float(f_max if f_max is not None else sample_rate / 2)
     _check(waveform, sample_rate, n_fft, hop_length, win_length, n_mels, float(f_min), f_max, power, log, normalize,
            pad_mode, mel_scale, mel_norm)
@@ -118,9 +129,15 @@ def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_f
     batch = waveform[None] if single else waveform
     if filters is None:
         filters = mel_filters(sample_rate, n_fft, n_mels, f_min, f_max, mel_scale, mel_norm)
-    elif filters.shape != (n_fft // 2 + 1, n_mels):
-        raise ValueError(f"{OP}: filters must be [n_fft // 2 + 1, n_mels] = [{n_fft // 2 + 1}, {n_mels}], "
-                         f"got {tuple(filters.shape)}")
+    else:
+        filters = _checked_tensor("filters", filters, (n_fft // 2 + 1, n_mels), "[n_fft // 2 + 1, n_mels]",
+                                  batch.device)
+    if isinstance(window, torch.Tensor):
+        window = _checked_tensor("window", window, (win_length,), "[win_length]", batch.device)
+    if batch.shape[0] == 0:  # no clips: an empty result on every backend
+        empty = batch.new_empty((0, n_mels, frame_count(batch.shape[-1], n_fft, hop_length, center)),
+                                dtype=torch.float64 if batch.dtype == torch.float64 else torch.float32)
+        return (empty, empty.new_empty((0, empty.shape[-1]), dtype=torch.bool)) if return_frame_mask else empty
     window_values = reference.window_tensor(window, win_length, n_fft, torch.float32, batch.device)
     frames = frame_count(batch.shape[-1], n_fft, hop_length, center)
     if frames < 1:
@@ -129,8 +146,11 @@ def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_f
     frame_mask = None
     if lengths is not None:
         lengths = torch.as_tensor(lengths, device=batch.device)
-        if lengths.shape != (batch.shape[0],):
-            raise ValueError(f"{OP}: lengths must be [{batch.shape[0]}], got shape {tuple(lengths.shape)}")
+        if lengths.shape != (batch.shape[0],) or lengths.is_floating_point() or lengths.is_complex():
+            raise ValueError(f"{OP}: lengths must be [{batch.shape[0]}] integers (samples per clip), got "
+                             f"{lengths.dtype} {tuple(lengths.shape)}")
+        if bool((lengths < 0).any()):
+            raise ValueError(f"{OP}: lengths must be >= 0 (samples per clip), got {lengths.tolist()[:16]}")
         starts = torch.arange(frames, device=batch.device) * hop_length
         frame_mask = starts[None, :] < lengths[:, None]
 

@@ -16,6 +16,11 @@ def _register_fake():
 
     @torch.library.register_fake("mmfast::log_mel")
     def _(waveform, window, filters, n_fft, hop_length, center, reflect, power, log_mode, clamp_min):
+        # Also what runs when one argument is a meta tensor and the others are real: refuse, rather than
+        # return an uninitialized tensor.
+        if not (window.device == filters.device == waveform.device):
+            raise ValueError(f"mmfast::log_mel: waveform, window and filters must be on one device, got "
+                             f"{waveform.device}, {window.device} and {filters.device}")
         pad = n_fft // 2 if center else 0
         frames = (waveform.shape[1] + 2 * pad - n_fft) // hop_length + 1
         return waveform.new_empty((waveform.shape[0], filters.shape[1], frames))

@@ -58,8 +58,8 @@ def _log_mel_kernel(wave_ptr, window_ptr, cos_ptr, sin_ptr, mel_ptr, out_ptr,
             spectrum = tl.sqrt(spectrum)
         b_mel = tl.load(mel_ptr + o_q[:, None] * BMEL + o_mel[None, :])
         mel_acc = tl.dot(spectrum, b_mel, mel_acc, input_precision=PRECISION)
-    if CLAMP:
-        mel_acc = tl.maximum(mel_acc, clamp_min)
+    if CLAMP:  # NaN (a corrupt clip) stays NaN, as on the other backends: tl.maximum would drop it
+        mel_acc = tl.where(mel_acc != mel_acc, mel_acc, tl.maximum(mel_acc, clamp_min))
     if LOG:
         mel_acc = tl.log(mel_acc) * log_scale
     p_out = out_ptr + i_b.to(tl.int64) * n_mels * frames + o_mel[None, :] * frames + o_f[:, None]

@@ -44,7 +44,12 @@ def _check_inputs(q, k, v):
         raise ValueError(f"{OP}: head dim must be in [{HEAD_DIMS[0]}, {HEAD_DIMS[1]}], got {dim}")
 
 
-def _check_packing(cu_seqlens, span_ids, total, device, leading_shape):
+def _check_max_seqlen(max_seqlen):
+    if max_seqlen is not None and (not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1):
+        raise ValueError(f"{OP}: max_seqlen must be a positive int (the longest sequence) or None, got {max_seqlen!r}")
+
+
+def _check_packing(cu_seqlens, span_ids, total, device, leading_shape, max_seqlen):
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
             raise TypeError(f"{OP}: cu_seqlens must be a 1-D int32 tensor, got "
@@ -59,6 +64,11 @@ def _check_packing(cu_seqlens, span_ids, total, device, leading_shape):
         if first != 0 or last != total or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError(f"{OP}: cu_seqlens must start at 0, not decrease and end at total_tokens={total}, "
                              f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'a sequence that does not'}")
+        # A smaller max_seqlen would size the kernel's grid too small and leave rows unwritten.
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if max_seqlen is not None else 0
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"{OP}: max_seqlen must be at least the longest sequence in cu_seqlens ({longest}), "
+                             f"got {max_seqlen}")
     if span_ids is not None:
         if not isinstance(span_ids, torch.Tensor) or span_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{OP}: span_ids must be an int32 tensor, got "
@@ -84,7 +94,8 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seq
     sequence (encoders). max_seqlen: the longest sequence (saves a host synchronization).
     Returns out (q's shape and dtype), and with return_lse the float32 log-sum-exp of the scores,
     `[B, H, T]` padded or `[H, total]` packed. Gradients flow to q, k and v.
-    validate=False skips the checks of cu_seqlens' values (one host synchronization).
+    validate=False skips the checks of cu_seqlens' values and of max_seqlen against them (one host
+    synchronization); a max_seqlen smaller than the longest sequence then gives wrong rows.
     """
     _check_inputs(q, k, v)
     padded = q.dim() == 4
@@ -93,8 +104,16 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seq
                          f"{tuple(q.shape)}")
     if not padded and cu_seqlens is None:
         raise ValueError(f"{OP}: packed [total_tokens, H, D] inputs need cu_seqlens")
+    _check_max_seqlen(max_seqlen)
     if validate:
-        _check_packing(cu_seqlens, span_ids, q.shape[0] if not padded else None, q.device, q.shape[:-2])
+        _check_packing(cu_seqlens, span_ids, q.shape[0] if not padded else None, q.device, q.shape[:-2],
+                       max_seqlen)
+    if q.shape[:-2].numel() == 0:  # no tokens: nothing to attend (the kernels' grids would be empty)
+        out = q.new_empty(q.shape)
+        if not return_lse:
+            return out
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if padded else (q.shape[1], 0)
+        return out, torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     chosen = resolve_backend(OP, backend, q.device, _IMPLEMENTED)
     if padded and chosen == "reference":

@@ -2,6 +2,7 @@
 position embedding (+ class/prefix tokens), for images, video tubelets and spectrograms."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,11 +40,14 @@ class PatchGeometry:
 def _triple(name: str, value, spatial: int, default) -> tuple[int, int, int]:
     if value is None:
         value = default
-    if isinstance(value, int):
+    def whole(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if whole(value):
         value = (value,) * spatial
+    if not isinstance(value, (tuple, list, torch.Size)) or len(value) != spatial or not all(whole(v) and v >= 1
+                                                                                        for v in value):
+        raise ValueError(f"{OP}: {name} must be a positive int or {spatial} positive ints, got {value!r}")
     value = tuple(int(v) for v in value)
-    if len(value) != spatial or any(v < 1 for v in value):
-        raise ValueError(f"{OP}: {name} must be a positive int or {spatial} positive ints, got {value}")
     return value if spatial == 3 else (1, *value)
 
 
@@ -65,12 +69,22 @@ def patch_grid(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int]
 def _channel_vector(name, value, channels, device, default):
     if value is None:
         return torch.full((channels,), default, device=device, dtype=torch.float32)
-    vector = torch.as_tensor(value, dtype=torch.float32).to(device).flatten()
+    if isinstance(value, torch.Tensor) and value.device.type not in ("cpu", device.type):
+        raise ValueError(f"{OP}: {name} must be on the CPU or {device}, got {value.device}")
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError(type(value).__name__)
+        vector = torch.as_tensor(value, dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{OP}: {name} must be a number, a sequence of numbers or a tensor, got {value!r}") from None
     if vector.numel() == 1:
         vector = vector.expand(channels)
     if vector.numel() != channels:
         raise ValueError(f"{OP}: {name} must have one value per channel ({channels}), got {vector.numel()}")
-    return vector.contiguous()
+    # a zero or negative std makes every output NaN or inf (checked where it costs no GPU synchronization)
+    if name == "std" and vector.device.type == "cpu" and not bool((vector > 0).all()):
+        raise ValueError(f"{OP}: std must be > 0 for every channel, got {vector.tolist()}")
+    return vector.to(device).contiguous()
 
 
 def _rows(name: str, tensor, embed_dim: int, device, dtype=None):
@@ -141,6 +155,9 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (embed_dim,)):
         raise ValueError(f"{OP}: bias must be [{embed_dim}], got {getattr(bias, 'shape', type(bias).__name__)}")
+    if bias is not None and (bias.device != weight.device or not bias.is_floating_point()):
+        raise ValueError(f"{OP}: bias must be a float tensor on the weight's device {weight.device}, got "
+                         f"{bias.dtype} on {bias.device}")
     prefix = _rows("cls_token", cls_token, embed_dim, view.device)
     positions = _rows("pos_embed", pos_embed, embed_dim, view.device)
     prefix_count = 0 if prefix is None else prefix.shape[0]
