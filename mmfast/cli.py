@@ -8,6 +8,21 @@ import os
 import sys
 
 
+# The modules a command imports beyond torch, and the extra of pyproject.toml that brings them.
+EXTRAS = {
+    "data": ("webdataset", "braceexpand", "sklearn", "PIL"),
+    "train": ("webdataset", "braceexpand", "sklearn", "PIL", "tokenizers", "yaml"),
+}
+
+
+def _require(extra: str, command: str) -> None:
+    import importlib.util
+
+    missing = [module for module in EXTRAS[extra] if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"mmfast {command}: needs {', '.join(missing)}, not installed: pip install 'mmfast[{extra}]'")
+
+
 def _info(args) -> int:
     from mmfast.environment import describe, gpu_state
 
@@ -53,6 +68,7 @@ def _bench(args) -> int:
 
 
 def _synth(args) -> int:
+    _require("data", "data synth")
     from mmfast.data.synth import write_shards
 
     written = write_shards(args.out, train=args.train, held_out=args.held_out, size=args.size, seed=args.seed,
@@ -63,6 +79,7 @@ def _synth(args) -> int:
 
 
 def _train(args, overrides) -> int:
+    _require("train", "train")
     from mmfast.train import load_config, train
     from mmfast.train.distributed import shutdown
 
@@ -85,6 +102,7 @@ def _train(args, overrides) -> int:
 
 
 def _eval(args) -> int:
+    _require("train", "eval")
     from mmfast.train.config import load_config
     from mmfast.train.data import ensure_synth, load_split
     from mmfast.train.evaluate import evaluate
@@ -100,6 +118,7 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
+    _require("train", "export")
     from mmfast.train.load import export_run
 
     print(f"wrote {export_run(args.run_dir, args.step)}")

@@ -191,3 +191,17 @@ def test_shard_patterns_expand_braces_as_webdataset_does(tmp_path):
         str(tmp_path / f"{i:05d}.tar") for i in range(3)]
     with pytest.raises(ValueError, match="00003.tar' of .* does not exist"):
         expand_shards(str(tmp_path / "{00000..00003}.tar"))
+
+
+def test_a_missing_optional_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from mmfast.cli import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "webdataset"
+                        else find_spec(name, *rest))
+    with pytest.raises(SystemExit, match=r"mmfast train: needs webdataset, not installed: pip install 'mmfast\[train\]'"):
+        main(["train", "--recipe", "clip-tiny"])
+    with pytest.raises(SystemExit, match=r"pip install 'mmfast\[data\]'"):
+        main(["data", "synth"])
