@@ -90,6 +90,37 @@ def test_edge_packings(case, backend):
     run_against_reference(q, k, v, cu, spans, True, torch.float16, "edge", backend=backend)
 
 
+@pytest.mark.parametrize("dim, backend", [(16, "triton"), (16, "reference"), (8, "reference"), (4, "reference")],
+                         ids=["D16-triton", "D16-reference", "D8-reference", "D4-reference"])
+def test_small_head_dims_of_tiny_test_models(dim, backend):
+    """Tiny transformers test models have head dims of 4-16: the PyTorch path takes any, Triton 16 up."""
+    segments = [[("text", 5), ("image", 9), ("text", 7)], [("text", 13)]]
+    cu, spans, _ = packing_from_segments(segments, device=DEVICE)
+    q, k, v = qkv(int(cu[-1]), 4, 2, dim, torch.float32, seed=dim)
+    run_against_reference(q, k, v, cu, spans, True, torch.float32, f"D{dim}", backend=backend)
+    padded = [x.detach()[:21].reshape(1, 21, x.shape[1], dim) for x in (q, k, v)]
+    out = mmfast.ops.mixed_attention(*padded, backend=backend)
+    expected = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (padded[0], padded[1].repeat_interleave(
+        2, 2), padded[2].repeat_interleave(2, 2))), is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_falls_back_for_head_dims_triton_does_not_take(monkeypatch, caplog):
+    """On a GPU "auto" picks Triton; a head dim of 8 then runs the PyTorch path, said once in the log."""
+    import importlib
+    import logging
+
+    module = importlib.import_module("mmfast.ops.mixed_attention")  # the package, not the function
+    q = torch.randn(1, 9, 2, 8)
+    expected = mmfast.ops.mixed_attention(q, q, q, backend="reference")
+    monkeypatch.setattr(module, "resolve_backend", lambda *arguments, **keywords: "triton")
+    monkeypatch.delenv("MMFAST_BACKEND", raising=False)
+    with caplog.at_level(logging.INFO, logger="mmfast"):
+        out = mmfast.ops.mixed_attention(q, q, q)
+    torch.testing.assert_close(out, expected)
+    assert "head dim 8 is outside the Triton kernels' [16, 256]" in caplog.text
+
+
 def test_padded_layout_equals_packed():
     batch, length = 3, 45
     q, k, v = qkv(None, 4, 2, 40, torch.float32, 8, leading=(batch, length))
@@ -228,8 +259,8 @@ def test_bad_inputs_raise_clear_errors():
         call(q, kv, kv.to("meta"), cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"q's heads \(4\) must be a multiple of k/v's heads \(3\)"):
         call(q, torch.randn(10, 3, 32), torch.randn(10, 3, 32), cu_seqlens=cu)
-    with pytest.raises(ValueError, match=r"head dim must be in \[32, 256\], got 16"):
-        call(torch.randn(10, 4, 16), torch.randn(10, 2, 16), torch.randn(10, 2, 16), cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"the Triton kernels take head dims in \[16, 256\], got 8"):
+        call(torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8), cu_seqlens=cu, backend="triton")
     with pytest.raises(ValueError, match="packed .* inputs need cu_seqlens"):
         call(q, kv, kv)
     with pytest.raises(ValueError, match="cu_seqlens goes with packed"):

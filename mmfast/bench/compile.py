@@ -30,7 +30,7 @@ import torch
 DEFAULT_TARGETS = (80, 90)
 DTYPES = (torch.float16, torch.bfloat16)
 CONTRASTIVE_WIDTHS = (40, 64, 128, 256, 512, 768, 1024)  # fused backward up to 256, chunked above
-HEAD_DIMS = (32, 40, 64, 80, 96, 128, 256)  # what the README lists for mixed_attention
+HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128, 256)  # what the README lists for mixed_attention
 POINTER_TYPES = {
     torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
     torch.int8: "*i8", torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64",

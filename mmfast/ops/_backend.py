@@ -14,7 +14,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "cuda", "reference")
 logger = logging.getLogger("mmfast")
-_fallbacks_logged: set[str] = set()
+_fallbacks_logged: set[tuple[str, str]] = set()
 
 
 def triton_available() -> bool:
@@ -44,6 +44,13 @@ def multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def log_fallback(op: str, reason: str) -> None:
+    """Says once per op and reason (logger "mmfast", INFO) that "auto" runs the PyTorch path."""
+    if (op, reason) not in _fallbacks_logged:
+        _fallbacks_logged.add((op, reason))
+        logger.info("mmfast.%s: using the PyTorch path (%s)", op, reason)
+
+
 def resolve_backend(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...],
                     cpu_kernel_ready=None) -> str:
     """Returns the concrete backend ("triton", "cuda" or "reference") for `op` on `device`.
@@ -61,10 +68,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device, implemen
             return "triton"
         if device.type == "cpu" and cpu_kernel_ready is not None and cpu_kernel_ready():
             return "cuda"
-        if op not in _fallbacks_logged:
-            _fallbacks_logged.add(op)
-            reason = "tensors are on " + device.type if device.type != "cuda" else "triton is not installed"
-            logger.info("mmfast.%s: using the PyTorch path (%s)", op, reason)
+        log_fallback(op, "tensors are on " + device.type if device.type != "cuda" else "triton is not installed")
         return "reference"
     if backend not in implemented:
         raise ValueError(f"{op}: {source}={backend!r} is not implemented for this op; available: {implemented}")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from mmfast.ops._backend import resolve_backend
+from mmfast.ops._backend import log_fallback, resolve_backend
 from mmfast.ops.mixed_attention.packing import (Packing, build_packing, pad, packing_from_segments,
                                                 span_ids_from_token_ids, unpad)
 
@@ -14,7 +15,7 @@ __all__ = ["mixed_attention", "packing_from_segments", "span_ids_from_token_ids"
 
 OP = "mixed_attention"
 _IMPLEMENTED = ("triton", "reference")
-HEAD_DIMS = (32, 256)
+TRITON_HEAD_DIMS = (16, 256)  # the PyTorch path takes any head dim
 
 
 def _check_inputs(q, k, v):
@@ -40,8 +41,8 @@ def _check_inputs(q, k, v):
         raise ValueError(f"{OP}: q and k must have the same head dim, got {dim} and {k.shape[-1]}")
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"{OP}: q's heads ({heads}) must be a multiple of k/v's heads ({kv_heads}) (GQA/MQA)")
-    if not HEAD_DIMS[0] <= dim <= HEAD_DIMS[1]:
-        raise ValueError(f"{OP}: head dim must be in [{HEAD_DIMS[0]}, {HEAD_DIMS[1]}], got {dim}")
+    if dim < 1:
+        raise ValueError(f"{OP}: head dim must be >= 1, got {dim}")
 
 
 def _check_max_seqlen(max_seqlen):
@@ -88,7 +89,8 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seq
 
     Layouts: padded `q [B, T, H, D]`, `k, v [B, T, HK, D]` (every row a sequence of length T), or
     packed `q [total, H, D]`, `k, v [total, HK, D]` with `cu_seqlens` (int32 [B + 1], FlashAttention
-    varlen). HK may divide H (GQA/MQA); D from 32 to 256; float16/bfloat16 (float32 runs too).
+    varlen). HK may divide H (GQA/MQA); D from 16 to 256 on the Triton kernels, any D on the PyTorch
+    path; float16/bfloat16 (float32 runs too).
     span_ids: int32 `[B, T]` or `[total]`; -1 for causal tokens, an id >= 0 for the tokens of one
     bidirectional span (an image, an audio clip). causal=False: every token sees its whole
     sequence (encoders). max_seqlen: the longest sequence (saves a host synchronization).
@@ -116,6 +118,13 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seq
         return out, torch.empty(lse_shape, device=q.device, dtype=torch.float32)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     chosen = resolve_backend(OP, backend, q.device, _IMPLEMENTED)
+    low, high = TRITON_HEAD_DIMS
+    if chosen == "triton" and not low <= q.shape[-1] <= high:
+        if (backend or os.environ.get("MMFAST_BACKEND", "auto")) != "auto":
+            raise ValueError(f"{OP}: the Triton kernels take head dims in [{low}, {high}], got {q.shape[-1]}; "
+                             "backend='reference' (PyTorch) takes any")
+        log_fallback(OP, f"head dim {q.shape[-1]} is outside the Triton kernels' [{low}, {high}]")
+        chosen = "reference"
     if padded and chosen == "reference":
         from mmfast.ops.mixed_attention import reference
 
