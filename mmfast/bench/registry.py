@@ -1,48 +1,19 @@
-"""What a benchmark case is, and the suites that define them."""
+"""The suites that define the benchmark cases, by name."""
 from __future__ import annotations
-
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-MODES = ("forward", "backward", "full")  # full = forward + backward
-PROFILES = ("full", "quick", "cpu")
+from mmfast.bench.case import MODES, PROFILES, Case
+from mmfast.bench.suites import SUITES
 
-
-@dataclass
-class Case:
-    """One (operation, sizes, provider) to time.
-
-    make() builds the inputs on the device and returns (step, leaves): step() runs the
-    forward and returns the tensor to call .backward() on; leaves are the tensors whose
-    .grad is cleared between repetitions. flops(mode) / bytes(mode) give the work used for
-    TFLOP/s and GB/s (None where it does not apply); `rates` adds per-second figures of the
-    suite's own (hours of audio per second). Rows of one `group` with the same mode
-    are compared: each baseline's time divided by mmfast's.
-    """
-
-    suite: str
-    group: str
-    provider: str
-    params: dict
-    make: Callable[[], tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]
-    flops: Callable[[str], float] | None = None
-    bytes: Callable[[str], float] | None = None
-    modes: tuple[str, ...] = MODES
-    is_mmfast: bool = field(default=False)
-    rates: dict = field(default_factory=dict)  # name -> amount per step, reported per second
+__all__ = ["MODES", "PROFILES", "Case", "suite_cases", "suite_names"]
 
 
 def suite_names() -> list[str]:
-    from mmfast.bench.suites import SUITES
-
     return sorted(SUITES)
 
 
 def suite_cases(name: str, profile: str, device: torch.device) -> list[Case]:
-    from mmfast.bench.suites import SUITES
-
     if name not in SUITES:
         raise ValueError(f"unknown benchmark suite {name!r}; available: {sorted(SUITES)}")
     if profile not in PROFILES:

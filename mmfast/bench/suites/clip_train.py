@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mmfast.bench.case import Case
 from mmfast.bench.suites.contrastive import materialized_clip_loss
 from mmfast.models.clip import ClipConfig, TextConfig, VisionConfig, flops_per_sample
 
@@ -53,7 +54,6 @@ def _models(size: str, device):
 
 
 def _case(size: str, batch: int, provider: str, device, dtype):
-    from mmfast.bench.registry import Case
 
     import mmfast
 

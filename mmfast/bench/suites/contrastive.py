@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfast
+from mmfast.bench.case import Case
 
 SCALE, BIAS = 100.0, -10.0
 
@@ -46,7 +47,6 @@ def _inputs(n, d, dtype, device, siglip):
 
 
 def _case(loss: str, provider: str, n: int, d: int, dtype, device):
-    from mmfast.bench.registry import Case
 
     siglip = loss == "siglip"
     function = {

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import mmfast
+from mmfast.bench.case import Case
 from mmfast.ops.log_mel import mel_filters
 
 SAMPLE_RATE, N_FFT, HOP = 16000, 400, 160
@@ -28,7 +29,6 @@ def whisper_torch_path(audio: torch.Tensor, filters: torch.Tensor) -> torch.Tens
 
 
 def _case(batch, n_mels, seconds, provider, device):
-    from mmfast.bench.registry import Case
 
     samples = seconds * SAMPLE_RATE
 

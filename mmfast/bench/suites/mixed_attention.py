@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfast
+from mmfast.bench.case import Case
 from mmfast.ops.mixed_attention import packing_from_segments, reference
 
 
@@ -64,7 +65,6 @@ def _flex_mask_builder(cu, spans, rows, row_length, device, compile_mask: bool):
 
 
 def _case(name, rows, row_length, heads, dim, documents, images, span, provider, device, dtype, causal_only=False):
-    from mmfast.bench.registry import Case
 
     if causal_only:
         cu = torch.arange(0, (rows + 1) * row_length, row_length, dtype=torch.int32)

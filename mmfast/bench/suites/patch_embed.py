@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfast
+from mmfast.bench.case import Case
 
 MEAN, STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 
@@ -44,7 +45,6 @@ def _compiled(function):
 
 
 def _case(name, batch, pixel_shape, kernel, embed, stride, provider, uint8, device, dtype=torch.bfloat16):
-    from mmfast.bench.registry import Case
     from mmfast.ops.patch_embed import patch_grid
 
     video = len(kernel) == 3
