@@ -32,6 +32,19 @@ def interpolate_positions(table: torch.Tensor, grid: tuple[int, int], new_grid: 
     return resized.to(table.dtype).permute(0, 2, 3, 1).reshape(-1, dim)
 
 
+def _wrapping(cls, peer: nn.Module, extras: dict, names: tuple[str, ...], normalizes: bool = True):
+    """A `cls` module that shares `peer`'s attributes and submodules `names` (the same parameters, so
+    an optimizer's state stays valid), with from_peer's `backend=` (and `mean=`, `std=`) extras."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    for name in names:
+        setattr(module, name, getattr(peer, name))
+    module.backend = extras.get("backend")
+    if normalizes:
+        module.mean, module.std = extras.get("mean"), extras.get("std")
+    return module
+
+
 class _PositionCache:
     """Interpolated position tables per input size, reused while they need no gradient
     (inference, or a frozen table); recomputed (differentiably) in training."""
@@ -76,14 +89,9 @@ class PatchEmbed(nn.Module):
     @classmethod
     def from_peer(cls, peer: nn.Module, **extras) -> "PatchEmbed":
         """Wraps a timm PatchEmbed's own proj and norm modules (same parameters)."""
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        for name in ("patch_size", "img_size", "grid_size", "num_patches", "flatten", "strict_img_size",
-                     "dynamic_img_pad"):
-            setattr(module, name, getattr(peer, name))
+        module = _wrapping(cls, peer, extras, ("patch_size", "img_size", "grid_size", "num_patches", "flatten",
+                                               "strict_img_size", "dynamic_img_pad", "proj", "norm"))
         module.output_fmt = str(getattr(peer.output_fmt, "value", peer.output_fmt))
-        module.proj, module.norm = peer.proj, peer.norm
-        module.mean, module.std, module.backend = extras.get("mean"), extras.get("std"), extras.get("backend")
         return module
 
     def feat_ratio(self, as_scalar: bool = True):
@@ -145,15 +153,10 @@ class _HFVisionEmbeddings(nn.Module):
     @classmethod
     def from_peer(cls, peer: nn.Module, **extras):
         """Wraps an HF embeddings module's own parameters."""
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        for name in ("config", "embed_dim", "image_size", "patch_size", "num_patches", "num_positions"):
-            setattr(module, name, getattr(peer, name))
-        if cls.class_token:
-            module.class_embedding = peer.class_embedding
-        module.patch_embedding, module.position_embedding = peer.patch_embedding, peer.position_embedding
+        module = _wrapping(cls, peer, extras, ("config", "embed_dim", "image_size", "patch_size", "num_patches",
+                                               "num_positions", "patch_embedding", "position_embedding")
+                           + (("class_embedding",) if cls.class_token else ()))
         module.register_buffer("position_ids", peer.position_ids, persistent=False)
-        module.mean, module.std, module.backend = extras.get("mean"), extras.get("std"), extras.get("backend")
         module._positions = _PositionCache()
         return module
 
@@ -214,13 +217,8 @@ class TubeletEmbed(nn.Module):
 
     @classmethod
     def from_peer(cls, peer: nn.Module, **extras) -> "TubeletEmbed":
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        for name in ("image_size", "patch_size", "tubelet_size", "num_channels", "num_patches"):
-            setattr(module, name, getattr(peer, name))
-        module.projection = peer.projection
-        module.mean, module.std, module.backend = extras.get("mean"), extras.get("std"), extras.get("backend")
-        return module
+        return _wrapping(cls, peer, extras, ("image_size", "patch_size", "tubelet_size", "num_channels",
+                                             "num_patches", "projection"))
 
     def forward(self, pixel_values: torch.Tensor, position_embeddings: torch.Tensor | None = None, *,
                 channels_last: bool = False) -> torch.Tensor:
@@ -271,12 +269,8 @@ class ASTPatchEmbed(nn.Module):
 
     @classmethod
     def from_peer(cls, peer: nn.Module, **extras) -> "ASTPatchEmbed":
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.cls_token, module.distillation_token = peer.cls_token, peer.distillation_token
-        module.patch_embeddings, module.position_embeddings = peer.patch_embeddings, peer.position_embeddings
-        module.dropout, module.backend = peer.dropout, extras.get("backend")
-        return module
+        return _wrapping(cls, peer, extras, ("cls_token", "distillation_token", "patch_embeddings",
+                                             "position_embeddings", "dropout"), normalizes=False)
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         if input_values.dim() != 3:

@@ -8,6 +8,7 @@ import torch
 
 from mmfast.ops._backend import resolve_backend
 from mmfast.ops.log_mel import reference
+from mmfast.ops.log_mel.reference import frame_count
 
 __all__ = ["log_mel_spectrogram", "mel_filters", "whisper_normalize", "frame_count"]
 
@@ -37,11 +38,6 @@ def mel_filters(sample_rate: int = 16000, n_fft: int = 400, n_mels: int = 80, f_
         raise ValueError(f"{OP}: n_mels={n_mels} is too large for n_fft={n_fft} at sample_rate={sample_rate}: "
                          f"mel filters {empty[:8]} are empty (lower n_mels or raise n_fft)")
     return filters
-
-
-def frame_count(samples: int, n_fft: int = 400, hop_length: int = 160, center: bool = True) -> int:
-    pad = n_fft // 2 if center else 0
-    return (samples + 2 * pad - n_fft) // hop_length + 1
 
 
 def whisper_normalize(log_mel: torch.Tensor, frame_mask: torch.Tensor | None = None,

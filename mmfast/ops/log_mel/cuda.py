@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmfast import _extension
+from mmfast.ops.log_mel.reference import frame_count
 
 LOG_MODES = {None: 0, "log10": 1, "ln": 2}
 _fake_registered = []
@@ -21,8 +22,7 @@ def _register_fake():
         if not (window.device == filters.device == waveform.device):
             raise ValueError(f"mmfast::log_mel: waveform, window and filters must be on one device, got "
                              f"{waveform.device}, {window.device} and {filters.device}")
-        pad = n_fft // 2 if center else 0
-        frames = (waveform.shape[1] + 2 * pad - n_fft) // hop_length + 1
+        frames = frame_count(waveform.shape[1], n_fft, hop_length, center)
         return waveform.new_empty((waveform.shape[0], filters.shape[1], frames))
 
     _fake_registered.append(True)

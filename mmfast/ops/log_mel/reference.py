@@ -51,10 +51,16 @@ def reflect_indices(positions: torch.Tensor, length: int) -> torch.Tensor:
     return torch.where(folded < length, folded, period - folded)
 
 
+def frame_count(samples: int, n_fft: int = 400, hop_length: int = 160, center: bool = True) -> int:
+    """Frames of a `samples`-long clip: 1 + samples // hop_length with center=True (torch.stft's count)."""
+    pad = n_fft // 2 if center else 0
+    return (samples + 2 * pad - n_fft) // hop_length + 1
+
+
 def frame_indices(length: int, n_fft: int, hop_length: int, center: bool, pad_mode: str, device) -> torch.Tensor:
     """[frames, n_fft] sample index of each frame element; -1 where a constant pad gives zero."""
     pad = n_fft // 2 if center else 0
-    frames = (length + 2 * pad - n_fft) // hop_length + 1
+    frames = frame_count(length, n_fft, hop_length, center)
     positions = (torch.arange(frames, device=device)[:, None] * hop_length + torch.arange(n_fft, device=device)[None, :]
                  - pad)
     if pad_mode == "reflect":

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from mmfast.ops._backend import plans_for_gpu
+from mmfast.ops.log_mel.reference import frame_count
 
 
 @triton.jit
@@ -96,7 +97,7 @@ def log_mel(waveform, window, filters, n_fft, hop_length, center, pad_mode, powe
     B, T = waveform.shape
     n_mels = filters.shape[1]
     pad = n_fft // 2 if center else 0
-    frames = (T + 2 * pad - n_fft) // hop_length + 1
+    frames = frame_count(T, n_fft, hop_length, center)
     interpreting = not plans_for_gpu(waveform.device)
     block_mel = max(16, triton.next_power_of_2(n_mels))
     block_q = 64
