@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfast.ops.mixed_attention import mixed_attention, pad, unpad
+from mmfast.ops.mixed_attention.reference import allowed
 
 NAME = "mmfast"
 
@@ -53,12 +54,12 @@ def _sdpa_with_cache(query, key, value, padding, causal, scaling, span_ids):
     offset = kv_length - q_length
     rows = torch.arange(q_length, device=query.device)[:, None] + offset
     columns = torch.arange(kv_length, device=query.device)[None, :]
-    mask = (columns <= rows) if causal else torch.ones_like(columns <= rows)
-    mask = mask[None, None]
-    if span_ids is not None and span_ids.shape[-1] == kv_length:
-        span_q = span_ids[:, -q_length:, None]
-        same = (span_q >= 0) & (span_q == span_ids[:, None, :])
-        mask = mask | same[:, None]
+    if not causal:
+        mask = torch.ones(1, 1, q_length, kv_length, dtype=torch.bool, device=query.device)
+    elif span_ids is not None and span_ids.shape[-1] == kv_length:
+        mask = allowed(rows, columns, span_ids[:, -q_length:, None], span_ids[:, None, :])[:, None]
+    else:
+        mask = (columns <= rows)[None, None]
     if padding is not None:
         mask = mask & padding[:, None, None, :]
     group = query.shape[1] // key.shape[1]

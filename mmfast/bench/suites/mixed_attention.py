@@ -58,8 +58,7 @@ def _flex_mask_builder(cu, spans, rows, row_length, device, compile_mask: bool):
     span = spans.reshape(rows, row_length)
 
     def rule(b, h, i, j):
-        same_span = (span[b, i] >= 0) & (span[b, i] == span[b, j])
-        return (document[b, i] == document[b, j]) & ((j <= i) | same_span)
+        return (document[b, i] == document[b, j]) & reference.allowed(i, j, span[b, i], span[b, j])
 
     return lambda: create_block_mask(rule, rows, None, row_length, row_length, device=device, _compile=compile_mask)
 

@@ -5,15 +5,21 @@ from __future__ import annotations
 import torch
 
 
+def allowed(query_position, key_position, query_span, key_span):
+    """The rule of ARCHITECTURE.md inside one sequence, elementwise on broadcastable tensors: query i
+    may attend key j iff j <= i, or both lie in one bidirectional span (span id >= 0). The one place
+    it is written outside the kernels (the references, the transformers integration with a KV
+    cache, FlexAttention's mask in the benchmark all call it)."""
+    return (key_position <= query_position) | ((query_span >= 0) & (query_span == key_span))
+
+
 def sequence_mask(span_ids: torch.Tensor, causal: bool) -> torch.Tensor:
-    """bool [L, L]: query i may attend key j (the rule of ARCHITECTURE.md, inside one sequence)."""
+    """bool [L, L]: query i may attend key j, for one sequence's span ids [L]."""
     length = span_ids.shape[0]
     if not causal:
         return torch.ones(length, length, dtype=torch.bool, device=span_ids.device)
     positions = torch.arange(length, device=span_ids.device)
-    lower = positions[None, :] <= positions[:, None]
-    same_span = (span_ids[:, None] >= 0) & (span_ids[:, None] == span_ids[None, :])
-    return lower | same_span
+    return allowed(positions[:, None], positions[None, :], span_ids[:, None], span_ids[None, :])
 
 
 def attention(q, k, v, cu_seqlens, span_ids, causal: bool, scale: float, dtype=torch.float32):
@@ -45,11 +51,8 @@ def padded_attention(q, k, v, span_ids, causal: bool, scale: float, return_lse: 
     query, key, value = (x.transpose(1, 2) for x in (q, k, v))
     mask = None
     if causal and span_ids is not None:
-        length = q.shape[1]
-        positions = torch.arange(length, device=q.device)
-        lower = positions[None, :] <= positions[:, None]
-        same_span = (span_ids[:, :, None] >= 0) & (span_ids[:, :, None] == span_ids[:, None, :])
-        mask = (lower[None] | same_span)[:, None]
+        positions = torch.arange(q.shape[1], device=q.device)
+        mask = allowed(positions[:, None], positions[None, :], span_ids[:, :, None], span_ids[:, None, :])[:, None]
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=group > 1)
     lse = None
@@ -57,8 +60,8 @@ def padded_attention(q, k, v, span_ids, causal: bool, scale: float, return_lse: 
         with torch.no_grad():
             scores = (query.float() @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
             if causal:
-                allowed = mask if mask is not None else torch.ones(scores.shape[-2:], dtype=torch.bool,
+                visible = mask if mask is not None else torch.ones(scores.shape[-2:], dtype=torch.bool,
                                                                    device=q.device).tril()
-                scores = scores.masked_fill(~allowed, float("-inf"))
+                scores = scores.masked_fill(~visible, float("-inf"))
             lse = torch.logsumexp(scores, dim=-1)  # [B, H, T]
     return out.transpose(1, 2), lse
