@@ -104,7 +104,7 @@ def _train(args, overrides) -> int:
 def _eval(args) -> int:
     _require("train", "eval")
     from mmfast.train.config import load_config
-    from mmfast.train.data import ensure_synth, load_split
+    from mmfast.train.data import ensure_synth, load_split, other_split
     from mmfast.train.evaluate import evaluate
     from mmfast.train.load import load_clip
 
@@ -112,7 +112,7 @@ def _eval(args) -> int:
     config = load_config(path=os.path.join(args.run_dir, "config.yaml"))
     if config.data.source == "synth":
         ensure_synth(config.data)
-    result = evaluate(model, tokenizer, load_split(config.data, "held_out"))
+    result = evaluate(model, tokenizer, load_split(config.data, "held_out"), other_split(config.data))
     print(json.dumps(result))
     return 0
 

@@ -41,6 +41,9 @@ def test_a_run_writes_its_directory(tmp_path):
             "logit_scale"} <= set(rows[0])
     assert "mfu" not in rows[0]  # no known peak for a CPU
     assert [r["step"] for r in rows if "zero_shot_accuracy" in r] == [3, 6]
+    other = rows[-1]  # the bundled vocabulary drawn another way, beside the held-out split
+    assert all(0.0 <= other[f"other_{kind}{band}"] <= 1.0 for kind in ("zero_shot_accuracy", "color_accuracy",
+               "shape_accuracy") for band in ("", "_dark", "_mid", "_light"))
     board = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     events = board.EventAccumulator(str(run / "tensorboard"))
     events.Reload()

@@ -17,22 +17,19 @@ class _GatherRows(torch.autograd.Function):
     the sum over ranks of the gradient that reached those rows."""
 
     @staticmethod
-    def forward(ctx, tensor, rank: int, world_size: int):
-        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, tensor.contiguous())
-        ctx.rank, ctx.world_size = rank, world_size
         return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx, grad):
-        rows = grad.shape[0] // ctx.world_size
-        if dist.get_backend() == "nccl" and ctx.rank == dist.get_rank():  # moves 1/world_size of the data
-            mine = grad.new_empty((rows, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(mine, grad.contiguous())
-            return mine, None, None
+        # An all-reduce on every backend (tested over gloo); a reduce-scatter would move less data on NCCL.
+        rows = grad.shape[0] // dist.get_world_size()
         total = grad.contiguous().clone()
         dist.all_reduce(total)
-        return total[ctx.rank * rows:(ctx.rank + 1) * rows], None, None
+        rank = dist.get_rank()  # this process's rows in the gathered order
+        return total[rank * rows:(rank + 1) * rows]
 
 
 def all_gather_rows(tensor: torch.Tensor, rank: int, world_size: int, *, with_grad: bool,
@@ -44,7 +41,7 @@ def all_gather_rows(tensor: torch.Tensor, rank: int, world_size: int, *, with_gr
     the others are constants. Both follow open_clip's `gather_features`.
     """
     if with_grad:
-        return _GatherRows.apply(tensor, rank, world_size)
+        return _GatherRows.apply(tensor)
     gathered = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(gathered, tensor.detach().contiguous())
     if keep_local_grad:

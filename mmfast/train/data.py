@@ -88,6 +88,19 @@ def load_split(data, split: str):
     return torch.stack(images), captions, metas
 
 
+OTHER_RENDERER_SAMPLES = 648  # 6 colors x 6 shapes x 3 background bands, 6 pictures each
+
+
+def other_split(data):
+    """The bundled vocabulary drawn another way (mmfast.data.other_renderer), at data.image_size, for
+    the bundled data only: (uint8 images [648, 3, S, S], metas), or None."""
+    if data.source != "synth":
+        return None
+    from mmfast.data.other_renderer import other_renderer_set
+
+    return other_renderer_set(OTHER_RENDERER_SAMPLES, data.image_size, data.seed)
+
+
 def batch_indices(step: int, size: int, batch: int, seed: int) -> torch.Tensor:
     """The global batch of `step`: one permutation per epoch, a function of (seed, step) only."""
     per_epoch = max(1, size // batch)

@@ -26,7 +26,7 @@ from mmfast.models import CLIP, ClipConfig
 from mmfast.models.clip import flops_per_sample
 from mmfast.train import checkpoint, distributed
 from mmfast.train.config import RunConfig, check_config, save_config
-from mmfast.train.data import batch_indices, ensure_synth, load_split, shard_paths
+from mmfast.train.data import batch_indices, ensure_synth, load_split, other_split, shard_paths
 from mmfast.train.stream import sample_captions, stream_batches
 from mmfast.train.engines import build_engine
 from mmfast.train.evaluate import evaluate
@@ -159,6 +159,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     changed = check_resume(config.run_dir, config) if resuming else {}
     engine = build_engine(config, placement)
     train_split, held_out, tokenizer = _prepare_run(config, placement, progress, resuming)
+    other = other_split(config.data) if placement.is_main else None
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     model_config = clip_config(config, tokenizer.vocab_size, tokenizer.eot_id)
     engine.prepare(build_model(model_config))
@@ -220,11 +221,11 @@ def train(config: RunConfig, progress: bool = True) -> dict:
             bar.set_postfix(loss=f"{mean_loss:.3f}", samples_s=f"{rate:.0f}")
             window_start, window_samples = time.perf_counter(), 0
         if done % config.train.eval_every == 0 or done == steps:
-            last_eval, evaluated = _evaluate(engine, tokenizer, held_out, done, metrics, bar), True
+            last_eval, evaluated = _evaluate(engine, tokenizer, (held_out, other), done, metrics, bar), True
         if done % config.train.checkpoint_every == 0 or done in (steps, end):
             folder = save(done)
     if not evaluated:  # a resumed run with nothing left to do still reports its scores (logged once)
-        last_eval = _evaluate(engine, tokenizer, held_out, max(start, end), metrics, bar, once=True)
+        last_eval = _evaluate(engine, tokenizer, (held_out, other), max(start, end), metrics, bar, once=True)
     metrics.close()
     if placement.is_main and end == steps and folder:
         export(config.run_dir, folder, model_config)
@@ -247,13 +248,16 @@ def _logit_scale(module) -> float:
     return value.float().exp().item()
 
 
-def _evaluate(engine, tokenizer, held_out, step: int, metrics: MetricsWriter, bar, once: bool = False) -> dict:
+def _evaluate(engine, tokenizer, splits, step: int, metrics: MetricsWriter, bar, once: bool = False) -> dict:
+    """Scores on (held-out split, out-of-generator set or None), logged on rank 0."""
     model = engine.evaluation_model()  # collective; a plain module on rank 0
     result = {}
     if model is not None:
-        result = {"step": step, **evaluate(model, tokenizer, held_out)}
+        result = {"step": step, **evaluate(model, tokenizer, *splits)}
         metrics.write(result, "eval", once=once)
         shown = [f"zero-shot {result['zero_shot_accuracy']:.3f}"] if "zero_shot_accuracy" in result else []
+        if "other_zero_shot_accuracy" in result:
+            shown.append(f"drawn another way {result['other_zero_shot_accuracy']:.3f}")
         bar.write(f"step {step}: " + ", ".join(shown + [f"I->T R@1 {result['image_to_text_R@1']:.3f}"]))
     distributed.barrier()
     return result
