@@ -111,10 +111,13 @@ def plot(metrics_path: str, out_path: str) -> None:
     left.set(title="training loss", xlabel="step")
     if any("zero_shot_accuracy" in r for r in evals):
         right.plot([r["step"] for r in evals], [r["zero_shot_accuracy"] for r in evals], marker="o",
-                   label="zero-shot")
+                   label="zero-shot, held-out")
+    if any("other_zero_shot_accuracy" in r for r in evals):
+        right.plot([r["step"] for r in evals], [r["other_zero_shot_accuracy"] for r in evals], marker="o",
+                   label="zero-shot, drawn another way")
     right.plot([r["step"] for r in evals], [r["image_to_text_R@1"] for r in evals], marker="o", label="I->T R@1")
-    right.set(title="held-out evaluation", xlabel="step", ylim=(0, 1))
-    right.legend()
+    right.set(title="evaluation", xlabel="step", ylim=(0, 1))
+    right.legend(loc="center right")
     figure.tight_layout()
     figure.savefig(out_path, dpi=110)
     plt.close(figure)
