@@ -60,13 +60,14 @@ def _check_packing(cu_seqlens, span_ids, total, device, leading_shape, max_seqle
             raise ValueError(f"{OP}: cu_seqlens must be on {device}, got {cu_seqlens.device}")
         if cu_seqlens.numel() < 2:
             raise ValueError(f"{OP}: cu_seqlens needs at least 2 entries (one sequence), got {cu_seqlens.numel()}")
-        # One small check of the values; pass validate=False to skip its host synchronization.
-        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-        if first != 0 or last != total or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        # One small check of the values, read in one host synchronization (validate=False skips it).
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        first, last, shortest, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths.min(),
+                                                      lengths.max()]).tolist()
+        if first != 0 or last != total or shortest < 0:
             raise ValueError(f"{OP}: cu_seqlens must start at 0, not decrease and end at total_tokens={total}, "
                              f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'a sequence that does not'}")
         # A smaller max_seqlen would size the kernel's grid too small and leave rows unwritten.
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if max_seqlen is not None else 0
         if max_seqlen is not None and max_seqlen < longest:
             raise ValueError(f"{OP}: max_seqlen must be at least the longest sequence in cu_seqlens ({longest}), "
                              f"got {max_seqlen}")
