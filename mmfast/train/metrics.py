@@ -62,7 +62,8 @@ class MetricsWriter:
         self.evaluated_steps: set[int] = set()
         if enabled:
             kept = _rows_until(self.path, resumed_at)
-            self.evaluated_steps = {json.loads(line)["step"] for line in kept if "loss" not in json.loads(line)}
+            rows = [json.loads(line) for line in kept]
+            self.evaluated_steps = {row["step"] for row in rows if "loss" not in row}
             write_atomically(self.path, "".join(kept))
             self.handle = open(self.path, "a")
             try:

@@ -155,7 +155,8 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     check_config(config)
     _check(config, placement.world_size)
     # every rank checks a resume before anything is loaded or written, so all raise alike
-    resuming = bool(config.run_dir) and checkpoint.latest(os.path.join(config.run_dir, "checkpoints")) is not None
+    resume_from = checkpoint.latest(os.path.join(config.run_dir, "checkpoints")) if config.run_dir else None
+    resuming = resume_from is not None
     changed = check_resume(config.run_dir, config) if resuming else {}
     engine = build_engine(config, placement)
     train_split, held_out, tokenizer = _prepare_run(config, placement, progress, resuming)
@@ -169,7 +170,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     loss_fn = _loss_function(config, placement)
 
     checkpoints = os.path.join(config.run_dir, "checkpoints")
-    start, resume_from = 0, checkpoint.latest(checkpoints)
+    start = 0
     if resume_from:
         engine.load(resume_from)
         start = checkpoint.load_trainer_state(resume_from, placement.rank)
