@@ -24,6 +24,9 @@ def package_version(name: str) -> str | None:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit; MMFAST_GIT_COMMIT names it where the tree was copied without .git (a GPU lease)."""
+    if os.environ.get("MMFAST_GIT_COMMIT"):
+        return os.environ["MMFAST_GIT_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
