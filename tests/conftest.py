@@ -11,6 +11,10 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+if HAS_CUDA:
+    # The peers' float32 convolutions and matmuls are the references: no TF32 rounding in them.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_collection_modifyitems(config, items):

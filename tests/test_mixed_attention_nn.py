@@ -6,6 +6,7 @@ import torch
 import mmfast
 from mmfast.nn.attention import rotary_tables, rotate_half
 from mmfast.ops.mixed_attention import packing_from_segments, reference, span_ids_from_token_ids
+from tests.conftest import DEVICE
 
 transformers = pytest.importorskip("transformers")
 mmfast_hf = pytest.importorskip("mmfast.integrations.transformers")
@@ -32,11 +33,12 @@ def _reference_module(module, x, cu, spans, positions):
 
 def test_mixed_attention_module_packed_matches_reference():
     torch.manual_seed(0)
-    module = mmfast.nn.MixedAttention(96, num_heads=3, num_kv_heads=1, bias=True)
-    cu, spans, longest = packing_from_segments([[("text", 7), ("image", 20), ("text", 9)], [("audio", 13)]])
-    x = torch.randn(int(cu[-1]), 96, requires_grad=True)
+    module = mmfast.nn.MixedAttention(96, num_heads=3, num_kv_heads=1, bias=True).to(DEVICE)
+    cu, spans, longest = packing_from_segments([[("text", 7), ("image", 20), ("text", 9)], [("audio", 13)]],
+                                               device=DEVICE)
+    x = torch.randn(int(cu[-1]), 96).to(DEVICE).requires_grad_()
     ours = module(x, cu_seqlens=cu, max_seqlen=longest, span_ids=spans)
-    positions = torch.cat([torch.arange(36), torch.arange(13)])
+    positions = torch.cat([torch.arange(36), torch.arange(13)]).to(DEVICE)
     expected = _reference_module(module, x, cu, spans, positions)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
     parameters = list(module.parameters()) + [x]
@@ -46,12 +48,12 @@ def test_mixed_attention_module_packed_matches_reference():
 
 def test_mixed_attention_module_padded_equals_packed():
     torch.manual_seed(1)
-    module = mmfast.nn.MixedAttention(64, num_heads=2)
-    x = torch.randn(2, 30, 64)
-    spans = torch.full((2, 30), -1, dtype=torch.int32)
+    module = mmfast.nn.MixedAttention(64, num_heads=2).to(DEVICE)
+    x = torch.randn(2, 30, 64).to(DEVICE)
+    spans = torch.full((2, 30), -1, dtype=torch.int32, device=DEVICE)
     spans[1, 3:10] = 0
     padded = module(x, span_ids=spans)
-    cu = torch.tensor([0, 30, 60], dtype=torch.int32)
+    cu = torch.tensor([0, 30, 60], dtype=torch.int32, device=DEVICE)
     packed = module(x.reshape(60, 64), cu_seqlens=cu, span_ids=spans.flatten())
     torch.testing.assert_close(padded.reshape(60, 64), packed, rtol=1e-5, atol=1e-5)
 
@@ -60,16 +62,16 @@ def _llama(**overrides):
     settings = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=1, max_position_embeddings=128)
     settings.update(overrides)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings)).eval().to(DEVICE)
 
 
 def _outputs_and_grads(model, implementation, **inputs):
     model.set_attn_implementation(implementation)
     model.zero_grad()
     logits = model(**inputs).logits
-    weights = torch.linspace(-1, 1, logits.shape[-1])
+    weights = torch.linspace(-1, 1, logits.shape[-1], device=logits.device)
     valid = inputs.get("attention_mask")
-    valid = torch.ones(logits.shape[:2]) if valid is None or valid.dim() != 2 else valid.float()
+    valid = torch.ones(logits.shape[:2], device=logits.device) if valid is None or valid.dim() != 2 else valid.float()
     (logits * weights * valid[..., None]).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), grads
@@ -94,9 +96,9 @@ def test_causal_lm_with_padding_matches_sdpa(family):
     else:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
             vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=128)).eval()
-    ids = torch.randint(0, 101, (3, 19))
-    mask = torch.ones(3, 19, dtype=torch.long)
+            num_key_value_heads=1, max_position_embeddings=128)).eval().to(DEVICE)
+    ids = torch.randint(0, 101, (3, 19), device=DEVICE)
+    mask = torch.ones(3, 19, dtype=torch.long, device=DEVICE)
     mask[1, :6] = 0  # left padding
     mask[2, 15:] = 0  # right padding
     inputs = dict(input_ids=ids, attention_mask=mask)
@@ -109,14 +111,14 @@ def test_packed_batch_matches_separate_sequences():
     running each sequence on its own with sdpa."""
     torch.manual_seed(3)
     model = _llama()
-    first, second = torch.randint(0, 101, (1, 11)), torch.randint(0, 101, (1, 8))
+    first, second = torch.randint(0, 101, (1, 11), device=DEVICE), torch.randint(0, 101, (1, 8), device=DEVICE)
     model.set_attn_implementation("sdpa")
     separate = torch.cat([model(input_ids=first).logits, model(input_ids=second).logits], dim=1)
     packed_ids = torch.cat([first, second], dim=1)
-    positions = torch.cat([torch.arange(11), torch.arange(8)])[None]
+    positions = torch.cat([torch.arange(11), torch.arange(8)])[None].to(DEVICE)
     model.set_attn_implementation("mmfast")
     by_positions = model(input_ids=packed_ids, position_ids=positions).logits
-    cu = torch.tensor([0, 11, 19], dtype=torch.int32)
+    cu = torch.tensor([0, 11, 19], dtype=torch.int32, device=DEVICE)
     by_cu = model(input_ids=packed_ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                   max_length_q=11, max_length_k=11).logits
     torch.testing.assert_close(by_positions, separate, rtol=1e-4, atol=1e-4)
@@ -126,8 +128,8 @@ def test_packed_batch_matches_separate_sequences():
 def test_generation_matches_sdpa():
     torch.manual_seed(4)
     model = _llama()
-    ids = torch.randint(0, 101, (2, 9))
-    mask = torch.ones(2, 9, dtype=torch.long)
+    ids = torch.randint(0, 101, (2, 9), device=DEVICE)
+    mask = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
     mask[0, :3] = 0
     results = {}
     for implementation in ("sdpa", "mmfast"):
@@ -145,11 +147,11 @@ def test_clip_towers_match_sdpa():
         vision_config=dict(hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=16),
         projection_dim=32)
-    model = transformers.CLIPModel(config).eval()
-    ids = torch.randint(1, 99, (2, 12))
-    mask = torch.ones(2, 12, dtype=torch.long)
+    model = transformers.CLIPModel(config).eval().to(DEVICE)
+    ids = torch.randint(1, 99, (2, 12), device=DEVICE)
+    mask = torch.ones(2, 12, dtype=torch.long, device=DEVICE)
     mask[1, 9:] = 0
-    pixels = torch.randn(2, 3, 32, 32)
+    pixels = torch.randn(2, 3, 32, 32, device=DEVICE)
     outputs = {}
     for implementation in ("sdpa", "mmfast"):
         model.set_attn_implementation(implementation)
@@ -167,7 +169,7 @@ def _tiny_llava():
                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                              max_position_embeddings=128),
         image_token_id=110, vision_feature_layer=-1, projector_hidden_act="gelu")
-    return transformers.LlavaForConditionalGeneration(config).eval()
+    return transformers.LlavaForConditionalGeneration(config).eval().to(DEVICE)
 
 
 def test_llava_matches_sdpa_and_bidirectional_images_match_eager_with_mask():
@@ -175,17 +177,17 @@ def test_llava_matches_sdpa_and_bidirectional_images_match_eager_with_mask():
     model = _tiny_llava()
     image_tokens = 4  # (32 / 16)^2 patches, the class token dropped
     ids = torch.cat([torch.randint(0, 100, (2, 3)), torch.full((2, image_tokens), 110),
-                     torch.randint(0, 100, (2, 6))], dim=1)
-    pixels = torch.randn(2, 3, 32, 32)
+                     torch.randint(0, 100, (2, 6))], dim=1).to(DEVICE)
+    pixels = torch.randn(2, 3, 32, 32).to(DEVICE)
     inputs = dict(input_ids=ids, pixel_values=pixels)
     _assert_same(_outputs_and_grads(model, "mmfast", **inputs), _outputs_and_grads(model, "sdpa", **inputs))
 
     spans = span_ids_from_token_ids(ids, 110)
     length = ids.shape[1]
-    lower = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    lower = torch.tril(torch.ones(length, length, dtype=torch.bool, device=DEVICE))
     same_span = (spans[:, :, None] >= 0) & (spans[:, :, None] == spans[:, None, :])
     allowed = lower[None] | same_span
-    additive = torch.zeros(2, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    additive = torch.zeros(2, 1, length, length, device=DEVICE).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
     ours = _outputs_and_grads(model, "mmfast", **inputs, span_ids=spans)
     eager = _outputs_and_grads(model, "eager", **inputs, attention_mask=additive)
     _assert_same(ours, eager)
@@ -197,4 +199,4 @@ def test_attention_dropout_in_training_is_refused():
     model = _llama(attention_dropout=0.1).train()
     model.set_attn_implementation("mmfast")
     with pytest.raises(ValueError, match="has no attention dropout"):
-        model(input_ids=torch.randint(0, 101, (1, 5)))
+        model(input_ids=torch.randint(0, 101, (1, 5), device=DEVICE))

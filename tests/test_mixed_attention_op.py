@@ -153,7 +153,7 @@ def test_parity_with_sdpa_dense_mask(seed):
     mask = torch.zeros(total, total, dtype=torch.bool, device=DEVICE)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         mask[start:end, start:end] = reference.sequence_mask(spans[start:end], True)
-    upstream = torch.randn(total, 4, 64, generator=torch.Generator().manual_seed(4))
+    upstream = torch.randn(total, 4, 64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     ours = mmfast.ops.mixed_attention(q, k, v, cu_seqlens=cu, span_ids=spans, backend="triton")
     theirs = F.scaled_dot_product_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)),
                                             attn_mask=mask)[0].transpose(0, 1)
@@ -260,7 +260,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"q's heads \(4\) must be a multiple of k/v's heads \(3\)"):
         call(q, torch.randn(10, 3, 32), torch.randn(10, 3, 32), cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"the Triton kernels take head dims in \[16, 256\], got 8"):
-        call(torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8), cu_seqlens=cu, backend="triton")
+        call(*(torch.randn(10, h, 8, device=DEVICE) for h in (4, 2, 2)), cu_seqlens=cu.to(DEVICE), backend="triton")
     with pytest.raises(ValueError, match="packed .* inputs need cu_seqlens"):
         call(q, kv, kv)
     with pytest.raises(ValueError, match="cu_seqlens goes with packed"):
@@ -280,9 +280,10 @@ def test_padded_cpu_path_matches_the_per_sequence_reference(causal, with_spans):
         spans[2, 30:] = 1
     out, lse = mmfast.ops.mixed_attention(q, k, v, span_ids=spans, causal=causal, return_lse=True,
                                           backend="reference")
-    cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+    cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=DEVICE)
     flat = [x.detach().reshape(batch * length, *x.shape[2:]) for x in (q, k, v)]
-    flat_spans = spans.flatten() if with_spans else torch.full((batch * length,), -1, dtype=torch.int32)
+    flat_spans = spans.flatten() if with_spans else torch.full((batch * length,), -1, dtype=torch.int32,
+                                                               device=DEVICE)
     expected, expected_lse = reference.attention(*flat, cu, flat_spans, causal, 40 ** -0.5)
     torch.testing.assert_close(out.reshape(batch * length, 4, 40), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.transpose(0, 1).reshape(4, -1), expected_lse, rtol=1e-5, atol=1e-5)

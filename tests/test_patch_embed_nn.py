@@ -5,19 +5,27 @@ import torch
 
 import mmfast
 from mmfast.integrations.patch_embed import swap_patch_embedding
+from tests.conftest import DEVICE
 
 timm_layers = pytest.importorskip("timm.layers")
 transformers = pytest.importorskip("transformers")
 BACKENDS = ["triton", "reference"]
 
 
+def _on_device(inputs):
+    return [x.detach().to(DEVICE).requires_grad_(x.requires_grad) if torch.is_tensor(x) else x for x in inputs]
+
+
 def assert_same_module_math(ours, theirs, inputs, *, rtol=1e-4, atol=1e-5, theirs_inputs=None):
-    """Same state_dict, same outputs, same gradients of every parameter (and float inputs)."""
+    """Same state_dict, same outputs, same gradients of every parameter (and float inputs), on DEVICE."""
     ours.load_state_dict(theirs.state_dict())
+    ours, theirs = ours.to(DEVICE), theirs.to(DEVICE)
+    inputs = _on_device(inputs)
+    theirs_inputs = theirs_inputs and _on_device(theirs_inputs)
     ours_out = ours(*inputs)
     theirs_out = theirs(*(theirs_inputs or inputs))
     torch.testing.assert_close(ours_out, theirs_out, rtol=rtol, atol=atol)
-    upstream = torch.randn(theirs_out.shape, generator=torch.Generator().manual_seed(5))
+    upstream = torch.randn(theirs_out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     leaves_ours = [p for p in ours.parameters()] + [x for x in inputs if torch.is_tensor(x) and x.requires_grad]
     leaves_theirs = [p for p in theirs.parameters()] + [x for x in (theirs_inputs or inputs)
                                                         if torch.is_tensor(x) and x.requires_grad]
@@ -92,9 +100,10 @@ def test_uint8_with_fused_normalization_matches_timm_on_normalized_floats(backen
     theirs = timm_layers.PatchEmbed(img_size=28, patch_size=14, embed_dim=40)
     ours = mmfast.nn.PatchEmbed(img_size=28, patch_size=14, embed_dim=40, mean=mean, std=std, backend=backend)
     ours.load_state_dict(theirs.state_dict())
-    frames = torch.randint(0, 256, (2, 28, 28, 3), dtype=torch.uint8)  # decoder output, NHWC
-    normalized = (frames.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(
-        std)[:, None, None]
+    ours, theirs = ours.to(DEVICE), theirs.to(DEVICE)
+    frames = torch.randint(0, 256, (2, 28, 28, 3), dtype=torch.uint8).to(DEVICE)  # decoder output, NHWC
+    normalized = (frames.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean, device=DEVICE)[:, None, None]) / (
+        torch.tensor(std, device=DEVICE)[:, None, None])
     torch.testing.assert_close(ours(frames, channels_last=True), theirs(normalized), rtol=1e-4, atol=1e-4)
 
 
@@ -146,6 +155,7 @@ def test_tubelets_match_videomae(backend):
     # with VideoMAE's sinusoid positions added in the same pass
     full = VideoMAEEmbeddings(config)
     full.patch_embeddings.load_state_dict(theirs.state_dict())
+    full, video = full.to(DEVICE), video.to(DEVICE)
     positions = full.position_embeddings.reshape(-1, config.hidden_size)
     torch.testing.assert_close(ours(video, positions), full(video, None), rtol=1e-4, atol=1e-5)
 
@@ -171,8 +181,8 @@ def test_ast_embeddings_match_hf(backend):
 def test_swap_in_timm_vit_keeps_outputs(backend):
     timm = pytest.importorskip("timm")
     torch.manual_seed(6)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5).eval()
-    x = torch.randn(2, 3, 32, 32)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5).eval().to(DEVICE)
+    x = torch.randn(2, 3, 32, 32).to(DEVICE)
     before = model(x)
     weight = model.patch_embed.proj.weight
     assert swap_patch_embedding(model, backend=backend) == ["patch_embed"]
@@ -187,8 +197,8 @@ def test_swap_in_hf_clip_and_siglip_keeps_outputs(backend):
     siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
         hidden_size=32, image_size=32, patch_size=16, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=37)).eval()
-    for model, size in ((clip, 28), (siglip, 32)):
-        x = torch.randn(2, 3, size, size)
+    for model, size in ((clip.to(DEVICE), 28), (siglip.to(DEVICE), 32)):
+        x = torch.randn(2, 3, size, size).to(DEVICE)
         before = model(pixel_values=x).last_hidden_state
         replaced = swap_patch_embedding(model, backend=backend)
         assert len(replaced) == 1 and replaced[0].endswith("embeddings")

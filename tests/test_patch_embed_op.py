@@ -21,14 +21,14 @@ def make_case(shape, patch, channels, embed, *, video=False, uint8=True, dtype=t
     """Pixels, parameters and keyword arguments for one op call; leaves are the float tensors."""
     g = _generator(seed)
     pixel_shape = (shape[0], channels, *shape[1:])
+    leaf = lambda t: t.to(DEVICE, dtype).requires_grad_()  # noqa: E731  (drawn on the CPU: same values anywhere)
     if uint8:
-        pixels = torch.randint(0, 256, pixel_shape, generator=g, dtype=torch.uint8)
+        pixels = torch.randint(0, 256, pixel_shape, generator=g, dtype=torch.uint8).to(DEVICE)
     else:
-        pixels = torch.randn(pixel_shape, generator=g).requires_grad_()
+        pixels = torch.randn(pixel_shape, generator=g).to(DEVICE).requires_grad_()
     kernel = patch if isinstance(patch, tuple) else ((2, patch, patch) if video else (patch, patch))
-    weight = (torch.randn(embed, channels, *kernel, generator=g) / (channels * patch * patch) ** 0.5)
-    weight = weight.to(dtype).requires_grad_()
-    bias = torch.randn(embed, generator=g).to(dtype).requires_grad_()
+    weight = leaf(torch.randn(embed, channels, *kernel, generator=g) / (channels * patch * patch) ** 0.5)
+    bias = leaf(torch.randn(embed, generator=g))
     kwargs = {"stride": stride, "dynamic_pad": dynamic_pad}
     if normalize and channels == 3:
         kwargs.update(mean=CLIP_MEAN, std=CLIP_STD)
@@ -42,11 +42,11 @@ def make_case(shape, patch, channels, embed, *, video=False, uint8=True, dtype=t
     _, grid = patch_grid(size, full_kernel, strides, dynamic_pad)
     patches = grid[0] * grid[1] * grid[2]
     if prefix:
-        kwargs["cls_token"] = torch.randn(1, prefix, embed, generator=g).to(dtype).requires_grad_()
+        kwargs["cls_token"] = leaf(torch.randn(1, prefix, embed, generator=g))
     if pos:
         rows = patches + (prefix if pos == "all" else 0)
-        kwargs["pos_embed"] = torch.randn(1, rows, embed, generator=g).to(dtype).requires_grad_()
-    return pixels.to(DEVICE), weight, bias, kwargs
+        kwargs["pos_embed"] = leaf(torch.randn(1, rows, embed, generator=g))
+    return pixels, weight, bias, kwargs
 
 
 def _leaves(pixels, weight, bias, kwargs):
@@ -78,8 +78,8 @@ def reference_call(inputs, dtype):
     padding, grid = patch_grid(view.shape[2:], kernel, stride, kwargs.get("dynamic_pad", False))
     geometry = PatchGeometry(video, kernel, stride, padding, grid, view.shape[1])
     channels = view.shape[1]
-    mean = torch.tensor(kwargs.get("mean") or [0.0] * channels, dtype=torch.float64)
-    std = torch.tensor(kwargs.get("std") or [1.0] * channels, dtype=torch.float64)
+    mean = torch.tensor(kwargs.get("mean") or [0.0] * channels, dtype=torch.float64, device=pixels.device)
+    std = torch.tensor(kwargs.get("std") or [1.0] * channels, dtype=torch.float64, device=pixels.device)
     rows = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
     in_scale = 1 / 255 if pixels.dtype == torch.uint8 else 1.0
     return reference.forward(view, weight, bias, rows(kwargs.get("pos_embed")), rows(kwargs.get("cls_token")),
