@@ -156,7 +156,7 @@ def test_tubelets_match_videomae(backend):
     full = VideoMAEEmbeddings(config)
     full.patch_embeddings.load_state_dict(theirs.state_dict())
     full, video = full.to(DEVICE), video.to(DEVICE)
-    positions = full.position_embeddings.reshape(-1, config.hidden_size)
+    positions = full.position_embeddings.reshape(-1, config.hidden_size).to(DEVICE)  # a plain attribute, not a buffer
     torch.testing.assert_close(ours(video, positions), full(video, None), rtol=1e-4, atol=1e-5)
 
 

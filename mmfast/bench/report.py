@@ -76,7 +76,7 @@ def plot(rows: list[dict], suite: str, path: str) -> bool:
         return False
     groups = list(dict.fromkeys(r["group"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    figure, axes = plt.subplots(len(modes), 1, figsize=(max(6, 1.3 * len(groups)), 3.2 * len(modes)), squeeze=False)
+    figure, axes = plt.subplots(len(modes), 1, figsize=(max(6, 1.3 * len(groups)) + 2.5, 3.2 * len(modes)), squeeze=False)
     width = 0.8 / len(providers)
     for axis, mode in zip(axes[:, 0], modes):
         for index, provider in enumerate(providers):
@@ -88,7 +88,7 @@ def plot(rows: list[dict], suite: str, path: str) -> bool:
         axis.set_yscale("log")
         axis.set_ylabel("median ms")
         axis.set_title(f"{suite}: {mode}")
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
