@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmfast.data import FilePairs, ShardPairs, class_names, write_shards
@@ -72,3 +73,15 @@ def test_cli_writes_the_synthetic_shards(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path), "--train", "12", "--held-out", "4", "--shard-size", "8"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["held_out-000000.tar", "train-000000.tar", "train-000001.tar"]
     assert "train: 2 shard(s)" in capsys.readouterr().out
+
+
+def test_tokenizer_is_one_file_and_keeps_its_context_length(tmp_path):
+    from mmfast.data.tokenizer import CaptionTokenizer
+
+    tokenizer = CaptionTokenizer.train(["a red circle.", "two blue stars at the top left."] * 20, 60, 12)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert os.listdir(tmp_path) == ["tokenizer.json"]
+    loaded = CaptionTokenizer.load(str(tmp_path / "tokenizer.json"))
+    assert loaded.context_length == 12
+    assert torch.equal(loaded(["a red circle."]), tokenizer(["a red circle."]))
+    assert CaptionTokenizer.load(str(tmp_path / "tokenizer.json"), 20)(["a red circle."]).shape == (1, 20)

@@ -30,7 +30,7 @@ def test_a_run_writes_its_directory(tmp_path):
     result = train(_config(tmp_path, "run"), progress=False)
     run = tmp_path / "run"
     assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "curves.png", "metrics.jsonl", "model.pt",
-                                       "tensorboard", "tokenizer.json", "tokenizer.json.json"]
+                                       "tensorboard", "tokenizer.json"]
     assert sorted(os.listdir(run / "checkpoints")) == ["latest", "step-0000003", "step-0000006"]
     assert (run / "checkpoints" / "latest").read_text() == "step-0000006"
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 6

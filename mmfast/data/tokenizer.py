@@ -35,21 +35,26 @@ class CaptionTokenizer:
         return cls(tokenizer, context_length)
 
     def save(self, path: str) -> None:
+        """One file: the context length travels as the tokenizer's own truncation length."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.tokenizer.enable_truncation(max_length=self.context_length)
         self.tokenizer.save(path)
-        with open(path + ".json", "w") as handle:
-            json.dump({"context_length": self.context_length}, handle)
 
     @classmethod
     def load(cls, path: str, context_length: int | None = None) -> "CaptionTokenizer":
-        """An HF `tokenizers` file (with <pad>, <sot>, <eot>); context_length from the settings saved
-        beside it unless given."""
+        """An HF `tokenizers` file (with <pad>, <sot>, <eot>); context_length, unless given, is the file's
+        truncation length (or, for runs written before 2026-11-27, the `<path>.json` beside it; else 32)."""
         from tokenizers import Tokenizer
 
         if not os.path.exists(path):
             raise FileNotFoundError(f"CaptionTokenizer: no tokenizer file at {path}")
-        settings = json.load(open(path + ".json")) if os.path.exists(path + ".json") else {"context_length": 32}
-        return cls(Tokenizer.from_file(path), context_length or settings["context_length"])
+        tokenizer = Tokenizer.from_file(path)
+        if context_length is None and tokenizer.truncation:
+            context_length = tokenizer.truncation["max_length"]
+        if context_length is None and os.path.exists(path + ".json"):
+            with open(path + ".json") as handle:
+                context_length = json.load(handle)["context_length"]
+        return cls(tokenizer, context_length or 32)
 
     def __call__(self, texts) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
