@@ -217,8 +217,8 @@ def test_local_rank_is_taken_before_or_after_the_subcommand(monkeypatch):
 def test_engine_choices_are_checked_before_any_process_group():
     from mmfast.train.distributed import Placement
     from mmfast.train.engines import build_engine
-    from mmfast.train.engines.fsdp import FSDP2Engine
-    from mmfast.train.engines.zero import DeepSpeedEngine
+    from mmfast.train.engines.fsdp2 import FSDP2Engine
+    from mmfast.train.engines.deepspeed_engine import DeepSpeedEngine
 
     one, two = (Placement(rank=0, world_size=n, local_rank=0, device=torch.device("cpu")) for n in (1, 2))
     with pytest.raises(ValueError, match="engine.name must be one of"):

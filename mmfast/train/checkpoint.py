@@ -103,7 +103,7 @@ def consolidate(folder: str) -> dict[str, torch.Tensor]:
             dcp_to_torch_save(os.path.join(folder, "sharded"), path)
             return {key: value.float() for key, value in load_tensors(path)["model"].items()}
     if glob.glob(os.path.join(folder, "*model_states.pt")):
-        from mmfast.train.engines.zero import import_deepspeed
+        from mmfast.train.engines.deepspeed_engine import import_deepspeed
 
         import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

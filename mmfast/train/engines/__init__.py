@@ -21,14 +21,14 @@ def build_engine(config, placement: Placement) -> Engine:
 
         return DDPEngine(config, placement) if placement.world_size > 1 else Engine(config, placement)
     if name == "fsdp2":
-        from mmfast.train.engines.fsdp import FSDP2Engine
+        from mmfast.train.engines.fsdp2 import FSDP2Engine
 
         if placement.world_size == 1:
             raise ValueError("config: engine.name=fsdp2 shards over processes; launch with torchrun "
                              "--nproc_per_node N (one process: engine.name=single)")
         return FSDP2Engine(config, placement)
     if name == "deepspeed":
-        from mmfast.train.engines.zero import DeepSpeedEngine
+        from mmfast.train.engines.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(config, placement)
     raise ValueError(f"config: engine.name must be one of {NAMES}, got {name!r}")
