@@ -72,7 +72,8 @@ def _synth(args) -> int:
     from mmfast.data.synth import write_shards
 
     written = write_shards(args.out, train=args.train, held_out=args.held_out, size=args.size, seed=args.seed,
-                           shard_size=args.shard_size, digit_fraction=args.digit_fraction)
+                           shard_size=args.shard_size, digit_fraction=args.digit_fraction,
+                           geometry=args.geometry)
     for split, paths in written.items():
         print(f"{split}: {len(paths)} shard(s) in {args.out}")
     return 0
@@ -161,6 +162,8 @@ def parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shard-size", type=int, default=5000, help="samples per tar shard")
     synth.add_argument("--digit-fraction", type=float, default=0.1, help="share of handwritten digits")
+    synth.add_argument("--geometry", default="anchored", choices=["anchored", "continuous"],
+                       help="shapes at the named positions and sizes, or anywhere inside them, tilted and outlined")
     synth.set_defaults(run=_synth)
     return main
 

@@ -4,7 +4,7 @@ method than `mmfast.data.synth`, with its own randomization.
 synth draws with PIL on dark backgrounds at five positions and two sizes. Here each shape is a signed
 distance function rasterized with numpy and anti-aliased by pixel coverage, on a background of any
 brightness and hue (plain, a gradient or noise) in one of three bands (dark, mid, light), at a
-continuous position, size and tilt (up to 20 degrees), in a shade of its named color. A model that learned the
+continuous position, size and tilt (up to 12 degrees), in a shade of its named color. A model that learned the
 concepts scores here about as on the held-out split; one that learned its generator does not.
 Every sample comes from its own seeded generator: the same arguments give the same images.
 """
@@ -77,8 +77,8 @@ def render(rng: np.random.Generator, size: int, color_name: str, shape: str, ban
     background = _background(rng, size, band)
     radius = rng.uniform(0.14, 0.34) * size
     cx, cy = (rng.uniform(radius + 0.5, size - radius - 0.5) for _ in range(2))
-    # a tilt, not any rotation: a square turned 45 degrees is the vocabulary's diamond
-    angle = math.radians(rng.uniform(-20, 20))
+    # a tilt, not any rotation: a square turned 45 degrees is the vocabulary's diamond (and 20 nearly one)
+    angle = math.radians(rng.uniform(-12, 12))
     ys, xs = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
     x, y = xs - cx, ys - cy
     x, y = x * math.cos(angle) + y * math.sin(angle), -x * math.sin(angle) + y * math.cos(angle)

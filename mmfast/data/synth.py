@@ -1,5 +1,5 @@
-"""The bundled image-caption data: procedurally drawn shapes (color, shape, size, position, count)
-and scikit-learn's handwritten digits, written as webdataset shards (img2dataset layout:
+"""The bundled image-caption data: procedurally drawn shapes (color, shape, size, position, count, on
+varied backgrounds, see shape_sample) and scikit-learn's handwritten digits, written as webdataset shards (img2dataset layout:
 `<key>.png`, `<key>.txt`, `<key>.json`), with train and held-out splits. Nothing is downloaded.
 
 Every sample comes from its own seeded generator, so the same arguments give the same samples.
@@ -49,35 +49,106 @@ def _plural(shape: str, count: int) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
 
 
-def _polygon(shape: str, cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
-    if shape == "triangle":
-        angles = [-90, 30, 150]
-    elif shape == "diamond":
-        angles = [-90, 0, 90, 180]
-    elif shape == "star":
-        points = []
-        for index in range(10):
-            angle = math.radians(-90 + index * 36)
-            r = radius if index % 2 == 0 else radius * 0.45
-            points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
-        return points
+def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float = 0.0) -> list[tuple[float, float]]:
+    """The outline of every shape but the circle, turned by `angle` degrees about its centre."""
+    if shape == "square":
+        points = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+    elif shape == "cross":
+        bar = 0.35
+        points = [(-bar, -1), (bar, -1), (bar, -bar), (1, -bar), (1, bar), (bar, bar), (bar, 1), (-bar, 1),
+                  (-bar, bar), (-1, bar), (-1, -bar), (-bar, -bar)]
+    elif shape in ("triangle", "diamond", "star"):
+        corners = {"triangle": [-90, 30, 150], "diamond": [-90, 0, 90, 180],
+                   "star": [-90 + index * 36 for index in range(10)]}[shape]
+        points = [((1 if shape != "star" or index % 2 == 0 else 0.45) * math.cos(math.radians(a)),
+                   (1 if shape != "star" or index % 2 == 0 else 0.45) * math.sin(math.radians(a)))
+                  for index, a in enumerate(corners)]
     else:
         raise ValueError(shape)
-    return [(cx + radius * math.cos(math.radians(a)), cy + radius * math.sin(math.radians(a))) for a in angles]
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return [(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in points]
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, color) -> None:
-    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, color, angle: float = 0.0,
+          outline: int = 0) -> None:
+    """A filled shape, or its outline `outline` pixels wide."""
+    fill, line = (None, color) if outline else (color, None)
     if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    elif shape == "cross":
-        bar = radius * 0.35
-        draw.rectangle((cx - radius, cy - bar, cx + radius, cy + bar), fill=color)
-        draw.rectangle((cx - bar, cy - radius, cx + bar, cy + radius), fill=color)
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill, outline=line, width=outline)
     else:
-        draw.polygon(_polygon(shape, cx, cy, radius), fill=color)
+        draw.polygon(_polygon(shape, cx, cy, radius, angle), fill=fill, outline=line, width=outline)
+
+
+# The generator draws what a user may show the model, not one look of it: backgrounds of any brightness
+# and hue (plain, gradient, noise, stripes or checks), continuous positions and sizes inside each named
+# one, a tilt, shades and saturation inside each named color, outlines, neutral clutter, and edges
+# anti-aliased by drawing at SUPERSAMPLE times the size and averaging down.
+SUPERSAMPLE = 4
+TILT = 12  # degrees either way
+BACKGROUND_KINDS = ("plain", "gradient", "noise", "stripes", "checks")
+BANDS = {"dark": (0, 85), "mid": (85, 170), "light": (170, 256)}  # mean brightness of the background
+
+
+def band_of(brightness: float) -> str:
+    return next(name for name, (low, high) in BANDS.items() if low <= brightness < high)
+
+
+def _tinted(rng: np.random.Generator, value: float) -> np.ndarray:
+    tint = rng.uniform(0.7, 1.3, 3)  # a hue, not only a gray
+    return np.clip(tint / tint.mean() * value, 0, 255)
+
+
+def background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    """float [size, size, 3] and its kind; brightness uniform over 0-255."""
+    kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
+    first = _tinted(rng, rng.uniform(0, 255))
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    if kind == "plain":
+        return np.broadcast_to(first, (size, size, 3)).copy(), kind
+    if kind == "noise":
+        grain = rng.normal(0, rng.uniform(3, 12), (size, size, 1)) + rng.normal(0, 3, (size, size, 3))
+        return np.clip(first + grain, 0, 255), kind
+    second = np.clip(first + _tinted(rng, rng.uniform(-60, 60) if kind == "gradient" else rng.uniform(-30, 30)),
+                     0, 255)  # stripes and checks: a texture, not a second picture
+    angle = rng.uniform(0, 2 * math.pi)
+    along = np.cos(angle) * xs + np.sin(angle) * ys
+    if kind == "gradient":
+        ramp = (along - along.min()) / max(along.max() - along.min(), 1e-6)
+    elif kind == "stripes":
+        ramp = (np.sin(along * 2 * math.pi / rng.uniform(3, 10)) > 0).astype(np.float64)
+    else:
+        cell = rng.uniform(3, 9)
+        ramp = ((xs // cell + ys // cell) % 2).astype(np.float64)
+    return first + ramp[..., None] * (second - first), kind
+
+
+def shade(rng: np.random.Generator, color_name: str) -> tuple[int, int, int]:
+    """A shade of the named color: brightness, saturation (mixed toward its gray) and channel jitter."""
+    base = np.array(COLORS[color_name], dtype=np.float64)
+    base = base * rng.uniform(0.85, 1.12)
+    base = base + (base.mean() - base) * rng.uniform(0, 0.25)
+    return tuple(int(v) for v in np.clip(base + rng.integers(-15, 16, 3), 0, 255))
+
+
+def _contrast(color, canvas: np.ndarray) -> float:
+    return float(np.abs(np.array(color, dtype=np.float64) - canvas.reshape(-1, 3).mean(0)).max())
+
+
+def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size: int) -> int:
+    """Neutral (gray, near-white, near-black) lines and dots: the caption stays true."""
+    pieces = int(rng.integers(1, 5))
+    for _ in range(pieces):
+        gray = int(rng.choice([rng.integers(0, 50), rng.integers(100, 160), rng.integers(205, 256)]))
+        color = tuple(int(np.clip(gray + j, 0, 255)) for j in rng.integers(-6, 7, 3))
+        x, y = rng.uniform(0, size, 2)
+        if rng.random() < 0.5:
+            length, angle = rng.uniform(0.15, 0.4) * size, rng.uniform(0, math.pi)
+            draw.line((x, y, x + length * math.cos(angle), y + length * math.sin(angle)), fill=color,
+                      width=max(1, int(rng.uniform(0.01, 0.03) * size)))
+        else:
+            radius = rng.uniform(0.015, 0.04) * size
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=color)
+    return pieces
 
 
 @dataclass(frozen=True)
@@ -87,25 +158,50 @@ class Sample:
     meta: dict
 
 
-def shape_sample(rng: np.random.Generator, size: int) -> Sample:
+GEOMETRIES = ("anchored", "continuous")
+
+
+def shape_sample(rng: np.random.Generator, size: int, geometry: str = "anchored") -> Sample:
+    """One picture of 1-3 shapes and its caption. geometry "anchored": the five named positions and two
+    sizes exactly, upright and filled (what the bundled CPU model learns shapes from in its 10 minutes);
+    "continuous": positions and sizes anywhere inside the named ones, a tilt and outlines (what a model
+    must learn to recognize shapes drawn any way; the tiny CPU model does not, see the README).
+    Backgrounds, shades, clutter and anti-aliasing are the same for both."""
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"synth: geometry must be one of {GEOMETRIES}, got {geometry!r}")
+    free = geometry == "continuous"
     color_name = rng.choice(list(COLORS))
     shape = rng.choice(SHAPES)
     size_name = rng.choice(list(SIZES))
     position_name = rng.choice(list(POSITIONS))
     count = int(rng.integers(1, 4))
-    background = tuple(int(v) for v in rng.integers(0, 60, 3))
-    image = Image.new("RGB", (size, size), background)
+    color = shade(rng, color_name)
+    for _ in range(8):  # a background the shape stands out from (a user's drawing does)
+        canvas, kind = background(rng, size)
+        if _contrast(color, canvas) >= 70:
+            break
+    big = size * SUPERSAMPLE
+    clutter = rng.random() < 0.2
+    image = Image.fromarray(np.round(canvas).astype(np.uint8)).resize((big, big), Image.NEAREST)
     draw = ImageDraw.Draw(image)
-    jitter = rng.integers(-20, 21, 3)
-    color = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLORS[color_name], jitter))
-    radius = min(SIZES[size_name] * size / (1.0 + 0.35 * (count - 1)), size / (2.3 * count))
-    cx, cy = (v * size for v in POSITIONS[position_name])
-    half_row = (count - 1) * radius * 1.1 + radius  # the row's half width: shift it inside the image
-    cx = float(np.clip(cx, half_row, size - half_row))
-    cy = float(np.clip(cy, radius, size - radius))
+    pieces = _clutter(rng, draw, big) if clutter else 0
+    # continuous size and position inside the named ones: large ~ 0.22-0.34 of the side, small ~ 0.12-0.19
+    scale = SIZES[size_name] * (rng.uniform(0.78, 1.2) if free else 1.0)
+    # rows of two or three are smaller, but never below 0.09 of the side: a shape must stay legible
+    radius = max(min(scale * big / (1.0 + 0.35 * (count - 1)), big / (2.3 * count)), 0.09 * big)
+    cx, cy = ((v + (rng.uniform(-0.08, 0.08) if free else 0.0)) * big for v in POSITIONS[position_name])
+    gap = rng.uniform(2.1, 2.6) if free else 2.2
+    half_row = (count - 1) * radius * gap / 2 + radius  # the row's half width: shift it inside the image
+    cx = float(np.clip(cx, half_row, big - half_row))
+    cy = float(np.clip(cy, radius, big - radius))
+    # a tilt, not any turn: a square turned 45 degrees is a diamond, and one turned 20 is nearly one
+    angle = float(rng.uniform(-TILT, TILT)) if free else 0.0
+    # outlines only where they stay visible after the downsampling (about 5 pixels of radius or more)
+    outline = int(max(2, radius * rng.uniform(0.22, 0.35))) if free and radius >= 5 * SUPERSAMPLE and rng.random() < 0.15 else 0
     for index in range(count):  # a row of `count` separate shapes around the position
-        offset = (index - (count - 1) / 2) * radius * 2.2
-        _draw(draw, shape, cx + offset, cy + float(rng.normal(0, 0.5)), radius, color)
+        offset = (index - (count - 1) / 2) * radius * gap
+        _draw(draw, shape, cx + offset, cy + float(rng.normal(0, 0.02 * radius)), radius, color, angle, outline)
+    image = image.resize((size, size), Image.BOX)  # anti-aliased edges
     # captions vary in detail as real ones do: size and position each named half the time, a single
     # shape "one" or "a"; so "a red star" is as much a caption as "two small red stars at the center"
     count_word = COUNT_WORDS[count] if count > 1 or rng.random() < 0.5 else "a"
@@ -113,7 +209,10 @@ def shape_sample(rng: np.random.Generator, size: int) -> Sample:
     what = " ".join(details) + (f" at the {position_name}" if rng.random() < 0.5 else "")
     caption = rng.choice(TEMPLATES).format(what=what)
     meta = {"kind": "shape", "color": color_name, "shape": shape, "size": size_name, "position": position_name,
-            "count": count, "label": class_names().index(f"{color_name} {shape}")}
+            "count": count, "label": class_names().index(f"{color_name} {shape}"), "rgb": list(color),
+            "background": band_of(float(canvas.mean())), "background_kind": kind, "outlined": bool(outline),
+            "clutter": pieces, "geometry": geometry, "angle": angle, "radius": radius / SUPERSAMPLE,
+            "center": [cx / SUPERSAMPLE, cy / SUPERSAMPLE]}
     return Sample(image, caption, meta)
 
 
@@ -127,15 +226,17 @@ def digit_sample(rng: np.random.Generator, size: int, digits) -> Sample:
     return Sample(image, caption, {"kind": "digit", "color": color_name, "digit": int(digits.target[index])})
 
 
-def generate(index: int, split: str, seed: int, size: int, digit_fraction: float, digits) -> Sample:
+def generate(index: int, split: str, seed: int, size: int, digit_fraction: float, digits,
+             geometry: str = "anchored") -> Sample:
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
     if digits is not None and rng.random() < digit_fraction:
         return digit_sample(rng, size, digits)
-    return shape_sample(rng, size)
+    return shape_sample(rng, size, geometry)
 
 
 def write_shards(out_dir: str, *, train: int = 20000, held_out: int = 2000, size: int = 32, seed: int = 0,
-                 shard_size: int = 5000, digit_fraction: float = 0.1, progress: bool = True) -> dict:
+                 shard_size: int = 5000, digit_fraction: float = 0.1, geometry: str = "anchored",
+                 progress: bool = True) -> dict:
     """Writes `<out_dir>/{train,held_out}-NNNNNN.tar`; returns {split: [paths]}."""
     import webdataset
 
@@ -152,7 +253,7 @@ def write_shards(out_dir: str, *, train: int = 20000, held_out: int = 2000, size
             path = os.path.join(out_dir, f"{split}-{shard_start // shard_size:06d}.tar")
             with webdataset.TarWriter(path) as sink:
                 for index in range(shard_start, min(count, shard_start + shard_size)):
-                    sample = generate(index, split, seed, size, digit_fraction, digits)
+                    sample = generate(index, split, seed, size, digit_fraction, digits, geometry)
                     buffer = io.BytesIO()
                     sample.image.save(buffer, format="PNG")
                     sink.write({"__key__": f"{split}-{index:08d}", "png": buffer.getvalue(),

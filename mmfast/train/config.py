@@ -30,6 +30,7 @@ class DataConfig:
     held_out_samples: int = 2000
     image_size: int = 32
     digit_fraction: float = 0.1
+    synth_geometry: str = "anchored"  # "anchored" or "continuous" shapes (mmfast.data.synth.shape_sample)
     seed: int = 0
     batch_size: int = 256  # the global batch (shared out over ranks)
     tokenizer: str = ""  # an HF tokenizers file on disk (with <pad>, <sot>, <eot>); empty: train a BPE
@@ -147,6 +148,7 @@ def _apply(config, values: dict, prefix: str = "") -> None:
 # Every value is checked for its choices and its range, with the key named (checked after overrides).
 CHOICES = {
     "data.source": ("synth", "shards", "files"),
+    "data.synth_geometry": ("anchored", "continuous"),
     "model.loss": ("clip", "siglip"),
     "optim.name": ("adamw", "adamw8bit"),
     "optim.schedule": ("cosine", "linear", "constant"),
