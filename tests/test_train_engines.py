@@ -240,4 +240,6 @@ def test_engine_choices_are_checked_before_any_process_group():
 
         _check(load_config("clip-tiny", ["--data.batch_size=100", "--train.accumulation_steps=3"]), 1)
     with pytest.raises(ValueError, match="train.micro_batch .gradient caching. runs with engine.name single or ddp"):
-        _check(load_config("clip-tiny", ["--train.micro_batch=8", "--engine.name=fsdp2"]), 2)
+        from mmfast.train.tasks import build_task
+
+        build_task(load_config("clip-tiny", ["--train.micro_batch=8", "--engine.name=fsdp2"])).check(2)

@@ -98,6 +98,7 @@ class ResumeConfig:
 @dataclass(kw_only=True)
 class RunConfig:
     recipe: str = ""
+    task: str = "contrastive"  # what is trained: a name in mmfast.train.tasks.TASKS
     run_dir: str = ""
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     data: DataConfig = field(default_factory=DataConfig)

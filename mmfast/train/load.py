@@ -17,16 +17,16 @@ def export_run(run_dir: str, step: int | None = None) -> str:
     """Consolidates a run's checkpoint (the latest, or the one taken after `step`), whatever engine
     wrote it, into <run_dir>/model.pt; returns its path."""
     from mmfast.train.config import load_config
-    from mmfast.train.trainer import clip_config, export
+    from mmfast.train.tasks import build_task
 
     checkpoints = os.path.join(run_dir, "checkpoints")
     folder = checkpoint.latest(checkpoints) if step is None else os.path.join(checkpoints,
                                                                                checkpoint.folder_name(step))
     if folder is None or not os.path.isdir(folder):
         raise FileNotFoundError(f"export: {run_dir} has no checkpoint" + (f" of step {step}" if step else ""))
-    tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
-    config = load_config(path=os.path.join(run_dir, "config.yaml"))
-    return export(run_dir, folder, clip_config(config, tokenizer.vocab_size, tokenizer.eot_id))
+    task = build_task(load_config(path=os.path.join(run_dir, "config.yaml")))
+    task.load_tokenizer(run_dir)
+    return task.export(run_dir, folder)
 
 
 def _model_file(path: str) -> str:

@@ -14,7 +14,7 @@ import yaml
 
 from mmfast.train.config import RunConfig
 
-FIXED = ("model", "engine.name", "engine.zero_stage", "data.source", "data.image_size", "data.tokenizer",
+FIXED = ("task", "model", "engine.name", "engine.zero_stage", "data.source", "data.image_size", "data.tokenizer",
          "optim.name")
 FREE = ("recipe", "run_dir", "resume", "train.stop_after", "train.log_every", "train.eval_every",
         "train.checkpoint_every", "data.workers")

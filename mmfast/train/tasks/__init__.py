@@ -1,0 +1,14 @@
+"""Tasks: what the trainer asks of each training paradigm (see base.Task). `task:` in a recipe names one."""
+from mmfast.train.tasks.base import Task
+from mmfast.train.tasks.contrastive import ContrastiveTask
+
+TASKS = {"contrastive": ContrastiveTask}
+
+
+def build_task(config, placement=None) -> Task:
+    if config.task not in TASKS:
+        raise ValueError(f"config: task must be one of {sorted(TASKS)}, got {config.task!r}")
+    return TASKS[config.task](config, placement)
+
+
+__all__ = ["TASKS", "ContrastiveTask", "Task", "build_task"]

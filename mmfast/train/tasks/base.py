@@ -1,0 +1,72 @@
+"""What the training loop asks of a paradigm. The loop (mmfast.train.trainer) owns the engines,
+accumulation, schedule, progress bar, metrics, checkpoints, resume and the run directory; a task
+owns everything paradigm-specific: its checks, data and tokenizer, the model, one rank's batches,
+the loss, what it logs, its FLOPs, evaluation and export."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class Task:
+    """Base class of a task. `config` is the RunConfig; `placement` the rank's place (rank, world size,
+    device, is_main; None outside a run, e.g. when exporting)."""
+
+    name = ""
+    headline: dict = {}  # evaluation key -> label, shown by the progress bar after each evaluation
+
+    def __init__(self, config, placement=None):
+        self.config, self.placement = config, placement
+
+    def check(self, world_size: int) -> None:
+        """Refuse settings this task cannot train with (a ValueError naming the key)."""
+
+    def prepare(self, progress: bool) -> None:
+        """Data and tokenizer of the run: rank 0 writes into config.run_dir, then every rank reads
+        (the loop has made the directory and synchronizes around this call's collectives)."""
+        raise NotImplementedError
+
+    def build_model(self) -> torch.nn.Module:
+        """The single-device model, on the CPU, initialized from the current torch seed."""
+        raise NotImplementedError
+
+    def batches(self, accumulation: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """This rank's share of every global batch from step `start` on, a function of (seed, step):
+        a tuple of tensors whose first dimension is split into `accumulation` micro-batches."""
+        raise NotImplementedError
+
+    def loss(self, model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The float32 loss of one micro-batch through `model` (the engine's wrapped model), called
+        inside engine.autocast(): what must stay float32 runs under torch.autocast(..., enabled=False)."""
+        raise NotImplementedError
+
+    def forward_backward(self, engine, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Gradients of one optimizer step on this rank; returns its mean loss (detached)."""
+        losses = []
+        parts = list(zip(*(tensor.chunk(engine.accumulation) for tensor in batch)))
+        for index, part in enumerate(parts):
+            with engine.autocast():
+                loss = self.loss(engine.model, part)
+            engine.backward(loss, sync=index == len(parts) - 1)
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
+
+    def log(self, module) -> dict:
+        """Extra training metrics read from the unwrapped model (collective under sharding engines)."""
+        return {}
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs of one sample (forward + backward), for TFLOP/s and MFU."""
+        raise NotImplementedError
+
+    def tokens_per_sample(self) -> int:
+        raise NotImplementedError
+
+    def evaluate(self, model) -> dict:
+        """Scores of a plain (unwrapped, consolidated) model on rank 0."""
+        raise NotImplementedError
+
+    def export(self, run_dir: str, folder: str) -> str:
+        """Writes the finished model of checkpoint `folder` into run_dir (e.g. model.pt); returns its path."""
+        raise NotImplementedError

@@ -1,0 +1,177 @@
+"""The contrastive task: CLIP or SigLIP (model.loss) on image-caption pairs, with gradient caching
+for batches beyond activation memory (train.micro_batch)."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+
+import torch
+
+import mmfast
+from mmfast.data.tokenizer import CaptionTokenizer
+from mmfast.models import CLIP, ClipConfig
+from mmfast.models.clip import flops_per_sample
+from mmfast.train import checkpoint, distributed
+from mmfast.train.data import batch_indices, ensure_synth, load_split, other_split, shard_paths
+from mmfast.train.evaluate import evaluate
+from mmfast.train.grad_cache import grad_cache_step
+from mmfast.train.stream import sample_captions, stream_batches
+from mmfast.train.tasks.base import Task
+
+CLIP_MEAN, CLIP_STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
+
+
+def clip_config(config, vocab_size: int, eot_token_id: int) -> ClipConfig:
+    """The model's config from the run's: image size from data, vocabulary from the trained tokenizer."""
+    m = config.model
+    return ClipConfig(embed_dim=m.embed_dim, vision=dataclasses.replace(m.vision, image_size=config.data.image_size),
+                      text=dataclasses.replace(m.text, vocab_size=vocab_size, eot_token_id=eot_token_id),
+                      init_logit_bias=-10.0 if m.loss == "siglip" else None)
+
+
+def build_model(config: ClipConfig) -> CLIP:
+    model = CLIP(config)
+    # uint8 pixels go straight into the fused patch embedding, normalized there
+    model.vision_model.embeddings.mean, model.vision_model.embeddings.std = CLIP_MEAN, CLIP_STD
+    return model
+
+
+def export(run_dir: str, folder: str, model_config: ClipConfig) -> str:
+    """Writes <run_dir>/model.pt: the consolidated fp32 weights of checkpoint `folder` and the model's
+    config, which `mmfast.load_clip` reads."""
+    path = os.path.join(run_dir, "model.pt")
+    torch.save({"clip_config": dataclasses.asdict(model_config), "state_dict": checkpoint.consolidate(folder),
+                "mean": CLIP_MEAN, "std": CLIP_STD}, path)
+    return path
+
+
+class ContrastiveTask(Task):
+    name = "contrastive"
+    headline = {"zero_shot_accuracy": "zero-shot", "other_zero_shot_accuracy": "drawn another way",
+                "image_to_text_R@1": "I->T R@1"}
+
+    def check(self, world_size: int) -> None:
+        config = self.config
+        if config.model.loss not in ("clip", "siglip"):
+            raise ValueError(f"config: model.loss must be 'clip' or 'siglip', got {config.model.loss!r}")
+        if config.data.streaming and config.data.source != "shards":
+            raise ValueError(f"config: data.streaming reads webdataset shards: set data.source=shards, "
+                             f"got {config.data.source!r}")
+        if config.train.micro_batch and (config.engine.name not in ("auto", "single", "ddp")
+                                         or config.train.accumulation_steps > 1):
+            raise ValueError("config: train.micro_batch (gradient caching) runs with engine.name single or ddp and "
+                             "train.accumulation_steps=1")
+
+    # --- data and model -------------------------------------------------------------------------------
+
+    def prepare(self, progress: bool) -> None:
+        """The bundled shards (rank 0), the splits (every rank; the training split is None when
+        streamed), the tokenizer trained on the captions or loaded (written once into the run)."""
+        config, placement = self.config, self.placement
+        if placement.is_main and config.data.source == "synth":
+            ensure_synth(config.data, progress)
+        distributed.barrier()
+        self.train_split = None if config.data.streaming else load_split(config.data, "train")
+        self.held_out = load_split(config.data, "held_out")
+        self.other = other_split(config.data) if placement.is_main else None
+        path = os.path.join(config.run_dir, "tokenizer.json")
+        if placement.is_main and not os.path.exists(path):
+            context = config.model.text.context_length
+            if config.data.tokenizer:
+                tokenizer = CaptionTokenizer.load(config.data.tokenizer, context)
+            else:
+                captions = (self.train_split[1] if self.train_split
+                            else sample_captions(shard_paths(config.data, "train"), 20000))
+                tokenizer = CaptionTokenizer.train(captions, config.model.text.vocab_size, context)
+            tokenizer.save(path)
+        distributed.barrier()
+        self.load_tokenizer(config.run_dir)
+
+    def load_tokenizer(self, run_dir: str) -> None:
+        self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
+        self.model_config = clip_config(self.config, self.tokenizer.vocab_size, self.tokenizer.eot_id)
+
+    def build_model(self) -> CLIP:
+        return build_model(self.model_config)
+
+    def batches(self, accumulation: int, start: int):
+        """(uint8 pixels, tokens) of this rank's share of every global batch from step `start` on."""
+        data, seed, placement, tokenizer = self.config.data, self.config.train.seed, self.placement, self.tokenizer
+        if data.streaming:
+            stream = stream_batches(shard_paths(data, "train"), data.batch_size // placement.world_size,
+                                    placement.rank, placement.world_size, data.image_size, seed + start,
+                                    data.shuffle_buffer, data.workers)
+            for pixels, captions in stream:
+                yield pixels, tokenizer(captions)
+            return
+        images, captions, _ = self.train_split
+        tokens = tokenizer(captions)
+        for step in itertools.count(start):
+            rows = batch_indices(step, len(tokens), data.batch_size, seed)
+            # accumulated batch i is the global batch's i-th slice, shared out over the ranks: the same
+            # contrastive batches as in one process
+            rows = rows.view(accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)
+            yield images[rows], tokens[rows]
+
+    # --- the step ---------------------------------------------------------------------------------------
+
+    @property
+    def loss_function(self):
+        if getattr(self, "_loss_function", None) is None:
+            siglip, placement = self.config.model.loss == "siglip", self.placement
+            if placement.world_size == 1:
+                self._loss_function = mmfast.nn.SigLipLoss() if siglip else mmfast.nn.ClipLoss()
+            elif siglip:
+                self._loss_function = mmfast.nn.SigLipLoss(rank=placement.rank, world_size=placement.world_size)
+            else:  # each rank: its rows against the gathered batch; ranks' mean = global loss
+                self._loss_function = mmfast.nn.ClipLoss(local_loss=True, gather_with_grad=True, rank=placement.rank,
+                                                         world_size=placement.world_size)
+        return self._loss_function
+
+    def loss(self, model, batch) -> torch.Tensor:
+        """The encoders in the engine's precision; the loss in float32, outside autocast."""
+        pixels, text = batch
+        output = model(pixels, text)
+        with torch.autocast(pixels.device.type, enabled=False):
+            extra = [output["logit_bias"].float()] if "logit_bias" in output else []
+            return self.loss_function(output["image_features"].float(), output["text_features"].float(),
+                                      output["logit_scale"].float(), *extra)
+
+    def forward_backward(self, engine, batch) -> torch.Tensor:
+        pixels, text = batch
+        micro_batch = self.config.train.micro_batch
+        if micro_batch and micro_batch < len(text):
+            with engine.autocast():
+                return grad_cache_step(engine.module, self.loss_function, pixels, text, micro_batch,
+                                       forward=engine.model, no_sync=getattr(engine.model, "no_sync", None))
+        return super().forward_backward(engine, batch)
+
+    def log(self, module) -> dict:
+        """exp(logit_scale); collective under FSDP2 and ZeRO-3, so every rank calls it."""
+        parameter = module.logit_scale
+        if hasattr(parameter, "ds_numel"):  # partitioned by ZeRO-3
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([parameter]):
+                return {"logit_scale": parameter.detach().float().exp().item()}
+        value = parameter.detach()
+        if hasattr(value, "full_tensor"):  # a DTensor under FSDP2
+            value = value.full_tensor()
+        return {"logit_scale": value.float().exp().item()}
+
+    def flops_per_sample(self) -> float:
+        return flops_per_sample(self.model_config)
+
+    def tokens_per_sample(self) -> int:
+        vision = self.model_config.vision
+        return self.model_config.text.context_length + (vision.image_size // vision.patch_size) ** 2 + 1
+
+    # --- results ------------------------------------------------------------------------------------------
+
+    def evaluate(self, model) -> dict:
+        """Zero-shot and retrieval on the held-out split, and on the set drawn another way."""
+        return evaluate(model, self.tokenizer, self.held_out, self.other)
+
+    def export(self, run_dir: str, folder: str) -> str:
+        return export(run_dir, folder, self.model_config)
