@@ -74,8 +74,8 @@ def _assert_follows(root, name, tolerance=2e-4, reference="single"):
     assert losses == pytest.approx(reference, abs=tolerance), f"{name}: {losses} vs single {reference}"
 
 
-def _assert_same_weights(root, name, tolerance=1e-4):
-    reference = torch.load(root / "single" / "model.pt", weights_only=False)["state_dict"]
+def _assert_same_weights(root, name, tolerance=1e-4, reference="single"):
+    reference = torch.load(root / reference / "model.pt", weights_only=False)["state_dict"]
     exported = torch.load(root / name / "model.pt", weights_only=False)["state_dict"]
     assert exported.keys() == reference.keys()
     for key in reference:
@@ -243,3 +243,21 @@ def test_engine_choices_are_checked_before_any_process_group():
         from mmfast.train.tasks import build_task
 
         build_task(load_config("clip-tiny", ["--train.micro_batch=8", "--engine.name=fsdp2"])).check(2)
+
+
+@pytest.mark.distributed
+def test_a_task_written_against_the_interface_trains_on_every_engine(root):
+    """caption_lm (mmfast.train.tasks.caption_lm) knows only the Task interface: on two processes
+    under DDP, FSDP2 and DeepSpeed ZeRO-2/3 it follows its single-process run."""
+    task = ["--task=caption_lm"]
+    _launch(root, [("lm-single", task)], world=1)
+    runs = [("lm-ddp", ["--engine.name=ddp", *task]), ("lm-fsdp2", ["--engine.name=fsdp2", *task])]
+    if __import__("importlib").util.find_spec("deepspeed"):
+        runs += [(f"lm-zero{stage}", ["--engine.name=deepspeed", f"--engine.zero_stage={stage}", *task])
+                 for stage in (2, 3)]
+    _launch(root, runs)
+    for name, _ in runs:
+        _assert_follows(root, name, reference="lm-single")
+        _assert_same_weights(root, name, reference="lm-single")
+    rows = [json.loads(line) for line in open(root / "lm-single" / "metrics.jsonl")]
+    assert any("next_token_accuracy" in row for row in rows)

@@ -1,6 +1,7 @@
 """The bundled image-caption data: procedurally drawn shapes (color, shape, size, position, count, on
-varied backgrounds, see shape_sample) and scikit-learn's handwritten digits, written as webdataset shards (img2dataset layout:
-`<key>.png`, `<key>.txt`, `<key>.json`), with train and held-out splits. Nothing is downloaded.
+varied backgrounds, see shape_sample) and scikit-learn's handwritten digits, written as webdataset
+shards (img2dataset layout: `<key>.png`, `<key>.txt`, `<key>.json`), with train and held-out splits.
+Nothing is downloaded.
 
 Every sample comes from its own seeded generator, so the same arguments give the same samples.
 Zero-shot classes are the color x shape pairs (chance 1 / 36).
@@ -197,7 +198,8 @@ def shape_sample(rng: np.random.Generator, size: int, geometry: str = "anchored"
     # a tilt, not any turn: a square turned 45 degrees is a diamond, and one turned 20 is nearly one
     angle = float(rng.uniform(-TILT, TILT)) if free else 0.0
     # outlines only where they stay visible after the downsampling (about 5 pixels of radius or more)
-    outline = int(max(2, radius * rng.uniform(0.22, 0.35))) if free and radius >= 5 * SUPERSAMPLE and rng.random() < 0.15 else 0
+    visible = free and radius >= 5 * SUPERSAMPLE
+    outline = int(max(2, radius * rng.uniform(0.22, 0.35))) if visible and rng.random() < 0.15 else 0
     for index in range(count):  # a row of `count` separate shapes around the position
         offset = (index - (count - 1) / 2) * radius * gap
         _draw(draw, shape, cx + offset, cy + float(rng.normal(0, 0.02 * radius)), radius, color, angle, outline)

@@ -75,7 +75,7 @@ def clip_config(size: str, **overrides) -> ClipConfig:
     return config
 
 
-def _transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
+def transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
     """Forward FLOPs of `layers` blocks over one sequence: projections, MLP and attention matmuls."""
     per_token = 2 * (4 * width * width + 2 * width * int(width * mlp_ratio)) + 2 * 2 * tokens * width
     return layers * tokens * per_token
@@ -87,8 +87,8 @@ def flops_per_sample(config: ClipConfig) -> float:
     vision, text = config.vision, config.text
     patches = (vision.image_size // vision.patch_size) ** 2
     forward = 2 * patches * vision.channels * vision.patch_size ** 2 * vision.width
-    forward += _transformer_flops(patches + 1, vision.width, vision.layers, vision.mlp_ratio)
-    forward += _transformer_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
+    forward += transformer_flops(patches + 1, vision.width, vision.layers, vision.mlp_ratio)
+    forward += transformer_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
     forward += 2 * config.embed_dim * (vision.width + text.width)
     return 3.0 * forward
 
@@ -123,7 +123,7 @@ class Block(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-def _run_blocks(layers: nn.ModuleList, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+def run_blocks(layers: nn.ModuleList, x: torch.Tensor, recompute: bool) -> torch.Tensor:
     for layer in layers:
         # activation checkpointing keeps one tensor per block and recomputes the rest in backward
         x = checkpoint(layer, x, use_reentrant=False) if recompute and torch.is_grad_enabled() else layer(x)
@@ -144,7 +144,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         x = self.pre_layrnorm(self.embeddings(pixels, interpolate_pos_encoding))
-        x = _run_blocks(self.layers, x, self.grad_checkpointing)
+        x = run_blocks(self.layers, x, self.grad_checkpointing)
         return self.post_layernorm(x[:, 0])
 
 
@@ -165,7 +165,7 @@ class TextTransformer(nn.Module):
                              f"{self.config.context_length}")
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
-        x = _run_blocks(self.layers, x, self.grad_checkpointing)  # causal: later padding never reaches the end token
+        x = run_blocks(self.layers, x, self.grad_checkpointing)  # causal: later padding never reaches the end token
         x = self.final_layer_norm(x)
         if self.config.eot_token_id is None:
             end = tokens.argmax(dim=-1)

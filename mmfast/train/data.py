@@ -20,7 +20,8 @@ SYNTH_FORMAT = 3  # bumped when the generator changes, so older shards on disk a
 def ensure_synth(data, progress: bool = True) -> None:
     """Writes the bundled shards into data.synth_dir unless the same ones are there (call on one rank)."""
     marker = os.path.join(data.synth_dir, "synth.json")
-    wanted = {"format": SYNTH_FORMAT, "train": data.train_samples, "held_out": data.held_out_samples, "size": data.image_size,
+    wanted = {"format": SYNTH_FORMAT, "train": data.train_samples, "held_out": data.held_out_samples,
+              "size": data.image_size,
               "seed": data.seed, "digit_fraction": data.digit_fraction, "geometry": data.synth_geometry}
     if os.path.exists(marker) and json.load(open(marker)) == wanted:
         return

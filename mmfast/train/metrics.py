@@ -95,8 +95,9 @@ class MetricsWriter:
                 self.board.close()
 
 
-def plot(metrics_path: str, out_path: str) -> None:
-    """Loss and held-out evaluation curves of a run as a PNG (skipped without matplotlib)."""
+def plot(metrics_path: str, out_path: str, headline: dict) -> None:
+    """Training loss and the task's headline evaluation metrics ({key: label}) of a run as a PNG:
+    losses on the left, scores on the right (skipped without matplotlib)."""
     try:
         import matplotlib
 
@@ -106,17 +107,16 @@ def plot(metrics_path: str, out_path: str) -> None:
         return
     rows = [json.loads(line) for line in open(metrics_path)]
     train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "image_to_text_R@1" in r]
+    evals = [r for r in rows if "loss" not in r and any(key in r for key in headline)]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    left.plot([r["step"] for r in train], [r["loss"] for r in train])
-    left.set(title="training loss", xlabel="step")
-    if any("zero_shot_accuracy" in r for r in evals):
-        right.plot([r["step"] for r in evals], [r["zero_shot_accuracy"] for r in evals], marker="o",
-                   label="zero-shot, held-out")
-    if any("other_zero_shot_accuracy" in r for r in evals):
-        right.plot([r["step"] for r in evals], [r["other_zero_shot_accuracy"] for r in evals], marker="o",
-                   label="zero-shot, drawn another way")
-    right.plot([r["step"] for r in evals], [r["image_to_text_R@1"] for r in evals], marker="o", label="I->T R@1")
+    left.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
+    left.set(title="loss", xlabel="step")
+    for key, label in headline.items():
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        if points:
+            axis = left if "loss" in key else right
+            axis.plot(*zip(*points), marker="o", label=label)
+    left.legend(loc="upper right")
     right.set(title="evaluation", xlabel="step", ylim=(0, 1))
     right.legend(loc="center right")
     figure.tight_layout()

@@ -2,8 +2,8 @@
 (mmfast.train.tasks: data, model, loss, evaluation, export), the loop keeps engines, accumulation,
 schedule, progress, metrics, checkpoints, resume and the run directory.
 
-A run directory holds config.yaml (resolved), the task's files (tokenizer.json for contrastive), metrics.jsonl, tensorboard/,
-checkpoints/, model.pt (the consolidated fp32 weights at the end) and curves.png. Launched by
+A run directory holds config.yaml (resolved), the task's files (tokenizer.json), metrics.jsonl,
+tensorboard/, checkpoints/, model.pt (the consolidated fp32 weights at the end) and curves.png. Launched by
 torchrun or the deepspeed launcher, every rank runs this loop on its share of each global batch;
 rank 0 writes everything but the checkpoint shards. Resuming from the latest checkpoint reproduces
 the uninterrupted run: the data order is a function of (seed, step), and model, optimizer,
@@ -130,7 +130,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     metrics.close()
     if placement.is_main and end == steps and folder:
         task.export(config.run_dir, folder)
-        plot(metrics.path, os.path.join(config.run_dir, "curves.png"))
+        plot(metrics.path, os.path.join(config.run_dir, "curves.png"), task.plot_metrics)
     distributed.barrier()
     return last_eval
 

@@ -70,7 +70,8 @@ class Engine:
 
     # -- setup -------------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module) -> None:
-        """Places `model` (mmfast's CLIP), builds the optimizer and the schedule."""
+        """Places `model` (the task's; it has blocks() and set_grad_checkpointing()), builds the optimizer
+        and the schedule."""
         model.to(self.placement.device)
         self._common_setup(model)
         self.model = self.module = model

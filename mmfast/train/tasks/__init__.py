@@ -1,8 +1,9 @@
 """Tasks: what the trainer asks of each training paradigm (see base.Task). `task:` in a recipe names one."""
 from mmfast.train.tasks.base import Task
+from mmfast.train.tasks.caption_lm import CaptionLMTask
 from mmfast.train.tasks.contrastive import ContrastiveTask
 
-TASKS = {"contrastive": ContrastiveTask}
+TASKS = {"contrastive": ContrastiveTask, "caption_lm": CaptionLMTask}
 
 
 def build_task(config, placement=None) -> Task:
@@ -11,4 +12,4 @@ def build_task(config, placement=None) -> Task:
     return TASKS[config.task](config, placement)
 
 
-__all__ = ["TASKS", "ContrastiveTask", "Task", "build_task"]
+__all__ = ["TASKS", "CaptionLMTask", "ContrastiveTask", "Task", "build_task"]

@@ -15,6 +15,7 @@ class Task:
 
     name = ""
     headline: dict = {}  # evaluation key -> label, shown by the progress bar after each evaluation
+    plot_metrics: dict = {}  # evaluation key -> label, drawn in curves.png (keys with "loss" beside the loss)
 
     def __init__(self, config, placement=None):
         self.config, self.placement = config, placement

@@ -13,11 +13,12 @@ from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models import CLIP, ClipConfig
 from mmfast.models.clip import flops_per_sample
 from mmfast.train import checkpoint, distributed
-from mmfast.train.data import batch_indices, ensure_synth, load_split, other_split, shard_paths
+from mmfast.train.data import batch_indices, shard_paths
 from mmfast.train.evaluate import evaluate
 from mmfast.train.grad_cache import grad_cache_step
-from mmfast.train.stream import sample_captions, stream_batches
+from mmfast.train.stream import stream_batches
 from mmfast.train.tasks.base import Task
+from mmfast.train.tasks.captions import prepare_captions
 
 CLIP_MEAN, CLIP_STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 
@@ -50,6 +51,8 @@ class ContrastiveTask(Task):
     name = "contrastive"
     headline = {"zero_shot_accuracy": "zero-shot", "other_zero_shot_accuracy": "drawn another way",
                 "image_to_text_R@1": "I->T R@1"}
+    plot_metrics = {"zero_shot_accuracy": "zero-shot, held-out",
+                    "other_zero_shot_accuracy": "zero-shot, drawn another way", "image_to_text_R@1": "I->T R@1"}
 
     def check(self, world_size: int) -> None:
         config = self.config
@@ -66,27 +69,7 @@ class ContrastiveTask(Task):
     # --- data and model -------------------------------------------------------------------------------
 
     def prepare(self, progress: bool) -> None:
-        """The bundled shards (rank 0), the splits (every rank; the training split is None when
-        streamed), the tokenizer trained on the captions or loaded (written once into the run)."""
-        config, placement = self.config, self.placement
-        if placement.is_main and config.data.source == "synth":
-            ensure_synth(config.data, progress)
-        distributed.barrier()
-        self.train_split = None if config.data.streaming else load_split(config.data, "train")
-        self.held_out = load_split(config.data, "held_out")
-        self.other = other_split(config.data) if placement.is_main else None
-        path = os.path.join(config.run_dir, "tokenizer.json")
-        if placement.is_main and not os.path.exists(path):
-            context = config.model.text.context_length
-            if config.data.tokenizer:
-                tokenizer = CaptionTokenizer.load(config.data.tokenizer, context)
-            else:
-                captions = (self.train_split[1] if self.train_split
-                            else sample_captions(shard_paths(config.data, "train"), 20000))
-                tokenizer = CaptionTokenizer.train(captions, config.model.text.vocab_size, context)
-            tokenizer.save(path)
-        distributed.barrier()
-        self.load_tokenizer(config.run_dir)
+        prepare_captions(self, progress, with_other=True)
 
     def load_tokenizer(self, run_dir: str) -> None:
         self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))

@@ -1,0 +1,94 @@
+"""A causal language model on the bundled captions: next-token prediction, the text stage a
+generative (LLaVA-style) model starts from. Written against the Task interface alone; the model
+comes from model.text (vocabulary, context, width, layers, heads)."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from mmfast.data.tokenizer import CaptionTokenizer
+from mmfast.models.caption_lm import CaptionLM, flops_per_sequence
+from mmfast.train import checkpoint
+from mmfast.train.data import batch_indices
+from mmfast.train.tasks.base import Task
+from mmfast.train.tasks.captions import prepare_captions
+
+
+class CaptionLMTask(Task):
+    name = "caption_lm"
+    headline = {"held_out_loss": "held-out loss", "next_token_accuracy": "next-token accuracy"}
+    plot_metrics = headline
+
+    def check(self, world_size: int) -> None:
+        if self.config.train.micro_batch:
+            raise ValueError("config: train.micro_batch (gradient caching) is for contrastive batches; "
+                             "task caption_lm uses train.accumulation_steps")
+        if self.config.data.streaming:
+            raise ValueError("config: task caption_lm reads its captions into memory: data.streaming=false")
+
+    def prepare(self, progress: bool) -> None:
+        prepare_captions(self, progress)
+
+    def load_tokenizer(self, run_dir: str) -> None:
+        self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
+        self.model_config = dataclasses.replace(self.config.model.text, vocab_size=self.tokenizer.vocab_size,
+                                                eot_token_id=self.tokenizer.eot_id)
+
+    def build_model(self) -> CaptionLM:
+        return CaptionLM(self.model_config)
+
+    def batches(self, accumulation: int, start: int):
+        """(tokens,) of this rank's share of every global batch, as the contrastive task shares them."""
+        data, seed, placement = self.config.data, self.config.train.seed, self.placement
+        tokens = self.tokenizer(self.train_split[1])
+        for step in itertools.count(start):
+            rows = batch_indices(step, len(tokens), data.batch_size, seed)
+            yield (tokens[rows.view(accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)],)
+
+    def _token_losses(self, model, tokens):
+        """Per-token cross-entropy [B, T - 1] and the mask of real (not padding) targets."""
+        logits = model(tokens[:, :-1])
+        targets = tokens[:, 1:]
+        with torch.autocast(tokens.device.type, enabled=False):
+            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        return losses.view_as(targets), targets != self.tokenizer.pad_id, logits
+
+    def loss(self, model, batch) -> torch.Tensor:
+        """Each caption's mean next-token loss, averaged over captions: every rank's batch weighs the
+        same, so the ranks' mean is the global batch's loss."""
+        losses, valid, _ = self._token_losses(model, batch[0])
+        return ((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+
+    def flops_per_sample(self) -> float:
+        return flops_per_sequence(self.model_config, self.model_config.context_length - 1)
+
+    def tokens_per_sample(self) -> int:
+        return self.model_config.context_length - 1
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Held-out token-level loss, perplexity and next-token accuracy (first 1,000 captions)."""
+        was_training = model.training
+        model.eval()
+        tokens = self.tokenizer(self.held_out[1][:1000]).to(next(model.parameters()).device)
+        total = correct = count = 0.0
+        for start in range(0, len(tokens), 256):
+            losses, valid, logits = self._token_losses(model, tokens[start:start + 256])
+            total += (losses * valid).sum().item()
+            correct += ((logits.argmax(-1) == tokens[start:start + 256, 1:]) & valid).sum().item()
+            count += valid.sum().item()
+        model.train(was_training)
+        loss = total / max(count, 1)
+        return {"held_out_loss": loss, "perplexity": math.exp(loss), "next_token_accuracy": correct / max(count, 1)}
+
+    def export(self, run_dir: str, folder: str) -> str:
+        """<run_dir>/model.pt: the consolidated fp32 weights and the model's config."""
+        path = os.path.join(run_dir, "model.pt")
+        torch.save({"task": self.name, "text_config": dataclasses.asdict(self.model_config),
+                    "state_dict": checkpoint.consolidate(folder)}, path)
+        return path

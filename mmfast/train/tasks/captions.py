@@ -1,0 +1,34 @@
+"""What the caption-based tasks share: the image-caption splits and the caption tokenizer of a run."""
+from __future__ import annotations
+
+import os
+
+from mmfast.data.tokenizer import CaptionTokenizer
+from mmfast.train import distributed
+from mmfast.train.data import ensure_synth, load_split, other_split, shard_paths
+from mmfast.train.stream import sample_captions
+
+
+def prepare_captions(task, progress: bool, with_other: bool = False) -> None:
+    """Sets task.train_split (None when streamed), task.held_out, task.other (the set drawn another way,
+    rank 0, when `with_other`) and, through task.load_tokenizer, the tokenizer: trained on the captions
+    (or loaded from data.tokenizer) and written once into the run directory by rank 0."""
+    config, placement = task.config, task.placement
+    if placement.is_main and config.data.source == "synth":
+        ensure_synth(config.data, progress)
+    distributed.barrier()
+    task.train_split = None if config.data.streaming else load_split(config.data, "train")
+    task.held_out = load_split(config.data, "held_out")
+    task.other = other_split(config.data) if with_other and placement.is_main else None
+    path = os.path.join(config.run_dir, "tokenizer.json")
+    if placement.is_main and not os.path.exists(path):
+        context = config.model.text.context_length
+        if config.data.tokenizer:
+            tokenizer = CaptionTokenizer.load(config.data.tokenizer, context)
+        else:
+            captions = (task.train_split[1] if task.train_split
+                        else sample_captions(shard_paths(config.data, "train"), 20000))
+            tokenizer = CaptionTokenizer.train(captions, config.model.text.vocab_size, context)
+        tokenizer.save(path)
+    distributed.barrier()
+    task.load_tokenizer(config.run_dir)
