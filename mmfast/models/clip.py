@@ -159,14 +159,19 @@ class TextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.width)
         self.grad_checkpointing = False
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, width], after the final norm."""
         if tokens.shape[1] > self.config.context_length:
             raise ValueError(f"TextTransformer: {tokens.shape[1]} tokens exceed context_length "
                              f"{self.config.context_length}")
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_embedding(tokens) + self.position_embedding(positions)
         x = run_blocks(self.layers, x, self.grad_checkpointing)  # causal: later padding never reaches the end token
-        x = self.final_layer_norm(x)
+        return self.final_layer_norm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, width]: each row's state at its end-of-text token."""
+        x = self.hidden_states(tokens)
         if self.config.eot_token_id is None:
             end = tokens.argmax(dim=-1)
         else:

@@ -118,7 +118,7 @@ def plot(metrics_path: str, out_path: str, headline: dict) -> None:
             axis.plot(*zip(*points), marker="o", label=label)
     left.legend(loc="upper right")
     right.set(title="evaluation", xlabel="step", ylim=(0, 1))
-    right.legend(loc="center right")
+    right.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(out_path, dpi=110)
     plt.close(figure)
