@@ -261,3 +261,21 @@ def test_a_task_written_against_the_interface_trains_on_every_engine(root):
         _assert_same_weights(root, name, reference="lm-single")
     rows = [json.loads(line) for line in open(root / "lm-single" / "metrics.jsonl")]
     assert any("next_token_accuracy" in row for row in rows)
+
+
+@pytest.mark.distributed
+def test_frozen_modules_and_prefix_learning_rates_on_every_engine(root):
+    """train.frozen and optim.lr_groups give the single process's run under DDP, FSDP2 and ZeRO-2/3."""
+    settings = ["--train.frozen=[text_model]", "--optim.lr_groups={visual_projection: 3.0e-3}"]
+    _launch(root, [("frozen-single", settings)], world=1)
+    runs = [("frozen-ddp", ["--engine.name=ddp", *settings]), ("frozen-fsdp2", ["--engine.name=fsdp2", *settings])]
+    if __import__("importlib").util.find_spec("deepspeed"):
+        runs += [(f"frozen-zero{stage}", ["--engine.name=deepspeed", f"--engine.zero_stage={stage}", *settings])
+                 for stage in (2, 3)]
+    _launch(root, runs)
+    single = torch.load(root / "frozen-single" / "model.pt", weights_only=False)["state_dict"]
+    initial = torch.load(root / "single" / "model.pt", weights_only=False)["state_dict"]  # same seed, nothing frozen
+    assert not any(torch.equal(single[name], initial[name]) for name in single if name.startswith("vision_model."))
+    for name, _ in runs:
+        _assert_follows(root, name, reference="frozen-single")
+        _assert_same_weights(root, name, reference="frozen-single")

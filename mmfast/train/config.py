@@ -60,6 +60,7 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: str = "cosine"  # or "linear", "constant"
     grad_clip: float = 1.0
+    lr_groups: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> its peak lr
 
 
 @dataclass(kw_only=True)
@@ -72,6 +73,9 @@ class TrainConfig:
     micro_batch: int | None = None  # gradient caching when smaller than each rank's batch (single, ddp)
     accumulation_steps: int = 1  # plain accumulation: each step's batch in this many contrastive batches
     stop_after: int | None = None  # end the run early at this step, schedule unchanged (resume later)
+    init_from: str = ""  # a model.pt (or a run directory holding one) whose weights start this run
+    frozen: list[str] = field(default_factory=list)  # parameter-name prefixes left untrained
+    trainable: list[str] = field(default_factory=list)  # if any: only these prefixes are trained
 
 
 @dataclass(kw_only=True)
@@ -106,11 +110,16 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # stages run one after the other, each a dict of sections overriding the rest (and a name), each in
+    # <run_dir>/<name>, each starting from the previous one's model.pt (see mmfast.train.stages)
+    stages: list[dict] = field(default_factory=list)
 
 
 def _coerce(key: str, value, kind):
     """value (from YAML or the command line) as `kind`, or a ValueError naming the key."""
     origin = typing.get_origin(kind)
+    if origin in (list, dict):
+        return _coerce_collection(key, value, origin, typing.get_args(kind))
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         options = [k for k in typing.get_args(kind) if k is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
@@ -130,7 +139,25 @@ def _coerce(key: str, value, kind):
     return value
 
 
-def _apply(config, values: dict, prefix: str = "") -> None:
+def _coerce_collection(key: str, value, origin, arguments):
+    """A list (YAML list, or "a,b" on the command line) or a mapping, items coerced one by one."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value) if value.strip()[:1] in "[{" else [part for part in value.split(",") if part]
+    if value is None:
+        value = origin()
+    if not isinstance(value, origin):
+        raise ValueError(f"config: {key} must be a {origin.__name__}, got {value!r} ({type(value).__name__})")
+    if not arguments:
+        return value
+    if origin is list:
+        return [_coerce(f"{key}[{index}]", item, arguments[0]) for index, item in enumerate(value)]
+    return {_coerce(f"{key} (a name)", name, arguments[0]): _coerce(f"{key}.{name}", item, arguments[1])
+            for name, item in value.items()}
+
+
+def apply_values(config, values: dict, prefix: str = "") -> None:
+    """Sets nested `values` ({section: {key: value}}) on `config`, coerced to each key's type; errors
+    name the key (after `prefix`)."""
     hints = typing.get_type_hints(type(config))
     names = {f.name for f in dataclasses.fields(config)}
     for name, value in values.items():
@@ -141,7 +168,7 @@ def _apply(config, values: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ValueError(f"config: {key} is a section, got {value!r}")
-            _apply(current, value, f"{key}.")
+            apply_values(current, value, f"{key}.")
         else:
             setattr(config, name, _coerce(key, value, hints[name]))
 
@@ -208,7 +235,7 @@ def load_config(recipe: str | None = None, overrides=(), path: str | None = None
         if not os.path.exists(source):
             raise ValueError(f"config: no recipe {recipe or path!r}; recipes: {recipes()}")
         with open(source) as handle:
-            _apply(config, yaml.safe_load(handle) or {})
+            apply_values(config, yaml.safe_load(handle) or {})
         config.recipe = config.recipe or (recipe or os.path.basename(source))
     for override in overrides:
         key, separator, value = override.removeprefix("--").partition("=")
@@ -220,7 +247,7 @@ def load_config(recipe: str | None = None, overrides=(), path: str | None = None
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
-        _apply(config, nested)
+        apply_values(config, nested)
     check_config(config)
     return config
 

@@ -23,8 +23,11 @@ from tqdm.auto import tqdm
 from mmfast.train import checkpoint, distributed
 from mmfast.train.config import RunConfig, check_config, save_config
 from mmfast.train.engines import build_engine
+from mmfast.train.engines.base import freeze
+from mmfast.train.files import load_tensors
 from mmfast.train.metrics import MetricsWriter, peak_flops, peak_memory_mb, plot
 from mmfast.train.resume import check_resume
+from mmfast.train.stages import finished, stage_configs
 from mmfast.train.tasks import build_task
 
 
@@ -44,18 +47,53 @@ def _run_name(recipe: str) -> str:
 def _prepare_run(config: RunConfig, task, placement, progress: bool, resuming: bool) -> None:
     """The run directory (rank 0), then the task's data and tokenizer (see Task.prepare). A resumed
     run's config.yaml is rewritten only after its checkpoint loaded."""
+    _resolve_run_dir(config, placement)
     if placement.is_main:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        config.run_dir = config.run_dir or os.path.join("runs", f"{_run_name(config.recipe)}-{stamp}")
         os.makedirs(os.path.join(config.run_dir, "checkpoints"), exist_ok=True)
         if not resuming:
             save_config(config, os.path.join(config.run_dir, "config.yaml"))
-    config.run_dir = distributed.broadcast_object(config.run_dir)
+    distributed.barrier()
     task.prepare(progress)
 
 
+def _initial_weights(path: str) -> dict:
+    """The state dict of a model.pt (or of the model.pt in a run directory)."""
+    path = os.path.join(path, "model.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config: train.init_from names {path!r}, which does not exist")
+    return load_tensors(path)["state_dict"]
+
+
+def _resolve_run_dir(config: RunConfig, placement) -> None:
+    if placement.is_main:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        config.run_dir = config.run_dir or os.path.join("runs", f"{_run_name(config.recipe)}-{stamp}")
+    config.run_dir = distributed.broadcast_object(config.run_dir)
+
+
+def train_stages(config: RunConfig, progress: bool = True) -> dict:
+    """Each stage of config.stages in turn (see mmfast.train.stages); returns the last evaluation."""
+    placement = distributed.setup()
+    _resolve_run_dir(config, placement)
+    stages, result = stage_configs(config), {}
+    for name, stage in stages:
+        if finished(stage):
+            if placement.is_main:
+                print(f"mmfast train: stage {name} is finished ({stage.run_dir}/model.pt), skipped")
+            continue
+        if placement.is_main:
+            print(f"mmfast train: stage {name} ({stage.run_dir})")
+        result = train(stage, progress)
+        if not finished(stage):  # stopped early (train.stop_after): the later stages wait for it
+            break
+    return result
+
+
 def train(config: RunConfig, progress: bool = True) -> dict:
-    """Runs (or resumes) the training described by `config`; returns the last evaluation (rank 0)."""
+    """Runs (or resumes) the training described by `config` (every stage, if it has stages); returns
+    the last evaluation (rank 0)."""
+    if config.stages:
+        return train_stages(config, progress)
     placement = distributed.setup()
     check_config(config)
     _check(config, placement.world_size)
@@ -68,7 +106,11 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     engine = build_engine(config, placement)
     _prepare_run(config, task, placement, progress, resuming)
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
-    engine.prepare(task.build_model())
+    model = task.build_model()
+    if config.train.init_from:  # a checkpoint, when resuming, replaces these weights below
+        model.load_state_dict(_initial_weights(config.train.init_from))
+    freeze(model, config.train.trainable, config.train.frozen)
+    engine.prepare(model)
     if placement.is_main and hasattr(engine, "deepspeed_config"):
         with open(os.path.join(config.run_dir, "deepspeed.json"), "w") as handle:
             json.dump(engine.deepspeed_config(), handle, indent=1)

@@ -30,11 +30,43 @@ def schedule(optim, steps: int):
     return factor
 
 
-def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on norms, biases, embeddings' scale or the logit scale)."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    return [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+def _prefixed(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def parameter_groups(module: torch.nn.Module, weight_decay: float, lr_groups: dict | None = None) -> list[dict]:
+    """The trainable parameters in optimizer groups: weight decay on matrices only (not on norms,
+    biases, embeddings' scale or the logit scale), and a group of its own, with its own peak lr, for
+    each prefix of `lr_groups` ({parameter-name prefix: lr}; the longest matching prefix wins)."""
+    lr_groups = lr_groups or {}
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    for prefix in lr_groups:
+        if not any(_prefixed(name, prefix) for name, _ in named):
+            raise ValueError(f"config: optim.lr_groups names {prefix!r}, which no trainable parameter starts with; "
+                             f"the model's top-level modules: {sorted({n.split('.')[0] for n, _ in named})}")
+    groups = {}
+    for name, parameter in named:
+        prefix = max((p for p in lr_groups if _prefixed(name, p)), key=len, default=None)
+        decay = parameter.dim() >= 2
+        group = groups.setdefault((prefix, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                    **({"lr": lr_groups[prefix], "lr_group": prefix} if prefix else {})})
+        group["params"].append(parameter)
+    # without lr_groups: [decayed, not decayed], the layout of optimizer states in earlier checkpoints
+    return [groups[key] for key in sorted(groups, key=lambda key: (key[0] is not None, key[0] or "", not key[1]))]
+
+
+def freeze(model: torch.nn.Module, trainable=(), frozen=()) -> None:
+    """requires_grad off for parameters under a `frozen` prefix, or outside every `trainable` prefix
+    when any is given; a prefix that names no parameter is an error naming the key."""
+    names = [name for name, _ in model.named_parameters()]
+    for key, prefixes in (("train.trainable", trainable), ("train.frozen", frozen)):
+        for prefix in prefixes:
+            if not any(_prefixed(name, prefix) for name in names):
+                raise ValueError(f"config: {key} names {prefix!r}, which no parameter starts with; the model's "
+                                 f"top-level modules: {sorted({name.split('.')[0] for name in names})}")
+    for name, parameter in model.named_parameters():
+        if (trainable and not any(_prefixed(name, p) for p in trainable)) or any(_prefixed(name, p) for p in frozen):
+            parameter.requires_grad_(False)
 
 
 def build_optimizer(groups: list[dict], optim) -> torch.optim.Optimizer:
@@ -75,7 +107,8 @@ class Engine:
         model.to(self.placement.device)
         self._common_setup(model)
         self.model = self.module = model
-        self.optimizer = build_optimizer(parameter_groups(model, self.optim.weight_decay), self.optim)
+        groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
+        self.optimizer = build_optimizer(groups, self.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(self.optim, self.config.train.steps))
         self.scaler = torch.amp.GradScaler("cuda") if self.engine.precision == "fp16" else None
 
@@ -118,11 +151,14 @@ class Engine:
 
     def set_learning_rate(self, lr: float) -> None:
         """After a resume that changes optim.lr: the restored schedule continues from the new peak."""
-        ratio = lr / self.scheduler.base_lrs[0]
-        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
-        for group in self.scheduler.optimizer.param_groups:
-            group["initial_lr"] = lr
-            group["lr"] *= ratio
+        groups = self.scheduler.optimizer.param_groups
+        default = [index for index, group in enumerate(groups) if "lr_group" not in group]
+        ratio = lr / self.scheduler.base_lrs[default[0]] if default else 1.0
+        # the groups of optim.lr_groups keep their own peaks; the others follow optim.lr
+        for index in default:
+            self.scheduler.base_lrs[index] = lr
+            groups[index]["initial_lr"] = lr
+            groups[index]["lr"] *= ratio
 
     @property
     def lr(self) -> float:

@@ -80,7 +80,7 @@ class DeepSpeedEngine(Engine):
         self._common_setup(model)
         self.evaluation_copy = copy.deepcopy(model) if self.placement.is_main else None
         config = self.deepspeed_config()
-        groups = parameter_groups(model, self.optim.weight_decay)
+        groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
         client_optimizer = None if "optimizer" in config else build_optimizer(groups, self.optim)
         factor = schedule(self.optim, self.config.train.steps)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(

@@ -41,7 +41,8 @@ class FSDP2Engine(Engine):
         fully_shard(model, **options)
         self.model = self.module = model
         # after fully_shard: the optimizer must see the sharded (DTensor) parameters
-        self.optimizer = build_optimizer(parameter_groups(model, self.optim.weight_decay), self.optim)
+        groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
+        self.optimizer = build_optimizer(groups, self.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(self.optim, self.config.train.steps))
         self.scaler = None
 
