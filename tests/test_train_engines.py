@@ -245,16 +245,22 @@ def test_engine_choices_are_checked_before_any_process_group():
         build_task(load_config("clip-tiny", ["--train.micro_batch=8", "--engine.name=fsdp2"])).check(2)
 
 
+def _on_every_engine(name, settings):
+    """(run name, overrides) for DDP, FSDP2 and, where installed, DeepSpeed ZeRO-2 and ZeRO-3."""
+    runs = [(f"{name}-ddp", ["--engine.name=ddp", *settings]), (f"{name}-fsdp2", ["--engine.name=fsdp2", *settings])]
+    if __import__("importlib").util.find_spec("deepspeed"):
+        runs += [(f"{name}-zero{stage}", ["--engine.name=deepspeed", f"--engine.zero_stage={stage}", *settings])
+                 for stage in (2, 3)]
+    return runs
+
+
 @pytest.mark.distributed
 def test_a_task_written_against_the_interface_trains_on_every_engine(root):
     """caption_lm (mmfast.train.tasks.caption_lm) knows only the Task interface: on two processes
     under DDP, FSDP2 and DeepSpeed ZeRO-2/3 it follows its single-process run."""
     task = ["--task=caption_lm"]
     _launch(root, [("lm-single", task)], world=1)
-    runs = [("lm-ddp", ["--engine.name=ddp", *task]), ("lm-fsdp2", ["--engine.name=fsdp2", *task])]
-    if __import__("importlib").util.find_spec("deepspeed"):
-        runs += [(f"lm-zero{stage}", ["--engine.name=deepspeed", f"--engine.zero_stage={stage}", *task])
-                 for stage in (2, 3)]
+    runs = _on_every_engine("lm", task)
     _launch(root, runs)
     for name, _ in runs:
         _assert_follows(root, name, reference="lm-single")
@@ -268,10 +274,7 @@ def test_frozen_modules_and_prefix_learning_rates_on_every_engine(root):
     """train.frozen and optim.lr_groups give the single process's run under DDP, FSDP2 and ZeRO-2/3."""
     settings = ["--train.frozen=[text_model]", "--optim.lr_groups={visual_projection: 3.0e-3}"]
     _launch(root, [("frozen-single", settings)], world=1)
-    runs = [("frozen-ddp", ["--engine.name=ddp", *settings]), ("frozen-fsdp2", ["--engine.name=fsdp2", *settings])]
-    if __import__("importlib").util.find_spec("deepspeed"):
-        runs += [(f"frozen-zero{stage}", ["--engine.name=deepspeed", f"--engine.zero_stage={stage}", *settings])
-                 for stage in (2, 3)]
+    runs = _on_every_engine("frozen", settings)
     _launch(root, runs)
     single = torch.load(root / "frozen-single" / "model.pt", weights_only=False)["state_dict"]
     initial = torch.load(root / "single" / "model.pt", weights_only=False)["state_dict"]  # same seed, nothing frozen
