@@ -3,12 +3,12 @@ from mmfast import nn, ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "load_clip", "__version__"]
+__all__ = ["ops", "nn", "load", "load_clip", "__version__"]
 
 
 def __getattr__(name: str):
-    if name == "load_clip":  # lazily: it pulls in the trainer's tokenizer and checkpoint code
-        from mmfast.train.load import load_clip
+    if name in ("load", "load_clip"):  # lazily: they pull in the trainer's tasks, tokenizer and checkpoints
+        from mmfast.train import load as loading
 
-        return load_clip
+        return getattr(loading, name)
     raise AttributeError(f"module 'mmfast' has no attribute {name!r}")

@@ -104,17 +104,17 @@ def _train(args, overrides) -> int:
 
 def _eval(args) -> int:
     _require("train", "eval")
+    from mmfast.train import distributed
     from mmfast.train.config import load_config
-    from mmfast.train.data import ensure_synth, load_split, other_split
-    from mmfast.train.evaluate import evaluate
-    from mmfast.train.load import load_clip
+    from mmfast.train.load import load
+    from mmfast.train.tasks import build_task
 
-    model, _, tokenizer = load_clip(args.run_dir)
     config = load_config(path=os.path.join(args.run_dir, "config.yaml"))
-    if config.data.source == "synth":
-        ensure_synth(config.data)
-    result = evaluate(model, tokenizer, load_split(config.data, "held_out"), other_split(config.data))
-    print(json.dumps(result))
+    config.run_dir = args.run_dir
+    task = build_task(config, distributed.setup())
+    task.prepare_evaluation(progress=True)
+    model = load(args.run_dir)[0]
+    print(json.dumps(task.evaluate(model)))
     return 0
 
 

@@ -98,3 +98,23 @@ def test_stage_errors_name_the_stage(tmp_path):
     config.stages = [{"name": "one"}, {"name": "one"}]
     with pytest.raises(ValueError, match=r"stages\[1\].name must be a new folder name, got 'one'"):
         train(config, progress=False)
+
+
+def test_any_task_loads_evaluates_and_exports_from_its_run(tmp_path, capsys):
+    import mmfast
+    from mmfast.cli import main
+
+    config = _config(tmp_path, "lm", "--task=caption_lm")
+    trained = train(config, progress=False)
+    model, tokenizer = mmfast.load(config.run_dir)
+    assert type(model).__name__ == "CaptionLM" and not model.training
+    assert model(tokenizer(["a red circle."])).shape == (1, 16, tokenizer.vocab_size)
+    with pytest.raises(ValueError, match="holds a 'caption_lm' model, not a CLIP; use mmfast.load"):
+        mmfast.load_clip(config.run_dir)
+    capsys.readouterr()
+    assert main(["eval", config.run_dir]) == 0
+    scores = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["held_out_loss"] == pytest.approx(trained["held_out_loss"], rel=1e-6)
+    os.remove(os.path.join(config.run_dir, "model.pt"))
+    assert main(["export", config.run_dir]) == 0
+    assert mmfast.load(config.run_dir)[0].head.weight.shape[0] == tokenizer.vocab_size

@@ -68,6 +68,21 @@ class Task:
         """Scores of a plain (unwrapped, consolidated) model on rank 0."""
         raise NotImplementedError
 
+    def restore(self, run_dir: str) -> None:
+        """What prepare() made that export and loading need (tokenizer, model config), read back from
+        a run directory, without data or a process group."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_file(cls, saved: dict, directory: str, device="cpu"):
+        """The finished model from the contents of its model.pt (written by export; `directory` holds
+        it and the files beside it), in eval mode, with what a user needs with it (a tokenizer)."""
+        raise NotImplementedError
+
+    def prepare_evaluation(self, progress: bool) -> None:
+        """What evaluate() needs of the data, for a finished run (`mmfast eval`); by default prepare()."""
+        self.prepare(progress)
+
     def export(self, run_dir: str, folder: str) -> str:
         """Writes the finished model of checkpoint `folder` into run_dir (e.g. model.pt); returns its path."""
         raise NotImplementedError

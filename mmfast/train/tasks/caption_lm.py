@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.caption_lm import CaptionLM, flops_per_sequence
+from mmfast.models.clip import TextConfig
 from mmfast.train import checkpoint
 from mmfast.train.data import batch_indices
 from mmfast.train.tasks.base import Task
@@ -34,7 +35,18 @@ class CaptionLMTask(Task):
     def prepare(self, progress: bool) -> None:
         prepare_captions(self, progress)
 
-    def load_tokenizer(self, run_dir: str) -> None:
+    def prepare_evaluation(self, progress: bool) -> None:
+        prepare_captions(self, progress, train=False)
+
+    @classmethod
+    def load_file(cls, saved: dict, directory: str, device="cpu"):
+        """(CaptionLM, tokenizer)."""
+        model = CaptionLM(TextConfig(**saved["text_config"]))
+        model.load_state_dict(saved["state_dict"])
+        tokenizer = CaptionTokenizer.load(os.path.join(directory, "tokenizer.json"))
+        return model.to(device).eval(), tokenizer
+
+    def restore(self, run_dir: str) -> None:
         self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
         self.model_config = dataclasses.replace(self.config.model.text, vocab_size=self.tokenizer.vocab_size,
                                                 eot_token_id=self.tokenizer.eot_id)

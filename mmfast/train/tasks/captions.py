@@ -9,15 +9,15 @@ from mmfast.train.data import ensure_synth, load_split, other_split, shard_paths
 from mmfast.train.stream import sample_captions
 
 
-def prepare_captions(task, progress: bool, with_other: bool = False) -> None:
-    """Sets task.train_split (None when streamed), task.held_out, task.other (the set drawn another way,
-    rank 0, when `with_other`) and, through task.load_tokenizer, the tokenizer: trained on the captions
-    (or loaded from data.tokenizer) and written once into the run directory by rank 0."""
+def prepare_captions(task, progress: bool, with_other: bool = False, train: bool = True) -> None:
+    """Sets task.train_split (None when streamed, or without `train`), task.held_out, task.other (the
+    set drawn another way, rank 0, when `with_other`) and, through task.restore, the tokenizer: trained
+    on the captions (or loaded from data.tokenizer) and written once into the run directory by rank 0."""
     config, placement = task.config, task.placement
     if placement.is_main and config.data.source == "synth":
         ensure_synth(config.data, progress)
     distributed.barrier()
-    task.train_split = None if config.data.streaming else load_split(config.data, "train")
+    task.train_split = None if config.data.streaming or not train else load_split(config.data, "train")
     task.held_out = load_split(config.data, "held_out")
     task.other = other_split(config.data) if with_other and placement.is_main else None
     path = os.path.join(config.run_dir, "tokenizer.json")
@@ -31,4 +31,4 @@ def prepare_captions(task, progress: bool, with_other: bool = False) -> None:
             tokenizer = CaptionTokenizer.train(captions, config.model.text.vocab_size, context)
         tokenizer.save(path)
     distributed.barrier()
-    task.load_tokenizer(config.run_dir)
+    task.restore(config.run_dir)

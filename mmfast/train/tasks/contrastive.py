@@ -10,8 +10,9 @@ import torch
 
 import mmfast
 from mmfast.data.tokenizer import CaptionTokenizer
+from mmfast.data.preprocess import Preprocess
 from mmfast.models import CLIP, ClipConfig
-from mmfast.models.clip import flops_per_sample
+from mmfast.models.clip import TextConfig, VisionConfig, flops_per_sample
 from mmfast.train import checkpoint, distributed
 from mmfast.train.data import batch_indices, shard_paths
 from mmfast.train.evaluate import evaluate
@@ -42,8 +43,8 @@ def export(run_dir: str, folder: str, model_config: ClipConfig) -> str:
     """Writes <run_dir>/model.pt: the consolidated fp32 weights of checkpoint `folder` and the model's
     config, which `mmfast.load_clip` reads."""
     path = os.path.join(run_dir, "model.pt")
-    torch.save({"clip_config": dataclasses.asdict(model_config), "state_dict": checkpoint.consolidate(folder),
-                "mean": CLIP_MEAN, "std": CLIP_STD}, path)
+    torch.save({"task": "contrastive", "clip_config": dataclasses.asdict(model_config),
+                "state_dict": checkpoint.consolidate(folder), "mean": CLIP_MEAN, "std": CLIP_STD}, path)
     return path
 
 
@@ -71,7 +72,21 @@ class ContrastiveTask(Task):
     def prepare(self, progress: bool) -> None:
         prepare_captions(self, progress, with_other=True)
 
-    def load_tokenizer(self, run_dir: str) -> None:
+    def prepare_evaluation(self, progress: bool) -> None:
+        prepare_captions(self, progress, with_other=True, train=False)
+
+    @classmethod
+    def load_file(cls, saved: dict, directory: str, device="cpu"):
+        """(CLIP, preprocess, tokenizer), as mmfast.load_clip gives them."""
+        fields = dict(saved["clip_config"])
+        fields["vision"], fields["text"] = VisionConfig(**fields["vision"]), TextConfig(**fields["text"])
+        model = CLIP(ClipConfig(**fields))
+        model.vision_model.embeddings.mean, model.vision_model.embeddings.std = saved["mean"], saved["std"]
+        model.load_state_dict(saved["state_dict"])
+        tokenizer = CaptionTokenizer.load(os.path.join(directory, "tokenizer.json"))
+        return model.to(device).eval(), Preprocess(model.config.vision.image_size), tokenizer
+
+    def restore(self, run_dir: str) -> None:
         self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
         self.model_config = clip_config(self.config, self.tokenizer.vocab_size, self.tokenizer.eot_id)
 
