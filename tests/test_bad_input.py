@@ -3,7 +3,6 @@ or return what the other backends return, never memory a kernel did not write; t
 and count one bad sample instead of stopping the run."""
 import io
 import json
-import os
 
 import numpy as np
 import pytest

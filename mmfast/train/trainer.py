@@ -12,7 +12,6 @@ schedule and RNG states are restored.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import re
 import time
@@ -111,9 +110,8 @@ def train(config: RunConfig, progress: bool = True) -> dict:
         model.load_state_dict(_initial_weights(config.train.init_from))
     freeze(model, config.train.trainable, config.train.frozen)
     engine.prepare(model)
-    if placement.is_main and hasattr(engine, "deepspeed_config"):
-        with open(os.path.join(config.run_dir, "deepspeed.json"), "w") as handle:
-            json.dump(engine.deepspeed_config(), handle, indent=1)
+    if placement.is_main:
+        engine.write_files(config.run_dir)
 
     checkpoints = os.path.join(config.run_dir, "checkpoints")
     start = 0
@@ -155,7 +153,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
             elapsed = time.perf_counter() - window_start
             rate = window_samples / elapsed
             record = {"step": done, "loss": mean_loss, "lr": engine.lr, "grad_norm": grad_norm,
-                      **task.log(engine.module), "samples_per_s": rate, "tokens_per_s": rate * sample_tokens,
+                      **task.log(engine), "samples_per_s": rate, "tokens_per_s": rate * sample_tokens,
                       "tflops_per_s": rate * sample_flops / 1e12 / placement.world_size,  # per device
                       "peak_memory_mb": peak_memory_mb(device)}
             if peak:

@@ -186,3 +186,17 @@ class Engine:
     def evaluation_model(self) -> torch.nn.Module | None:
         """On rank 0, a module with the current weights for evaluation (None on the other ranks)."""
         return self.module if self.placement.is_main else None
+
+    # -- what the loop and the tasks may ask, whatever the engine ---------------------------------
+    def no_sync(self):
+        """A context in which backward does not reduce gradients across ranks (gradient caching's
+        micro-batches but the last)."""
+        return contextlib.nullcontext()
+
+    def full_value(self, parameter: torch.nn.Parameter) -> torch.Tensor:
+        """The whole (unsharded) value of one parameter of `module`; collective on sharding engines,
+        so every rank calls it."""
+        return parameter.detach()
+
+    def write_files(self, run_dir: str) -> None:
+        """The engine's own files in the run directory (rank 0), e.g. DeepSpeed's resolved config."""

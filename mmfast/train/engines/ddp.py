@@ -22,3 +22,6 @@ class DDPEngine(Engine):
         # DDP's no_sync covers the backward only: accumulated batches skip the all-reduce
         with contextlib.nullcontext() if sync else self.model.no_sync():
             super().backward(loss, sync)
+
+    def no_sync(self):
+        return self.model.no_sync()

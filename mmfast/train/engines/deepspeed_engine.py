@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import socket
 
@@ -119,3 +120,14 @@ class DeepSpeedEngine(Engine):
             return None
         self.evaluation_copy.load_state_dict({key: value.float() for key, value in state.items()})
         return self.evaluation_copy
+
+    def full_value(self, parameter: torch.nn.Parameter) -> torch.Tensor:
+        if not hasattr(parameter, "ds_numel"):  # not partitioned (ZeRO-1/2)
+            return parameter.detach()
+        deepspeed = import_deepspeed()
+        with deepspeed.zero.GatheredParameters([parameter]):  # ZeRO-3: gathered on every rank
+            return parameter.detach().clone()
+
+    def write_files(self, run_dir: str) -> None:
+        with open(os.path.join(run_dir, "deepspeed.json"), "w") as handle:
+            json.dump(self.deepspeed_config(), handle, indent=1)

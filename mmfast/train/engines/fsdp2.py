@@ -75,3 +75,7 @@ class FSDP2Engine(Engine):
             return None
         self.evaluation_copy.load_state_dict(full)
         return self.evaluation_copy
+
+    def full_value(self, parameter: torch.nn.Parameter) -> torch.Tensor:
+        value = parameter.detach()
+        return value.full_tensor() if hasattr(value, "full_tensor") else value  # a DTensor: all-gathered

@@ -53,8 +53,9 @@ class Task:
             losses.append(loss.detach())
         return torch.stack(losses).mean()
 
-    def log(self, module) -> dict:
-        """Extra training metrics read from the unwrapped model (collective under sharding engines)."""
+    def log(self, engine) -> dict:
+        """Extra training metrics, read through the engine (engine.full_value(parameter) is collective
+        on sharding engines: every rank calls log)."""
         return {}
 
     def flops_per_sample(self) -> float:

@@ -13,7 +13,7 @@ from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.data.preprocess import Preprocess
 from mmfast.models import CLIP, ClipConfig
 from mmfast.models.clip import TextConfig, VisionConfig, flops_per_sample
-from mmfast.train import checkpoint, distributed
+from mmfast.train import checkpoint
 from mmfast.train.data import batch_indices, shard_paths
 from mmfast.train.evaluate import evaluate
 from mmfast.train.grad_cache import grad_cache_step
@@ -142,21 +142,12 @@ class ContrastiveTask(Task):
         if micro_batch and micro_batch < len(text):
             with engine.autocast():
                 return grad_cache_step(engine.module, self.loss_function, pixels, text, micro_batch,
-                                       forward=engine.model, no_sync=getattr(engine.model, "no_sync", None))
+                                       forward=engine.model, no_sync=engine.no_sync)
         return super().forward_backward(engine, batch)
 
-    def log(self, module) -> dict:
-        """exp(logit_scale); collective under FSDP2 and ZeRO-3, so every rank calls it."""
-        parameter = module.logit_scale
-        if hasattr(parameter, "ds_numel"):  # partitioned by ZeRO-3
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([parameter]):
-                return {"logit_scale": parameter.detach().float().exp().item()}
-        value = parameter.detach()
-        if hasattr(value, "full_tensor"):  # a DTensor under FSDP2
-            value = value.full_tensor()
-        return {"logit_scale": value.float().exp().item()}
+    def log(self, engine) -> dict:
+        """exp(logit_scale)."""
+        return {"logit_scale": engine.full_value(engine.module.logit_scale).float().exp().item()}
 
     def flops_per_sample(self) -> float:
         return flops_per_sample(self.model_config)
