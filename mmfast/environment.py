@@ -62,7 +62,7 @@ def _extension_state() -> str:
 
     if importlib.util.find_spec("mmfast._C") is not None:
         return "built at install (mmfast._C)"
-    return "compiled on first use (cached)" if _extension.loaded() else "not built (compiles on first use of backend 'cuda')"
+    return "compiled on first use (cached)" if _extension.loaded() else "not built (compiles on first use of backend 'native')"
 
 
 def describe() -> dict:

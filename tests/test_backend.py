@@ -34,8 +34,10 @@ def test_bad_backend_names_raise(monkeypatch):
     monkeypatch.setenv("MMFAST_BACKEND", "Triton")
     with pytest.raises(ValueError, match=r"MMFAST_BACKEND must be one of .* got 'Triton'"):
         resolve_backend("op", None, CPU, IMPLEMENTED)
-    with pytest.raises(ValueError, match=r"backend='cuda' is not implemented for this op"):
-        mmfast.ops.clip_loss(torch.randn(3, 4), torch.randn(3, 4), 1.0, backend="cuda")
+    with pytest.raises(ValueError, match=r"backend='native' is not implemented for this op"):
+        mmfast.ops.clip_loss(torch.randn(3, 4), torch.randn(3, 4), 1.0, backend="native")
+    with pytest.raises(ValueError, match=r"backend='native' is not implemented for this op"):
+        mmfast.ops.clip_loss(torch.randn(3, 4), torch.randn(3, 4), 1.0, backend="cuda")  # the old name
 
 
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):

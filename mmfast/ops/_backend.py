@@ -12,7 +12,8 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "reference")
+BACKENDS = ("auto", "triton", "native", "reference")
+ALIASES = {"cuda": "native"}  # the csrc extension's name before 2026-11-27 (it runs on CPU tensors too)
 logger = logging.getLogger("mmfast")
 _fallbacks_logged: set[tuple[str, str]] = set()
 
@@ -53,21 +54,23 @@ def log_fallback(op: str, reason: str) -> None:
 
 def resolve_backend(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...],
                     cpu_kernel_ready=None) -> str:
-    """Returns the concrete backend ("triton", "cuda" or "reference") for `op` on `device`.
+    """Returns the concrete backend ("triton", "native" or "reference") for `op` on `device`.
 
-    cpu_kernel_ready: for ops with a C++ CPU kernel (backend "cuda" = the csrc extension), a
-    callable telling whether it is built; "auto" then prefers it on the CPU.
+    "native" is the csrc extension (C++ on CPU tensors, CUDA C++ on GPU tensors; "cuda" is accepted
+    for it). cpu_kernel_ready: for ops with such a kernel, a callable telling whether it is built;
+    "auto" then prefers it on the CPU.
     """
     source = "backend"
     if backend is None:
         backend, source = os.environ.get("MMFAST_BACKEND", "auto"), "MMFAST_BACKEND"
+    backend = ALIASES.get(backend, backend)
     if backend not in BACKENDS:
         raise ValueError(f"{op}: {source} must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda" and "triton" in implemented and triton_available():
             return "triton"
         if device.type == "cpu" and cpu_kernel_ready is not None and cpu_kernel_ready():
-            return "cuda"
+            return "native"
         log_fallback(op, "tensors are on " + device.type if device.type != "cuda" else "triton is not installed")
         return "reference"
     if backend not in implemented:

@@ -36,7 +36,7 @@ def _case(batch, n_mels, seconds, provider, device):
         generator = torch.Generator(device=device).manual_seed(0)
         audio = torch.randn(batch, samples, device=device, generator=generator) * 0.1
         if provider.startswith("mmfast"):
-            backend = {"mmfast": "triton", "mmfast C++": "cuda", "mmfast CUDA C++": "cuda",
+            backend = {"mmfast": "triton", "mmfast C++": "native", "mmfast CUDA C++": "native",
                        "mmfast PyTorch path": "reference"}[provider]
             step = lambda: mmfast.ops.log_mel_spectrogram(audio, n_mels=n_mels, normalize="whisper",  # noqa: E731
                                                           backend=backend)

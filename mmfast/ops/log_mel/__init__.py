@@ -13,7 +13,7 @@ from mmfast.ops.log_mel.reference import frame_count
 __all__ = ["log_mel_spectrogram", "mel_filters", "whisper_normalize", "frame_count"]
 
 OP = "log_mel_spectrogram"
-_IMPLEMENTED = ("triton", "cuda", "reference")
+_IMPLEMENTED = ("triton", "native", "reference")
 NORMALIZE = (None, "whisper", "whisper_batch")
 
 
@@ -112,8 +112,8 @@ def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_f
     then (x + 4) / 4) or "whisper_batch" (the peak over the whole batch, as openai-whisper does).
     lengths: valid samples per clip ([B]); frames whose first sample lies past a clip's end are left
     out of its peak and, with return_frame_mask, marked False in the returned [B, frames] mask.
-    backend "cuda" is the csrc extension: a multi-threaded C++ kernel on CPU tensors (what "auto"
-    picks on the CPU once the extension is built), a CUDA kernel on GPU tensors.
+    backend "native" (alias "cuda") is the csrc extension: a multi-threaded C++ kernel on CPU tensors
+    (what "auto" picks on the CPU once the extension is built), a CUDA kernel on GPU tensors.
     filters: a custom filterbank `[n_fft // 2 + 1, n_mels]` instead of the one the mel arguments
     describe. The waveform receives a gradient.
     """
@@ -153,7 +153,7 @@ def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_f
     from mmfast.ops.log_mel import cuda as extension
 
     chosen = resolve_backend(OP, backend, batch.device, _IMPLEMENTED, cpu_kernel_ready=extension.available)
-    if chosen in ("triton", "cuda"):
+    if chosen in ("triton", "native"):
         from mmfast.ops.log_mel.function import LogMelFunction
 
         if chosen == "triton":

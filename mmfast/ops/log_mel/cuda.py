@@ -38,7 +38,7 @@ def available(compile: bool = False) -> bool:
 def log_mel(waveform, window, filters, n_fft, hop_length, center, pad_mode, power, log, clamp_min):
     """Same contract as triton.log_mel: float32 [B, T] in, float32 [B, n_mels, frames] out."""
     if not available(compile=True):
-        raise RuntimeError("log_mel_spectrogram: backend 'cuda' needs the C++ extension, which could not be built "
+        raise RuntimeError("log_mel_spectrogram: backend 'native' needs the C++ extension, which could not be built "
                            "(a C++ compiler and ninja are needed; see csrc/README.md)")
     return torch.ops.mmfast.log_mel(waveform, window.to(waveform.device), filters.float().to(waveform.device), n_fft,
                                     hop_length, center, pad_mode == "reflect", float(power), LOG_MODES[log],
