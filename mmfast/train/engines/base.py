@@ -84,7 +84,9 @@ def build_optimizer(groups: list[dict], optim) -> torch.optim.Optimizer:
 
 class Engine:
     """One process: the model on the launcher's device, autocast for bf16/fp16 (fp16 with a
-    gradient scaler, CUDA only)."""
+    gradient scaler, CUDA only). After prepare(): `wrapped` is what forward and backward go through
+    (DDP, DeepSpeed's engine, the FSDP2-sharded model), `unwrapped` the task's own module (its
+    parameters may be sharded: read them with full_value)."""
 
     name = "single"
     precisions = ("fp32", "bf16", "fp16")
@@ -106,7 +108,7 @@ class Engine:
         and the schedule."""
         model.to(self.placement.device)
         self._common_setup(model)
-        self.model = self.module = model
+        self.wrapped = self.unwrapped = model
         groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
         self.optimizer = build_optimizer(groups, self.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(self.optim, self.config.train.steps))
@@ -145,7 +147,7 @@ class Engine:
         return norm
 
     def _clip(self) -> float:
-        parameters = [p for p in self.module.parameters() if p.grad is not None]
+        parameters = [p for p in self.unwrapped.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.optim.grad_clip or float("inf"))
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
@@ -169,7 +171,7 @@ class Engine:
         """Writes model, optimizer, schedule (and scaler) into `folder` (one file, rank 0)."""
         if self.placement.is_main:
             os.makedirs(folder, exist_ok=True)
-            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+            state = {"model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict()}
             if self.scaler:
                 state["scaler"] = self.scaler.state_dict()
@@ -177,7 +179,7 @@ class Engine:
 
     def load(self, folder: str) -> None:
         state = load_tensors(os.path.join(folder, "state.pt"), map_location=self.placement.device)
-        self.module.load_state_dict(state["model"])
+        self.unwrapped.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and "scaler" in state:
@@ -185,7 +187,7 @@ class Engine:
 
     def evaluation_model(self) -> torch.nn.Module | None:
         """On rank 0, a module with the current weights for evaluation (None on the other ranks)."""
-        return self.module if self.placement.is_main else None
+        return self.unwrapped if self.placement.is_main else None
 
     # -- what the loop and the tasks may ask, whatever the engine ---------------------------------
     def no_sync(self):

@@ -16,12 +16,12 @@ class DDPEngine(Engine):
     def prepare(self, model: torch.nn.Module) -> None:
         super().prepare(model)
         device_ids = [self.placement.device.index] if self.placement.device.type == "cuda" else None
-        self.model = DistributedDataParallel(model, device_ids=device_ids)
+        self.wrapped = DistributedDataParallel(model, device_ids=device_ids)
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         # DDP's no_sync covers the backward only: accumulated batches skip the all-reduce
-        with contextlib.nullcontext() if sync else self.model.no_sync():
+        with contextlib.nullcontext() if sync else self.wrapped.no_sync():
             super().backward(loss, sync)
 
     def no_sync(self):
-        return self.model.no_sync()
+        return self.wrapped.no_sync()

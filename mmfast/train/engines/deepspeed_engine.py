@@ -84,38 +84,38 @@ class DeepSpeedEngine(Engine):
         groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
         client_optimizer = None if "optimizer" in config else build_optimizer(groups, self.optim)
         factor = schedule(self.optim, self.config.train.steps)
-        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=client_optimizer, config=config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
-        self.module = self.model.module
+        self.unwrapped = self.wrapped.module
         self.scaler = None
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed holds the model in bf16/fp16 itself
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
-        self.model.backward(loss)  # divides by gradient_accumulation_steps itself
+        self.wrapped.backward(loss)  # divides by gradient_accumulation_steps itself
         if not sync:
-            self.model.step()  # counts the micro step; DeepSpeed steps only at the boundary
+            self.wrapped.step()  # counts the micro step; DeepSpeed steps only at the boundary
 
     def step(self) -> float:
-        self.model.step()
-        norm = self.model.get_global_grad_norm()
+        self.wrapped.step()
+        norm = self.wrapped.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     def save(self, folder: str) -> None:
-        self.model.save_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+        self.wrapped.save_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
 
     def load(self, folder: str) -> None:
-        path, _ = self.model.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+        path, _ = self.wrapped.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}")
 
     def evaluation_model(self) -> torch.nn.Module | None:
         if self.engine.zero_stage == 3:
-            state = self.model._zero3_consolidated_16bit_state_dict()  # collective; the full dict on rank 0
+            state = self.wrapped._zero3_consolidated_16bit_state_dict()  # collective; the full dict on rank 0
         else:
-            state = self.module.state_dict() if self.placement.is_main else None
+            state = self.unwrapped.state_dict() if self.placement.is_main else None
         if not self.placement.is_main:
             return None
         self.evaluation_copy.load_state_dict({key: value.float() for key, value in state.items()})

@@ -39,7 +39,7 @@ class FSDP2Engine(Engine):
         for block in model.blocks():
             fully_shard(block, **options)
         fully_shard(model, **options)
-        self.model = self.module = model
+        self.wrapped = self.unwrapped = model
         # after fully_shard: the optimizer must see the sharded (DTensor) parameters
         groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
         self.optimizer = build_optimizer(groups, self.optim)
@@ -47,13 +47,13 @@ class FSDP2Engine(Engine):
         self.scaler = None
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
-        self.model.set_requires_gradient_sync(sync)
+        self.wrapped.set_requires_gradient_sync(sync)
         super().backward(loss, sync)
 
     def save(self, folder: str) -> None:
         import torch.distributed.checkpoint as dcp
 
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = get_state_dict(self.wrapped, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(folder, "sharded"))
         if self.placement.is_main:
             torch.save({"scheduler": self.scheduler.state_dict()}, os.path.join(folder, "scheduler.pt"))
@@ -61,16 +61,16 @@ class FSDP2Engine(Engine):
     def load(self, folder: str) -> None:
         import torch.distributed.checkpoint as dcp
 
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = get_state_dict(self.wrapped, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=os.path.join(folder, "sharded"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+        set_state_dict(self.wrapped, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         scheduler = load_tensors(os.path.join(folder, "scheduler.pt"))
         self.scheduler.load_state_dict(scheduler["scheduler"])
 
     def evaluation_model(self) -> torch.nn.Module | None:
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.placement.is_main:
             return None
         self.evaluation_copy.load_state_dict(full)

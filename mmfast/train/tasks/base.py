@@ -48,7 +48,7 @@ class Task:
         parts = list(zip(*(tensor.chunk(engine.accumulation) for tensor in batch)))
         for index, part in enumerate(parts):
             with engine.autocast():
-                loss = self.loss(engine.model, part)
+                loss = self.loss(engine.wrapped, part)
             engine.backward(loss, sync=index == len(parts) - 1)
             losses.append(loss.detach())
         return torch.stack(losses).mean()

@@ -24,7 +24,7 @@ from mmfast.train.tasks.captions import prepare_captions
 CLIP_MEAN, CLIP_STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 
 
-def clip_config(config, vocab_size: int, eot_token_id: int) -> ClipConfig:
+def model_config_of_run(config, vocab_size: int, eot_token_id: int) -> ClipConfig:
     """The model's config from the run's: image size from data, vocabulary from the trained tokenizer."""
     m = config.model
     return ClipConfig(embed_dim=m.embed_dim, vision=dataclasses.replace(m.vision, image_size=config.data.image_size),
@@ -88,7 +88,7 @@ class ContrastiveTask(Task):
 
     def restore(self, run_dir: str) -> None:
         self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
-        self.model_config = clip_config(self.config, self.tokenizer.vocab_size, self.tokenizer.eot_id)
+        self.model_config = model_config_of_run(self.config, self.tokenizer.vocab_size, self.tokenizer.eot_id)
 
     def build_model(self) -> CLIP:
         return build_model(self.model_config)
@@ -141,13 +141,13 @@ class ContrastiveTask(Task):
         micro_batch = self.config.train.micro_batch
         if micro_batch and micro_batch < len(text):
             with engine.autocast():
-                return grad_cache_step(engine.module, self.loss_function, pixels, text, micro_batch,
-                                       forward=engine.model, no_sync=engine.no_sync)
+                return grad_cache_step(engine.unwrapped, self.loss_function, pixels, text, micro_batch,
+                                       forward=engine.wrapped, no_sync=engine.no_sync)
         return super().forward_backward(engine, batch)
 
     def log(self, engine) -> dict:
         """exp(logit_scale)."""
-        return {"logit_scale": engine.full_value(engine.module.logit_scale).float().exp().item()}
+        return {"logit_scale": engine.full_value(engine.unwrapped.logit_scale).float().exp().item()}
 
     def flops_per_sample(self) -> float:
         return flops_per_sample(self.model_config)
