@@ -1,6 +1,7 @@
 """mmfast.ops.clip_loss / siglip_loss / similarity_logsumexp against a float64 dense reference,
 open_clip, and the low-precision reference's own error; bad inputs; memory of the CPU path."""
 import json
+import math
 import subprocess
 import sys
 
@@ -274,3 +275,60 @@ def test_cpu_path_memory_stays_far_below_n_squared(op):
     result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, op], capture_output=True, text=True, check=True)
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["grown_kib"] < measured["logits_kib"] / 8, measured
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"),
+                                    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)])
+def test_losses_stay_float32_under_autocast(device):
+    """open_clip trains under bf16 autocast: the losses must not run their matmuls in bf16 again."""
+    generator = torch.Generator().manual_seed(21)
+    same = torch.nn.functional.normalize(torch.randn(1, 512, generator=generator), dim=1).expand(4, 512).to(device)
+    image = torch.nn.functional.normalize(torch.randn(9, 40, generator=generator), dim=1).to(device)
+    text = torch.nn.functional.normalize(torch.randn(9, 40, generator=generator), dim=1).to(device)
+    for module, extra in ((mmfast.nn.ClipLoss(), []), (mmfast.nn.SigLipLoss(), [-10.0])):
+        for a, b in ((same, same.clone()), (image, text)):
+            results = []
+            for enabled in (False, True):
+                leaves = [a.clone().requires_grad_(), b.clone().requires_grad_(),
+                          torch.tensor(14.3, device=device, requires_grad=True),
+                          *[torch.tensor(value, device=device, requires_grad=True) for value in extra]]
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=enabled):
+                    loss = module(*leaves)
+                loss.backward()
+                results.append([loss.detach()] + [leaf.grad for leaf in leaves])
+            for plain, autocast in zip(*results):
+                torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-7)
+    # identical features: every logit equal, the CLIP loss is ln N and the scale has no gradient
+    scale = torch.tensor(14.3, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = mmfast.nn.ClipLoss()(same, same.clone(), scale)
+    loss.backward()
+    # (float32 rounding of the dot products: about 1e-5; bf16 matmuls gave 7e-3 and a gradient of -7e-3)
+    assert loss.item() == pytest.approx(math.log(4), abs=2e-5) and abs(scale.grad.item()) < 1e-4
+
+
+def test_open_clip_methods_and_arguments():
+    """get_logits, get_ground_truth, SigLipLoss(chunk_size=...) and SigLipLoss._loss(negative_only=...),
+    which open_clip's users, subclasses and tests call, give open_clip's values."""
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    generator = torch.Generator().manual_seed(23)
+    image = torch.nn.functional.normalize(torch.randn(7, 24, generator=generator), dim=1)
+    text = torch.nn.functional.normalize(torch.randn(7, 24, generator=generator), dim=1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    ours, theirs = mmfast.nn.ClipLoss(), open_clip_loss.ClipLoss()
+    for mine, expected in zip(ours.get_logits(image, text, scale), theirs.get_logits(image, text, scale)):
+        torch.testing.assert_close(mine, expected)
+    assert torch.equal(ours.get_ground_truth("cpu", 7), theirs.get_ground_truth("cpu", 7))
+    theirs_siglip = open_clip_loss.SigLipLoss()
+    for chunk_size in (0, 1, 3, 64):
+        ours_siglip = mmfast.nn.SigLipLoss(chunk_size=chunk_size)
+        torch.testing.assert_close(ours_siglip.get_logits(image, text, scale, bias),
+                                   theirs_siglip.get_logits(image, text, scale, bias))
+        for negative_only in (False, True):
+            assert torch.equal(ours_siglip.get_ground_truth("cpu", torch.float32, 7, negative_only),
+                               theirs_siglip.get_ground_truth("cpu", torch.float32, 7, negative_only))
+            torch.testing.assert_close(ours_siglip._loss(image, text, scale, bias, negative_only=negative_only),
+                                       theirs_siglip._loss(image, text, scale, bias, negative_only=negative_only),
+                                       rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk_size must be >= 0, got -1"):
+        mmfast.nn.SigLipLoss(chunk_size=-1)

@@ -10,6 +10,7 @@ from torch import nn
 
 from mmfast.nn._distributed import all_gather_rows, ring_chunks
 from mmfast.ops.contrastive import siglip_loss, similarity_logsumexp
+from mmfast.ops.contrastive.function import float32_math
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -47,6 +48,31 @@ class ClipLoss(nn.Module):
         self.world_size = world_size
         self.backend = backend
 
+    def get_ground_truth(self, device, num_logits: int) -> torch.Tensor:
+        """The positive column of each local row (offset by rank with local_loss), as open_clip's."""
+        labels = torch.arange(num_logits, device=device, dtype=torch.long)
+        return labels + num_logits * self.rank if self.world_size > 1 and self.local_loss else labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """(logits_per_image, logits_per_text), materialized (what the caller asks for; forward never
+        builds them), gathered across ranks as forward gathers."""
+        all_image, all_text = image_features, text_features
+        if self.world_size > 1:
+            keep_local = not self.local_loss
+            all_image = all_gather_rows(image_features, self.rank, self.world_size, with_grad=self.gather_with_grad,
+                                        keep_local_grad=keep_local)
+            all_text = all_gather_rows(text_features, self.rank, self.world_size, with_grad=self.gather_with_grad,
+                                       keep_local_grad=keep_local)
+        if self.world_size > 1 and not self.local_loss:
+            per_image = logit_scale * all_image @ all_text.T
+            per_text = per_image.T
+        else:
+            per_image = logit_scale * image_features @ all_text.T
+            per_text = logit_scale * text_features @ all_image.T
+        if logit_bias is not None:
+            per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        return per_image, per_text
+
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         # A bias shifts every logit of a row (and of a column) alike: softmax cancels it exactly.
         if self.world_size == 1:
@@ -67,6 +93,10 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _loss(self, image, text, all_image, all_text, logit_scale, offset: int):
+        with float32_math():  # the positives' products too: float32 whatever autocast says
+            return self._float32_loss(image, text, all_image, all_text, logit_scale, offset)
+
+    def _float32_loss(self, image, text, all_image, all_text, logit_scale, offset: int):
         n = image.shape[0]
         scale = logit_scale.float() if torch.is_tensor(logit_scale) else logit_scale
         if image is all_image:  # square: row and column log-sum-exp from the same tiles
@@ -91,9 +121,14 @@ class SigLipLoss(nn.Module):
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 dist_impl: str | None = None, *, backend: str | None = None):
+                 dist_impl: str | None = None, chunk_size: int = 0, *, backend: str | None = None):
         super().__init__()
         _check_world(rank, world_size)
+        if chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0, got {chunk_size}")
+        # open_clip's chunk_size bounds its logits' memory; the fused loss never builds them at all,
+        # so every chunk_size gives the same loss here (kept for signature compatibility)
+        self.chunk_size = chunk_size
         self.dist_impl = dist_impl or "bidir"
         if self.dist_impl not in SIGLIP_DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {SIGLIP_DIST_IMPLS} or None, got {dist_impl!r}")
@@ -101,6 +136,23 @@ class SigLipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.backend = backend
+
+    def get_ground_truth(self, device, dtype, num_logits: int, negative_only: bool = False) -> torch.Tensor:
+        """+1 on the diagonal (positive pairs), -1 elsewhere; all -1 with negative_only, as open_clip's."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        return labels if negative_only else labels + 2 * torch.eye(num_logits, device=device, dtype=dtype)
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """scale * image @ text.T (+ bias), materialized: what the caller asks for."""
+        logits = logit_scale * image_features @ text_features.T
+        return logits + logit_bias if logit_bias is not None else logits
+
+    def _loss(self, image_features, text_features, logit_scale, logit_bias=None, negative_only: bool = False):
+        """One block's loss, as open_clip's `_loss`: image rows against these text rows, the diagonal
+        positive unless negative_only, divided by the image rows."""
+        bias = 0.0 if logit_bias is None else logit_bias
+        return siglip_loss(image_features, text_features, logit_scale, bias,
+                           positive_offset=None if negative_only else 0, backend=self.backend)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
         if self.world_size == 1:

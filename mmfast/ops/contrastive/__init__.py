@@ -2,7 +2,7 @@
 
 Shapes: features `[N, D]` (image rows, text rows), float32, float16 or bfloat16, used as
 given (normalize them yourself, as open_clip's models do). Accumulation is float32 and the
-loss is a float32 scalar; feature gradients come back in the features' dtype. Memory is
+loss is a float32 scalar, under torch.autocast too (it is switched off inside the losses); feature gradients come back in the features' dtype. Memory is
 O(N * D) on every backend.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from mmfast.ops._backend import resolve_backend
 from mmfast.ops._validation import as_scalar_tensor, check_features, check_same
-from mmfast.ops.contrastive.function import SigmoidPairLoss, SimilarityLogsumexp
+from mmfast.ops.contrastive.function import SigmoidPairLoss, SimilarityLogsumexp, float32_math
 
 __all__ = ["clip_loss", "siglip_loss", "similarity_logsumexp"]
 
@@ -54,7 +54,8 @@ def similarity_logsumexp(a: torch.Tensor, b: torch.Tensor, scale, *, columns: bo
     op = "similarity_logsumexp"
     a, b = _check_pair(op, ("a", "b"), a, b, same_rows=False)
     scale = as_scalar_tensor(op, "scale", scale, a.device)
-    return SimilarityLogsumexp.apply(a, b, scale, columns, _kernels(op, backend, a.device))
+    with float32_math():
+        return SimilarityLogsumexp.apply(a, b, scale, columns, _kernels(op, backend, a.device))
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *,
@@ -70,9 +71,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     image, text = _check_pair(op, ("image_features", "text_features"), image_features, text_features,
                               same_rows=True)
     scale = as_scalar_tensor(op, "logit_scale", logit_scale, image.device)
-    row_lse, col_lse = SimilarityLogsumexp.apply(image, text, scale, True, _kernels(op, backend, image.device))
-    positives = scale.float() * (image.float() * text.float()).sum(dim=1)
-    return ((row_lse - positives).mean() + (col_lse - positives).mean()) / 2
+    with float32_math():
+        row_lse, col_lse = SimilarityLogsumexp.apply(image, text, scale, True, _kernels(op, backend, image.device))
+        positives = scale.float() * (image.float() * text.float()).sum(dim=1)
+        return ((row_lse - positives).mean() + (col_lse - positives).mean()) / 2
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
@@ -93,4 +95,5 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         raise TypeError(f"{op}: positive_offset must be an int or None, got {type(positive_offset).__name__}")
     scale = as_scalar_tensor(op, "logit_scale", logit_scale, image.device)
     bias = as_scalar_tensor(op, "logit_bias", logit_bias, image.device)
-    return SigmoidPairLoss.apply(image, text, scale, bias, positive_offset, _kernels(op, backend, image.device))
+    with float32_math():
+        return SigmoidPairLoss.apply(image, text, scale, bias, positive_offset, _kernels(op, backend, image.device))

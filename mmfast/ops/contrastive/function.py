@@ -6,7 +6,19 @@ part never leaves it. Forward saves only the inputs and the O(N) statistics.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def float32_math():
+    """Autocast off on every device type: the losses accumulate in float32 as documented, where
+    autocast would run the chunked path's matmuls in bf16/fp16 again (forward and backward)."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if device_type == "cpu" or torch.cuda.is_available():
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 class SimilarityLogsumexp(torch.autograd.Function):
@@ -25,7 +37,8 @@ class SimilarityLogsumexp(torch.autograd.Function):
         g_row = torch.zeros_like(row_lse) if g_row is None else g_row.float().contiguous()
         if ctx.columns:
             g_col = torch.zeros_like(col_lse) if g_col is None else g_col.float().contiguous()
-        da, db, dscale = ctx.kernels.lse_backward(a, b, scale, row_lse, col_lse, g_row, g_col, ctx.columns)
+        with float32_math():
+            da, db, dscale = ctx.kernels.lse_backward(a, b, scale, row_lse, col_lse, g_row, g_col, ctx.columns)
         return da, db, dscale.to(scale.dtype).reshape(scale.shape), None, None
 
 
@@ -43,6 +56,7 @@ class SigmoidPairLoss(torch.autograd.Function):
     def backward(ctx, g_loss):
         a, b, scale, bias = ctx.saved_tensors
         per_pair = (g_loss.float() / a.shape[0]).reshape(())
-        da, db, dscale, dbias = ctx.kernels.siglip_backward(a, b, scale, bias, per_pair, ctx.positive_offset)
+        with float32_math():
+            da, db, dscale, dbias = ctx.kernels.siglip_backward(a, b, scale, bias, per_pair, ctx.positive_offset)
         return (da, db, dscale.to(scale.dtype).reshape(scale.shape),
                 dbias.to(bias.dtype).reshape(bias.shape), None, None)
