@@ -200,3 +200,15 @@ def test_attention_dropout_in_training_is_refused():
     model.set_attn_implementation("mmfast")
     with pytest.raises(ValueError, match="has no attention dropout"):
         model(input_ids=torch.randint(0, 101, (1, 5), device=DEVICE))
+
+
+def test_output_attentions_warns_once_as_sdpa_does(caplog, monkeypatch):
+    monkeypatch.setattr(mmfast_hf, "_warned", [])
+    model = _llama()
+    model.set_attn_implementation("mmfast")
+    ids = torch.randint(0, 101, (1, 6), device=DEVICE)
+    with caplog.at_level("WARNING", logger="mmfast"):
+        model(input_ids=ids, output_attentions=True)
+        model(input_ids=ids, output_attentions=True)
+    warnings = [r for r in caplog.records if "does not return attention weights" in r.getMessage()]
+    assert len(warnings) == 1

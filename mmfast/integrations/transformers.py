@@ -18,11 +18,16 @@ than the keys (generation with a KV cache) go to SDPA with the equivalent mask.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from mmfast.ops.mixed_attention import mixed_attention, pad, unpad
 from mmfast.ops.mixed_attention.reference import allowed
+
+logger = logging.getLogger("mmfast")
+_warned: list[bool] = []
 
 NAME = "mmfast"
 
@@ -73,6 +78,13 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if dropout and module.training:
         raise ValueError(f"attn_implementation='{NAME}' has no attention dropout; set the model's attention "
                          f"dropout to 0 (got {dropout})")
+    if kwargs.get("output_attentions") and not _warned:
+        _warned.append(True)  # once, as transformers' sdpa and flash attention say it
+        logger.warning("attn_implementation='%s' does not return attention weights (output_attentions=True "
+                       "gives none); set the attention to 'eager' for them", NAME)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"attn_implementation='{NAME}' has no logit softcapping; use 'eager' (or a FlashAttention "
+                         "kernel that has it)")
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     batch, _, length, _ = query.shape
