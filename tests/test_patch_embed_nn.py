@@ -208,3 +208,33 @@ def test_swap_in_hf_clip_and_siglip_keeps_outputs(backend):
 def test_swap_refuses_a_model_without_patch_embedding():
     with pytest.raises(ValueError, match="no patch embedding"):
         swap_patch_embedding(torch.nn.Linear(2, 2))
+
+
+def test_timm_users_can_script_trace_and_resize_a_swapped_model():
+    """TorchScript (the fused op is called as Python from the scripted model), timm's FX feature
+    extraction (PatchEmbed is registered as a leaf) and set_input_size give timm's outputs."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import set_layer_config
+    from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+    torch.manual_seed(8)
+    with set_layer_config(scriptable=True):
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    swap_patch_embedding(model, backend="reference")
+    torch.testing.assert_close(torch.jit.script(model)(x), expected, rtol=1e-5, atol=1e-5)
+    last = get_graph_node_names(model)[1][-1]
+    traced = create_feature_extractor(model, return_nodes=[last])
+    torch.testing.assert_close(traced(x)[last], expected, rtol=1e-5, atol=1e-5)
+
+    theirs = timm_layers.PatchEmbed(img_size=32, patch_size=16, embed_dim=24)
+    ours = mmfast.nn.PatchEmbed(img_size=32, patch_size=16, embed_dim=24, backend="reference")
+    ours.load_state_dict(theirs.state_dict())
+    for size, patch in ((48, None), (48, 8)):
+        theirs.set_input_size(img_size=size, patch_size=patch)
+        ours.set_input_size(img_size=size, patch_size=patch)
+        assert (ours.img_size, ours.grid_size, ours.num_patches, ours.patch_size) == (
+            theirs.img_size, theirs.grid_size, theirs.num_patches, theirs.patch_size)
+        image = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(ours(image), theirs(image), rtol=1e-5, atol=1e-5)

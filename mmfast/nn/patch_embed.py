@@ -9,6 +9,7 @@ straight from the decoder), and `backend` picks the op's backend.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,7 @@ class PatchEmbed(nn.Module):
                  strict_img_size: bool = True, dynamic_img_pad: bool = False, device=None, dtype=None, *,
                  mean=None, std=None, backend: str | None = None):
         super().__init__()
+        _register_with_timm()
         self.patch_size = _pair(patch_size)
         self.img_size = None if img_size is None else _pair(img_size)
         self.grid_size = None if img_size is None else tuple(s // p for s, p in zip(self.img_size, self.patch_size))
@@ -89,6 +91,7 @@ class PatchEmbed(nn.Module):
     @classmethod
     def from_peer(cls, peer: nn.Module, **extras) -> "PatchEmbed":
         """Wraps a timm PatchEmbed's own proj and norm modules (same parameters)."""
+        _register_with_timm()
         module = _wrapping(cls, peer, extras, ("patch_size", "img_size", "grid_size", "num_patches", "flatten",
                                                "strict_img_size", "dynamic_img_pad", "proj", "norm"))
         module.output_fmt = str(getattr(peer.output_fmt, "value", peer.output_fmt))
@@ -98,34 +101,86 @@ class PatchEmbed(nn.Module):
         return max(self.patch_size) if as_scalar else self.patch_size
 
     def dynamic_feat_size(self, img_size):
-        if self.dynamic_img_pad:
-            return tuple(math.ceil(s / p) for s, p in zip(img_size, self.patch_size))
-        return tuple(s // p for s, p in zip(img_size, self.patch_size))
+        return _grid(img_size, self.patch_size, self.dynamic_img_pad)
 
-    def _check_size(self, height: int, width: int) -> None:
-        if self.img_size is None:
-            return
-        if self.strict_img_size and (height, width) != tuple(self.img_size):
-            raise ValueError(f"PatchEmbed: input size ({height}, {width}) doesn't match the model's {self.img_size} "
-                             "(strict_img_size=True)")
-        if not self.strict_img_size and not self.dynamic_img_pad and (
-                height % self.patch_size[0] or width % self.patch_size[1]):
-            raise ValueError(f"PatchEmbed: input size ({height}, {width}) must be divisible by the patch size "
-                             f"{self.patch_size} (or set dynamic_img_pad=True)")
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """timm's API: a new input size, and a new patch size with the kernel resampled as timm does
+        (its resample_patch_embed, FlexiViT's pseudo-inverse resize; needs timm)."""
+        if patch_size is not None and _pair(patch_size) != self.patch_size:
+            try:
+                from timm.layers import resample_patch_embed
+            except ImportError as error:
+                raise ImportError("PatchEmbed.set_input_size(patch_size=...) resamples the kernel with timm's "
+                                  "resample_patch_embed: pip install timm") from error
+            new_size = _pair(patch_size)
+            old = self.proj
+            self.proj = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=new_size, stride=new_size,
+                                  bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+            with torch.no_grad():
+                self.proj.weight.copy_(resample_patch_embed(old.weight, list(new_size)))
+                if old.bias is not None:
+                    self.proj.bias.copy_(old.bias)
+            self.proj.weight.requires_grad_(old.weight.requires_grad)
+            self.proj.train(old.training)
+            self.patch_size = new_size
+        if img_size is not None or patch_size is not None:
+            self.img_size = _pair(img_size) if img_size is not None else self.img_size
+            if self.img_size is not None:
+                self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+                self.num_patches = self.grid_size[0] * self.grid_size[1]
 
-    def forward(self, x: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """x: `[B, C, H, W]` (`[B, H, W, C]` with channels_last), float or uint8."""
+        return self.norm(self._embed(x, channels_last))
+
+    @torch.jit.ignore  # the fused op is no TorchScript: a scripted model calls it as Python
+    def _embed(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        # (only attributes and plain functions here: a scripted model passes its script module as self)
         height, width = (x.shape[1:3] if channels_last else x.shape[2:4]) if x.dim() == 4 else (None, None)
-        if height is not None:
-            self._check_size(height, width)
+        if height is not None and self.img_size is not None:
+            _check_size(tuple(self.img_size), tuple(self.patch_size), self.strict_img_size, self.dynamic_img_pad,
+                        height, width)
         tokens = patch_embed(x, self.proj.weight, self.proj.bias, mean=self.mean, std=self.std,
                              channels_last=channels_last, dynamic_pad=self.dynamic_img_pad, backend=self.backend)
         if not self.flatten:
-            grid = self.dynamic_feat_size((height, width))
+            grid = _grid((height, width), self.patch_size, self.dynamic_img_pad)
             image = tokens.reshape(tokens.shape[0], *grid, tokens.shape[-1])
             tokens = {"NCHW": lambda: image.permute(0, 3, 1, 2), "NHWC": lambda: image,
                       "NCL": lambda: tokens.transpose(1, 2), "NLC": lambda: tokens}[self.output_fmt]()
-        return self.norm(tokens)
+        return tokens
+
+
+_registered_with_timm = []
+
+
+def _register_with_timm() -> None:
+    """Where timm is in use, registers PatchEmbed as a leaf of timm's FX tracing (feature extraction,
+    its FX tests): the fused op branches on input shapes, which symbolic tracing cannot follow."""
+    if not _registered_with_timm and "timm" in sys.modules:
+        from timm.layers import register_notrace_module
+
+        register_notrace_module(PatchEmbed)
+        _registered_with_timm.append(True)
+
+
+def _grid(img_size, patch_size, dynamic_pad: bool) -> tuple:
+    if dynamic_pad:
+        return tuple(math.ceil(s / p) for s, p in zip(img_size, patch_size))
+    return tuple(s // p for s, p in zip(img_size, patch_size))
+
+
+def _check_size(img_size, patch_size, strict: bool, dynamic_pad: bool, height: int, width: int) -> None:
+    if strict and (height, width) != img_size:
+        raise ValueError(f"PatchEmbed: input size ({height}, {width}) doesn't match the model's {img_size} "
+                         "(strict_img_size=True)")
+    if not strict and not dynamic_pad and (height % patch_size[0] or width % patch_size[1]):
+        raise ValueError(f"PatchEmbed: input size ({height}, {width}) must be divisible by the patch size "
+                         f"{patch_size} (or set dynamic_img_pad=True)")
+
+
+# TorchScript reads the ignored _embed's signature from its annotations, which this module's
+# `from __future__ import annotations` turns into strings it cannot resolve: give it the types.
+PatchEmbed._embed.__annotations__ = {"x": torch.Tensor, "channels_last": bool, "return": torch.Tensor}
 
 
 class _HFVisionEmbeddings(nn.Module):
