@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -23,12 +25,31 @@ def _whisper_features(batch: torch.Tensor, n_mels: int, n_fft: int, hop_length: 
     return whisper_normalize(log_mel[..., :-1], batch_max=batch_max)  # whisper drops the last frame
 
 
+def load_audio(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A sound file as float32 mono samples at `sample_rate`, decoded by ffmpeg as openai-whisper's
+    `load_audio` does (16-bit PCM, scaled to [-1, 1))."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        raise RuntimeError(f"load_audio: decoding {os.fspath(path)!r} needs the ffmpeg command (apt-get install "
+                           "ffmpeg, brew install ffmpeg, ...), as openai-whisper does; or pass samples")
+    command = ["ffmpeg", "-nostdin", "-threads", "0", "-i", os.fspath(path), "-f", "s16le", "-ac", "1",
+               "-acodec", "pcm_s16le", "-ar", str(sample_rate), "-"]
+    result = subprocess.run(command, capture_output=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"load_audio: ffmpeg could not decode {os.fspath(path)!r}: "
+                           f"{result.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+    return np.frombuffer(result.stdout, np.int16).flatten().astype(np.float32) / 32768.0
+
+
 def whisper_log_mel(audio, n_mels: int = 80, padding: int = 0, device=None, *, backend: str | None = None):
-    """openai-whisper's `log_mel_spectrogram`: `[n_mels, frames]` for `[T]` audio, `[B, n_mels, frames]`
-    for `[B, T]`, with the peak of the normalization taken over the whole tensor as whisper does
-    (use `log_mel_spectrogram(..., normalize="whisper")` for a per-clip peak)."""
-    if isinstance(audio, str):
-        raise TypeError("whisper_log_mel: decode the file first (a path needs ffmpeg); pass a float array or tensor")
+    """openai-whisper's `log_mel_spectrogram`: `[n_mels, frames]` for `[T]` audio (or a file path,
+    decoded by ffmpeg at 16 kHz as whisper does), `[B, n_mels, frames]` for `[B, T]`, with the peak of
+    the normalization taken over the whole tensor as whisper does (use
+    `log_mel_spectrogram(..., normalize="whisper")` for a per-clip peak)."""
+    if isinstance(audio, (str, os.PathLike)):
+        audio = load_audio(audio)
     audio = torch.as_tensor(audio)
     if device is not None:
         audio = audio.to(device)

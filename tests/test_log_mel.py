@@ -243,3 +243,24 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     environment = dict(os.environ, CUDA_HOME=home, TORCH_CUDA_ARCH_LIST="9.0", BUILD=str(tmp_path))
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_whisper_log_mel_takes_a_file_path_as_whisper_does(tmp_path, monkeypatch):
+    """A path is decoded by ffmpeg (16 kHz mono, 16-bit), as whisper.audio.load_audio does."""
+    import shutil
+    import wave
+
+    samples = (np.sin(np.arange(8000) * 0.05) * 12000).astype(np.int16)
+    path = tmp_path / "tone.wav"
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(16000)
+        handle.writeframes(samples.tobytes())
+    if shutil.which("ffmpeg"):
+        expected = whisper_log_mel(samples.astype(np.float32) / 32768.0)
+        torch.testing.assert_close(whisper_log_mel(str(path)), expected)
+        torch.testing.assert_close(whisper_log_mel(path), expected)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs the ffmpeg command"):
+        whisper_log_mel(str(path))
