@@ -148,7 +148,7 @@ def test_one_bad_sample_is_skipped_and_counted(tmp_path):
 
 def test_a_truncated_shard_is_reported_with_its_name_and_count(tmp_path):
     from mmfast.data import ShardPairs
-    from mmfast.train.stream import sample_captions
+    from mmfast.data.stream import sample_captions
 
     path = _shard(tmp_path / "cut.tar", [{"__key__": f"{i:03d}", "png": _png(), "txt": f"caption {i}"}
                                          for i in range(10)])
@@ -181,7 +181,7 @@ def test_file_rows_without_caption_malformed_jsonl_and_non_utf8_are_skipped(tmp_
 
 
 def test_shard_patterns_expand_braces_as_webdataset_does(tmp_path):
-    from mmfast.train.data import expand_shards
+    from mmfast.data.splits import expand_shards
 
     for index in range(3):
         _shard(tmp_path / f"{index:05d}.tar", [{"__key__": "a", "png": _png(), "txt": "x"}])

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from mmfast.train import train
-from mmfast.train.data import SYNTH_FORMAT
+from mmfast.data.splits import SYNTH_FORMAT
 from tests.runs import losses, run_config
 
 pytest.importorskip("webdataset")

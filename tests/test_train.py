@@ -204,7 +204,7 @@ def test_training_on_ones_own_shards_and_files(tmp_path, capfd):
 
 
 def test_streaming_shares_out_shards_without_overlap():
-    from mmfast.train.stream import ShardStream
+    from mmfast.data.stream import ShardStream
 
     shards = [f"s{index}.tar" for index in range(5)]
     mine = [ShardStream(shards, rank, 2, 32, 0, 8)._my_shards(shards) for rank in (0, 1)]

@@ -15,7 +15,7 @@ from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.caption_lm import CaptionLM, flops_per_sequence
 from mmfast.models.clip import TextConfig
 from mmfast.train import checkpoint
-from mmfast.train.data import batch_indices
+from mmfast.data.splits import batch_indices
 from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.captions import prepare_captions
 

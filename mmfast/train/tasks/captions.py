@@ -5,8 +5,8 @@ import os
 
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.train import distributed
-from mmfast.train.data import ensure_synth, load_split, other_split, shard_paths
-from mmfast.train.stream import sample_captions
+from mmfast.data.splits import ensure_synth, load_split, other_split, shard_paths
+from mmfast.data.stream import sample_captions
 
 
 def prepare_captions(task, progress: bool, with_other: bool = False, train: bool = True) -> None:

@@ -14,10 +14,10 @@ from mmfast.data.preprocess import Preprocess
 from mmfast.models import CLIP, ClipConfig
 from mmfast.models.clip import TextConfig, VisionConfig, flops_per_sample
 from mmfast.train import checkpoint
-from mmfast.train.data import batch_indices, shard_paths
+from mmfast.data.splits import batch_indices, shard_paths
 from mmfast.train.evaluate import evaluate
 from mmfast.train.grad_cache import grad_cache_step
-from mmfast.train.stream import stream_batches
+from mmfast.data.stream import stream_batches
 from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.captions import prepare_captions
 
