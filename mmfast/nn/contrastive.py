@@ -10,7 +10,6 @@ from torch import nn
 
 from mmfast.nn._distributed import all_gather_rows, ring_chunks
 from mmfast.ops.contrastive import siglip_loss, similarity_logsumexp
-from mmfast.ops.contrastive.function import float32_math
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -93,10 +92,8 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _loss(self, image, text, all_image, all_text, logit_scale, offset: int):
-        with float32_math():  # the positives' products too: float32 whatever autocast says
-            return self._float32_loss(image, text, all_image, all_text, logit_scale, offset)
-
-    def _float32_loss(self, image, text, all_image, all_text, logit_scale, offset: int):
+        # float32 under autocast too: the ops switch it off, and the positives are elementwise products
+        # of float32 copies, which autocast leaves alone
         n = image.shape[0]
         scale = logit_scale.float() if torch.is_tensor(logit_scale) else logit_scale
         if image is all_image:  # square: row and column log-sum-exp from the same tiles

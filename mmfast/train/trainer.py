@@ -3,8 +3,8 @@
 schedule, progress, metrics, checkpoints, resume and the run directory.
 
 A run directory holds config.yaml (resolved), the task's files (tokenizer.json), metrics.jsonl,
-tensorboard/, checkpoints/, model.pt (the consolidated fp32 weights at the end) and curves.png. Launched by
-torchrun or the deepspeed launcher, every rank runs this loop on its share of each global batch;
+tensorboard/, checkpoints/, model.pt (the consolidated fp32 weights at the end) and curves.png.
+Launched by torchrun or the deepspeed launcher, every rank runs this loop on its share of each global batch;
 rank 0 writes everything but the checkpoint shards. Resuming from the latest checkpoint reproduces
 the uninterrupted run: the data order is a function of (seed, step), and model, optimizer,
 schedule and RNG states are restored.
