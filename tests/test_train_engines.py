@@ -214,6 +214,13 @@ def test_local_rank_is_taken_before_or_after_the_subcommand(monkeypatch):
         _take_local_rank(["--local_rank=x", "train"])
 
 
+def _sections(config):
+    """An engine's arguments before the placement: the run's engine and optim sections, its geometry."""
+    from mmfast.train.engines import Geometry
+
+    return config.engine, config.optim, Geometry.of_run(config)
+
+
 def test_engine_choices_are_checked_before_any_process_group():
     from mmfast.train.distributed import Placement
     from mmfast.train.engines import build_engine
@@ -228,13 +235,13 @@ def test_engine_choices_are_checked_before_any_process_group():
     with pytest.raises(ValueError, match="engine.name=single runs one process"):
         build_engine(load_config("clip-tiny", ["--engine.name=single"]), two)
     with pytest.raises(ValueError, match="does not take FSDP2's DTensor parameters"):
-        FSDP2Engine(load_config("clip-tiny", ["--engine.name=fsdp2", "--optim.name=adamw8bit"]), two)
+        FSDP2Engine(*_sections(load_config("clip-tiny", ["--engine.name=fsdp2", "--optim.name=adamw8bit"])), two)
     with pytest.raises(ValueError, match="engine.precision must be one of"):
-        FSDP2Engine(load_config("clip-tiny", ["--engine.name=fsdp2", "--engine.precision=fp16"]), two)
+        FSDP2Engine(*_sections(load_config("clip-tiny", ["--engine.name=fsdp2", "--engine.precision=fp16"])), two)
     with pytest.raises(ValueError, match="offload_parameters needs engine.zero_stage=3"):
-        DeepSpeedEngine(load_config("clip-tiny", ["--engine.offload_parameters=true"]), two)
+        DeepSpeedEngine(*_sections(load_config("clip-tiny", ["--engine.offload_parameters=true"])), two)
     with pytest.raises(ValueError, match=r"engine.zero_stage must be one of \[1, 2, 3\]"):
-        DeepSpeedEngine(load_config("clip-tiny", ["--engine.zero_stage=4"]), two)
+        DeepSpeedEngine(*_sections(load_config("clip-tiny", ["--engine.zero_stage=4"])), two)
     with pytest.raises(ValueError, match=r"data.batch_size \(100\) must be a multiple of ranks x"):
         from mmfast.train.trainer import _check
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +17,20 @@ from mmfast.train.files import load_tensors
 from mmfast.train.distributed import Placement
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What an engine needs of the run beyond its own sections: the schedule's length and how each
+    optimizer step's global batch is split (over ranks, then into accumulated batches)."""
+
+    steps: int
+    global_batch: int
+    accumulation: int = 1
+
+    @classmethod
+    def of_run(cls, config) -> "Geometry":
+        return cls(config.train.steps, config.data.batch_size, config.train.accumulation_steps)
 
 
 def schedule(optim, steps: int):
@@ -91,10 +106,10 @@ class Engine:
     name = "single"
     precisions = ("fp32", "bf16", "fp16")
 
-    def __init__(self, config, placement: Placement):
-        self.config, self.placement = config, placement
-        self.engine, self.optim = config.engine, config.optim
-        self.accumulation = config.train.accumulation_steps
+    def __init__(self, engine, optim, geometry: Geometry, placement: Placement):
+        """`engine` and `optim` are the run's sections of those names (EngineConfig, OptimConfig)."""
+        self.engine, self.optim, self.geometry, self.placement = engine, optim, geometry, placement
+        self.accumulation = geometry.accumulation
         if self.engine.precision not in self.precisions:
             raise ValueError(f"config: engine.precision must be one of {self.precisions} with engine {self.name!r}, "
                              f"got {self.engine.precision!r}")
@@ -111,7 +126,7 @@ class Engine:
         self.wrapped = self.unwrapped = model
         groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
         self.optimizer = build_optimizer(groups, self.optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(self.optim, self.config.train.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(self.optim, self.geometry.steps))
         self.scaler = torch.amp.GradScaler("cuda") if self.engine.precision == "fp16" else None
 
     def _common_setup(self, model: torch.nn.Module) -> None:

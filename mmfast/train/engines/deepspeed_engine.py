@@ -37,8 +37,8 @@ def _free_port() -> int:
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def __init__(self, config, placement):
-        super().__init__(config, placement)
+    def __init__(self, engine, optim, geometry, placement):
+        super().__init__(engine, optim, geometry, placement)
         stage = self.engine.zero_stage
         if stage not in (1, 2, 3):
             raise ValueError(f"config: engine.zero_stage must be 1, 2 or 3, got {stage!r}")
@@ -48,7 +48,7 @@ class DeepSpeedEngine(Engine):
     def deepspeed_config(self) -> dict:
         """The DeepSpeed config this run uses (written to the run directory as deepspeed.json)."""
         engine, optim, world = self.engine, self.optim, self.placement.world_size
-        global_batch = self.config.data.batch_size
+        global_batch = self.geometry.global_batch
         zero = {"stage": engine.zero_stage}
         if engine.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -83,7 +83,7 @@ class DeepSpeedEngine(Engine):
         config = self.deepspeed_config()
         groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
         client_optimizer = None if "optimizer" in config else build_optimizer(groups, self.optim)
-        factor = schedule(self.optim, self.config.train.steps)
+        factor = schedule(self.optim, self.geometry.steps)
         self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=client_optimizer, config=config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))

@@ -18,8 +18,8 @@ class FSDP2Engine(Engine):
     name = "fsdp2"
     precisions = ("fp32", "bf16")
 
-    def __init__(self, config, placement):
-        super().__init__(config, placement)
+    def __init__(self, engine, optim, geometry, placement):
+        super().__init__(engine, optim, geometry, placement)
         if self.optim.name != "adamw":
             raise ValueError(f"config: optim.name={self.optim.name!r} does not take FSDP2's DTensor parameters; "
                              "use adamw, or engine.name=deepspeed / ddp")
@@ -43,7 +43,7 @@ class FSDP2Engine(Engine):
         # after fully_shard: the optimizer must see the sharded (DTensor) parameters
         groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
         self.optimizer = build_optimizer(groups, self.optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(self.optim, self.config.train.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule(self.optim, self.geometry.steps))
         self.scaler = None
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
