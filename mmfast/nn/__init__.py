@@ -1,6 +1,6 @@
 """Tier 2: drop-in torch.nn modules on mmfast's ops, signature-compatible with the peers."""
 from mmfast.nn.attention import MixedAttention
-from mmfast.nn.audio import MelSpectrogram
+from mmfast.nn.spectrogram import MelSpectrogram
 from mmfast.nn.contrastive import ClipLoss, SigLipLoss
 from mmfast.nn.patch_embed import (ASTPatchEmbed, CLIPVisionEmbeddings, PatchEmbed, SiglipVisionEmbeddings,
                                    TubeletEmbed)
