@@ -151,6 +151,21 @@ def test_a_resume_that_changes_the_run_is_refused_unless_allowed(root):
     train(_config(root, run.name, "--train.log_every=2", "--optim.lr=0.01"), progress=False)
 
 
+def test_a_run_written_before_model_fields_were_added_resumes_and_loads(root):
+    run = _copy_run(root, "older", step=3)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["model"]["activation"], saved["model"]["vision"]["mean"], saved["model"]["vision"]["std"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    exported = torch.load(run / "model.pt", weights_only=True)  # the older file: normalization beside the config
+    vision = exported["clip_config"]["vision"]
+    exported["mean"], exported["std"] = vision.pop("mean"), vision.pop("std")
+    torch.save(exported, run / "model.pt")
+    assert mmfast.load_clip(str(run))[0].vision_model.embeddings.std == tuple(exported["std"])
+    (run / "model.pt").unlink()
+    train(_config(root, run.name), progress=False)
+    assert losses(run) == losses(root / "straight")
+
+
 def test_every_config_value_is_checked_with_its_key():
     cases = {"--optim.schedule=cosinee": r"optim.schedule must be one of \['cosine', 'linear', 'constant'\], got 'cosinee'",
              "--train.steps=0": "train.steps must be >= 1, got 0",

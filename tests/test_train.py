@@ -124,6 +124,33 @@ def test_configuration_errors_name_the_key(tmp_path):
         load_config("clip-huge")
     config = load_config("clip-tiny", ["--optim.lr=3e-4", "--train.micro_batch=none", "--model.loss=siglip"])
     assert config.optim.lr == 3e-4 and config.train.micro_batch is None and config.model.loss == "siglip"
+    with pytest.raises(ValueError, match=r"unknown key 'model.loss'"):  # the caption LM has no loss field
+        load_config("clip-tiny", ["--task=caption_lm", "--model.loss=siglip"])
+    with pytest.raises(ValueError, match=r"model.activation must be one of \['quick_gelu', 'gelu'\], got 'relu'"):
+        load_config("clip-tiny", ["--model.activation=relu"])
+    with pytest.raises(ValueError, match=r"model.vision.mean\[1\] must be float, got 'x'"):
+        load_config("clip-tiny", ["--model.vision.mean=[0.5,x,0.5]"])
+
+
+def test_every_model_field_is_a_key_of_the_task_model_section():
+    from mmfast.models import CaptionLMConfig, ClipConfig
+    from mmfast.train.tasks import build_task
+    from mmfast.train.tasks.contrastive import model_config_of_run
+
+    config = load_config("clip-tiny", ["--model.activation=gelu", "--model.init_logit_scale=2.5",
+                                       "--model.vision.mean=[0.5,0.5,0.5]", "--model.vision.std=0.25,0.25,0.25"])
+    assert isinstance(config.model, ClipConfig) and config.model.vision.mean == (0.5, 0.5, 0.5)
+    task = build_task(config)
+    task.model_config = model_config_of_run(config, vocab_size=50, eot_token_id=3)
+    model = task.build_model()
+    assert model.logit_scale.item() == 2.5 and model.logit_bias is None
+    assert type(model.vision_model.layers[0].mlp.activation).__name__ == "GELU"
+    assert model.vision_model.embeddings.mean == (0.5, 0.5, 0.5)
+    assert model.vision_model.embeddings.std == (0.25, 0.25, 0.25)
+    # the recipe's text sizes carry over to another task's model section; its own defaults stay
+    lm = load_config("clip-tiny", ["--task=caption_lm", "--model.text.layers=2"])
+    assert isinstance(lm.model, CaptionLMConfig) and lm.model.activation == "gelu"
+    assert (lm.model.text.width, lm.model.text.layers, lm.model.text.context_length) == (128, 2, 24)
 
 
 def test_cli_train_with_overrides(tmp_path, capsys):

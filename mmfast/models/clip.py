@@ -31,6 +31,10 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
+    # set: the model takes uint8 pixels and normalizes them inside the fused patch embedding with
+    # this per-channel mean and std (of [0, 1] values); None: it takes normalized float pixels, as HF's
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 @dataclass(kw_only=True)
@@ -135,7 +139,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         hf_like = SimpleNamespace(hidden_size=config.width, image_size=config.image_size,
                                   patch_size=config.patch_size, num_channels=config.channels)
-        self.embeddings = CLIPVisionEmbeddings(hf_like, backend=backend)
+        self.embeddings = CLIPVisionEmbeddings(hf_like, mean=config.mean, std=config.std, backend=backend)
         self.pre_layrnorm = nn.LayerNorm(config.width)  # HF's spelling, kept for the state dict
         self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, False, activation, backend)
                                     for _ in range(config.layers))
@@ -143,6 +147,8 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """[B, C, H, W] pixels (uint8, normalized with config.mean/std, or float) -> the class token's state
+        [B, width]."""
         x = self.pre_layrnorm(self.embeddings(pixels, interpolate_pos_encoding))
         x = run_blocks(self.layers, x, self.grad_checkpointing)
         return self.post_layernorm(x[:, 0])
@@ -219,14 +225,18 @@ class CLIP(nn.Module):
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """[B, C, H, W] pixels -> [B, embed_dim] features (unit length with normalize)."""
         features = self.visual_projection(self.vision_model(pixels))
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """[B, T] token ids -> [B, embed_dim] features (unit length with normalize)."""
         features = self.text_projection(self.text_model(tokens))
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> dict:
+        """pixels [B, C, H, W], tokens [B, T] -> {"image_features" [B, D], "text_features" [B, D] (unit
+        length), "logit_scale" [1] (exponentiated, capped), "logit_bias" [1] (SigLIP)}."""
         output = {"image_features": self.encode_image(pixels, normalize=True),
                   "text_features": self.encode_text(tokens, normalize=True),
                   "logit_scale": self.scale()}

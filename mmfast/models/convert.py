@@ -19,7 +19,9 @@ _HF_RENAMES = [
 ]
 
 
-def hf_clip_config(hf_config, backend: str | None = None) -> ClipConfig:
+def hf_clip_config(hf_config, backend: str | None = None, mean=None, std=None) -> ClipConfig:
+    """mean, std: set to take uint8 pixels normalized inside the model (e.g. the CLIP processor's
+    image_mean and image_std); None takes HF's normalized float pixel_values."""
     vision, text = hf_config.vision_config, hf_config.text_config
     activation = "quick_gelu" if vision.hidden_act == "quick_gelu" else "gelu"
     eos = getattr(text, "eos_token_id", None)
@@ -27,7 +29,8 @@ def hf_clip_config(hf_config, backend: str | None = None) -> ClipConfig:
         embed_dim=hf_config.projection_dim,
         vision=VisionConfig(image_size=vision.image_size, patch_size=vision.patch_size, channels=vision.num_channels,
                             width=vision.hidden_size, layers=vision.num_hidden_layers,
-                            heads=vision.num_attention_heads, mlp_ratio=vision.intermediate_size / vision.hidden_size),
+                            heads=vision.num_attention_heads, mlp_ratio=vision.intermediate_size / vision.hidden_size,
+                            mean=mean, std=std),
         text=TextConfig(vocab_size=text.vocab_size, context_length=text.max_position_embeddings, width=text.hidden_size,
                         layers=text.num_hidden_layers, heads=text.num_attention_heads,
                         mlp_ratio=text.intermediate_size / text.hidden_size,
@@ -35,9 +38,9 @@ def hf_clip_config(hf_config, backend: str | None = None) -> ClipConfig:
         activation=activation, init_logit_scale=float(hf_config.logit_scale_init_value), backend=backend)
 
 
-def from_hf_clip(hf_model, backend: str | None = None) -> CLIP:
-    """A CLIP with an HF CLIPModel's weights."""
-    model = CLIP(hf_clip_config(hf_model.config, backend))
+def from_hf_clip(hf_model, backend: str | None = None, *, mean=None, std=None) -> CLIP:
+    """A CLIP with an HF CLIPModel's weights (mean, std: as hf_clip_config's)."""
+    model = CLIP(hf_clip_config(hf_model.config, backend, mean, std))
     state = {}
     for key, value in hf_model.state_dict().items():
         if key.endswith("position_ids"):

@@ -1,16 +1,18 @@
 """Run configuration: nested keyword-only dataclasses; recipes are YAML files in mmfast/configs/;
 dotted overrides (`--optim.lr=3e-4`) on top. Unknown keys and wrong types raise errors that name
-the key."""
+the key. The `model:` section is the task's own model config (Task.model_section), so every field
+of the model is a key."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import typing
 from dataclasses import dataclass, field
 
 import yaml
 
-from mmfast.models.clip import TextConfig, VisionConfig
+from mmfast.train.tasks import TASKS
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -34,19 +36,6 @@ class DataConfig:
     seed: int = 0
     batch_size: int = 256  # the global batch (shared out over ranks)
     tokenizer: str = ""  # an HF tokenizers file on disk (with <pad>, <sot>, <eot>); empty: train a BPE
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """mmfast.models' own tower configs. vision.image_size follows data.image_size, and text.vocab_size
-    is the tokenizer's target (the model gets the trained tokenizer's size and end-of-text id)."""
-
-    embed_dim: int = 128
-    vision: VisionConfig = field(default_factory=lambda: VisionConfig(image_size=32, patch_size=8, width=128,
-                                                                      layers=4, heads=4))
-    text: TextConfig = field(default_factory=lambda: TextConfig(vocab_size=1000, context_length=24, width=128,
-                                                                layers=3, heads=4))
-    loss: str = "clip"  # or "siglip"
 
 
 @dataclass(kw_only=True)
@@ -106,7 +95,7 @@ class RunConfig:
     run_dir: str = ""
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: typing.Any = None  # the task's model config (its Task.model_section), made from `task`
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -114,17 +103,52 @@ class RunConfig:
     # <run_dir>/<name>, each starting from the previous one's model.pt (see mmfast.train.stages)
     stages: list[dict] = field(default_factory=list)
 
+    def __post_init__(self):
+        if self.model is None:
+            self.model = model_section(self.task)
+
+
+def model_section(task: str):
+    """The default `model:` section of `task`."""
+    if task not in TASKS:
+        raise ValueError(f"config: task must be one of {sorted(TASKS)}, got {task!r}")
+    return TASKS[task].model_section()
+
+
+def _known(section, values: dict) -> dict:
+    """The part of nested `values` that `section` (a dataclass) has fields for."""
+    names = {item.name: getattr(section, item.name) for item in dataclasses.fields(section)}
+    return {name: _known(names[name], value) if dataclasses.is_dataclass(names[name]) and isinstance(value, dict)
+            else value for name, value in values.items() if name in names}
+
+
+def _merge(into: dict, values: dict) -> None:
+    for name, value in values.items():
+        if isinstance(value, dict) and isinstance(into.get(name), dict):
+            _merge(into[name], value)
+        else:
+            into[name] = value
+
+
+def _set_task(config: RunConfig, task: str) -> None:
+    """A new task brings its own model section; the model values given so far are applied to it where
+    it has the same fields (a recipe's CLIP text tower sizes a caption LM's), the rest are dropped."""
+    if task == config.task:
+        return
+    config.task, config.model = task, model_section(task)
+    apply_values(config.model, _known(config.model, config.__dict__.get("_model_values", {})), "model.")
+
 
 def _coerce(key: str, value, kind):
     """value (from YAML or the command line) as `kind`, or a ValueError naming the key."""
     origin = typing.get_origin(kind)
-    if origin in (list, dict):
+    if origin in (list, dict, tuple):
         return _coerce_collection(key, value, origin, typing.get_args(kind))
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         options = [k for k in typing.get_args(kind) if k is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        kind = options[0]
+        return _coerce(key, value, options[0])
     if isinstance(value, str) and kind in (int, float):
         try:  # YAML reads "3e-4" as a string; Python's parsers do not
             value = kind(value)
@@ -140,17 +164,20 @@ def _coerce(key: str, value, kind):
 
 
 def _coerce_collection(key: str, value, origin, arguments):
-    """A list (YAML list, or "a,b" on the command line) or a mapping, items coerced one by one."""
+    """A list or tuple (YAML list, or "a,b" on the command line) or a mapping, items coerced one by one."""
     if isinstance(value, str):
         value = yaml.safe_load(value) if value.strip()[:1] in "[{" else [part for part in value.split(",") if part]
     if value is None:
         value = origin()
+    if origin is tuple and isinstance(value, list):
+        value = tuple(value)
     if not isinstance(value, origin):
         raise ValueError(f"config: {key} must be a {origin.__name__}, got {value!r} ({type(value).__name__})")
     if not arguments:
         return value
-    if origin is list:
-        return [_coerce(f"{key}[{index}]", item, arguments[0]) for index, item in enumerate(value)]
+    if origin in (list, tuple):
+        items = [_coerce(f"{key}[{index}]", item, arguments[0]) for index, item in enumerate(value)]
+        return origin(items)
     return {_coerce(f"{key} (a name)", name, arguments[0]): _coerce(f"{key}.{name}", item, arguments[1])
             for name, item in value.items()}
 
@@ -158,6 +185,12 @@ def _coerce_collection(key: str, value, origin, arguments):
 def apply_values(config, values: dict, prefix: str = "") -> None:
     """Sets nested `values` ({section: {key: value}}) on `config`, coerced to each key's type; errors
     name the key (after `prefix`)."""
+    if isinstance(config, RunConfig):
+        values = dict(values)
+        if "task" in values:  # first: it decides what the model section is
+            _set_task(config, _coerce(f"{prefix}task", values.pop("task"), str))
+        if isinstance(values.get("model"), dict):
+            _merge(config.__dict__.setdefault("_model_values", {}), values["model"])
     hints = typing.get_type_hints(type(config))
     names = {f.name for f in dataclasses.fields(config)}
     for name, value in values.items():
@@ -178,6 +211,7 @@ CHOICES = {
     "data.source": ("synth", "shards", "files"),
     "data.synth_geometry": ("anchored", "continuous"),
     "model.loss": ("clip", "siglip"),
+    "model.activation": ("quick_gelu", "gelu"),
     "optim.name": ("adamw", "adamw8bit"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "engine.name": ("auto", "single", "ddp", "fsdp2", "deepspeed"),
@@ -200,8 +234,11 @@ AT_MOST = {"data.digit_fraction": 1.0}
 BELOW = {"optim.beta1": 1.0, "optim.beta2": 1.0}  # strictly smaller
 
 
-def value_at(config, key: str):
+def value_at(config, key: str, default=None):
+    """The value at dotted `key`, or `default` where the config has no such key (another task's model)."""
     for part in key.split("."):
+        if not hasattr(config, part):
+            return default
         config = getattr(config, part)
     return config
 
@@ -209,7 +246,7 @@ def value_at(config, key: str):
 def check_config(config: RunConfig) -> None:
     """Raises a ValueError naming the key, its allowed values or range, and what it got."""
     for key, choices in CHOICES.items():
-        if value_at(config, key) not in choices:
+        if value_at(config, key, choices[0]) not in choices:
             raise ValueError(f"config: {key} must be one of {list(choices)}, got {value_at(config, key)!r}")
     bounds = [(AT_LEAST, ">=", lambda v, b: v >= b), (ABOVE, ">", lambda v, b: v > b),
               (AT_MOST, "<=", lambda v, b: v <= b), (BELOW, "<", lambda v, b: v < b)]
@@ -254,4 +291,5 @@ def load_config(recipe: str | None = None, overrides=(), path: str | None = None
 
 def save_config(config: RunConfig, path: str) -> None:
     with open(path, "w") as handle:
-        yaml.safe_dump(dataclasses.asdict(config), handle, sort_keys=False)
+        # through JSON: tuples (a vision config's mean and std) become YAML lists
+        yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config))), handle, sort_keys=False)

@@ -37,6 +37,9 @@ def _under(key: str, prefixes) -> bool:
 def changes(saved: dict, config: RunConfig) -> dict[str, tuple]:
     """{key: (saved value, new value)} for every key that differs, FREE keys left out."""
     old, new = _flat(saved), _flat(dataclasses.asdict(config))
+    # keys a run written by an older mmfast lacks count as their defaults (fields added since)
+    defaults = _flat(dataclasses.asdict(RunConfig(task=saved.get("task", config.task))))
+    old = {**{key: value for key, value in defaults.items() if key not in old}, **old}
     return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key) and not _under(key, FREE)}
 

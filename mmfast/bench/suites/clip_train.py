@@ -48,8 +48,7 @@ def _models(size: str, device):
     torch.manual_seed(0)
     hf = CLIPModel(config)
     hf.set_attn_implementation("sdpa")
-    ours = mmfast.models.from_hf_clip(hf)
-    ours.vision_model.embeddings.mean, ours.vision_model.embeddings.std = MEAN, STD
+    ours = mmfast.models.from_hf_clip(hf, mean=MEAN, std=STD)
     return hf.to(device), ours.to(device)
 
 

@@ -1,6 +1,6 @@
 """A causal language model on the bundled captions: next-token prediction, the text stage a
 generative (LLaVA-style) model starts from. Written against the Task interface alone; the model
-comes from model.text (vocabulary, context, width, layers, heads)."""
+comes from `model:` (CaptionLMConfig: model.text's vocabulary, context, width, layers, heads; model.activation)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfast.data.tokenizer import CaptionTokenizer
-from mmfast.models.caption_lm import CaptionLM, flops_per_sequence
+from mmfast.models.caption_lm import CaptionLM, CaptionLMConfig, flops_per_sequence
 from mmfast.models.clip import TextConfig
 from mmfast.train import checkpoint
 from mmfast.data.splits import batch_indices
@@ -20,8 +20,14 @@ from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.captions import prepare_captions
 
 
+def _model_section() -> CaptionLMConfig:
+    """Sized for the CPU, as the contrastive task's text tower; text.vocab_size is the tokenizer's target."""
+    return CaptionLMConfig(text=TextConfig(vocab_size=1000, context_length=24, width=128, layers=3, heads=4))
+
+
 class CaptionLMTask(Task):
     name = "caption_lm"
+    model_section = _model_section
     headline = {"held_out_loss": "held-out loss", "next_token_accuracy": "next-token accuracy"}
     plot_metrics = headline
 
@@ -41,15 +47,17 @@ class CaptionLMTask(Task):
     @classmethod
     def load_file(cls, saved: dict, directory: str, device="cpu"):
         """(CaptionLM, tokenizer)."""
-        model = CaptionLM(TextConfig(**saved["text_config"]))
+        fields = dict(saved["model_config"])
+        model = CaptionLM(CaptionLMConfig(**{**fields, "text": TextConfig(**fields["text"])}))
         model.load_state_dict(saved["state_dict"])
         tokenizer = CaptionTokenizer.load(os.path.join(directory, "tokenizer.json"))
         return model.to(device).eval(), tokenizer
 
     def restore(self, run_dir: str) -> None:
         self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
-        self.model_config = dataclasses.replace(self.config.model.text, vocab_size=self.tokenizer.vocab_size,
-                                                eot_token_id=self.tokenizer.eot_id)
+        section = self.config.model
+        self.model_config = dataclasses.replace(section, text=dataclasses.replace(
+            section.text, vocab_size=self.tokenizer.vocab_size, eot_token_id=self.tokenizer.eot_id))
 
     def build_model(self) -> CaptionLM:
         return CaptionLM(self.model_config)
@@ -77,10 +85,10 @@ class CaptionLMTask(Task):
         return ((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
 
     def flops_per_sample(self) -> float:
-        return flops_per_sequence(self.model_config, self.model_config.context_length - 1)
+        return flops_per_sequence(self.model_config.text, self.model_config.text.context_length - 1)
 
     def tokens_per_sample(self) -> int:
-        return self.model_config.context_length - 1
+        return self.model_config.text.context_length - 1
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -101,6 +109,6 @@ class CaptionLMTask(Task):
     def export(self, run_dir: str, folder: str) -> str:
         """<run_dir>/model.pt: the consolidated fp32 weights and the model's config."""
         path = os.path.join(run_dir, "model.pt")
-        torch.save({"task": self.name, "text_config": dataclasses.asdict(self.model_config),
+        torch.save({"task": self.name, "model_config": dataclasses.asdict(self.model_config),
                     "state_dict": checkpoint.consolidate(folder)}, path)
         return path

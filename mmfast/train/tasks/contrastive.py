@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,19 +25,42 @@ from mmfast.train.tasks.captions import prepare_captions
 CLIP_MEAN, CLIP_STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 
 
+@dataclass(kw_only=True)
+class ContrastiveModelConfig(ClipConfig):
+    """The run's `model:` section: every field of mmfast.models.ClipConfig (sized here for the CPU)
+    and the loss. vision.image_size follows data.image_size; text.vocab_size is the tokenizer's
+    target (the model gets the trained tokenizer's size and end-of-text id); init_logit_bias left
+    None is SigLIP's -10 with loss=siglip."""
+
+    embed_dim: int = 128
+    # the model takes the data's uint8 pixels and normalizes them in the fused patch embedding
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(
+        image_size=32, patch_size=8, width=128, layers=4, heads=4, mean=CLIP_MEAN, std=CLIP_STD))
+    text: TextConfig = field(default_factory=lambda: TextConfig(vocab_size=1000, context_length=24, width=128,
+                                                                layers=3, heads=4))
+    loss: str = "clip"  # or "siglip"
+
+
 def model_config_of_run(config, vocab_size: int, eot_token_id: int) -> ClipConfig:
     """The model's config from the run's: image size from data, vocabulary from the trained tokenizer."""
-    m = config.model
-    return ClipConfig(embed_dim=m.embed_dim, vision=dataclasses.replace(m.vision, image_size=config.data.image_size),
-                      text=dataclasses.replace(m.text, vocab_size=vocab_size, eot_token_id=eot_token_id),
-                      init_logit_bias=-10.0 if m.loss == "siglip" else None)
+    section = config.model
+    fields = {item.name: getattr(section, item.name) for item in dataclasses.fields(ClipConfig)}
+    fields.update(vision=dataclasses.replace(section.vision, image_size=config.data.image_size),
+                  text=dataclasses.replace(section.text, vocab_size=vocab_size, eot_token_id=eot_token_id))
+    if section.loss == "siglip" and section.init_logit_bias is None:
+        fields["init_logit_bias"] = -10.0
+    return ClipConfig(**fields)
 
 
-def build_model(config: ClipConfig) -> CLIP:
-    model = CLIP(config)
-    # uint8 pixels go straight into the fused patch embedding, normalized there
-    model.vision_model.embeddings.mean, model.vision_model.embeddings.std = CLIP_MEAN, CLIP_STD
-    return model
+def clip_config_of_file(saved: dict) -> ClipConfig:
+    """The ClipConfig a model.pt was written with (files from before the normalization moved into the
+    vision config keep it beside the config)."""
+    fields = dict(saved["clip_config"])
+    vision = dict(fields["vision"])
+    if "mean" in saved and vision.get("mean") is None:
+        vision["mean"], vision["std"] = saved["mean"], saved["std"]
+    fields["vision"], fields["text"] = VisionConfig(**vision), TextConfig(**fields["text"])
+    return ClipConfig(**fields)
 
 
 def export(run_dir: str, folder: str, model_config: ClipConfig) -> str:
@@ -44,12 +68,13 @@ def export(run_dir: str, folder: str, model_config: ClipConfig) -> str:
     config, which `mmfast.load_clip` reads."""
     path = os.path.join(run_dir, "model.pt")
     torch.save({"task": "contrastive", "clip_config": dataclasses.asdict(model_config),
-                "state_dict": checkpoint.consolidate(folder), "mean": CLIP_MEAN, "std": CLIP_STD}, path)
+                "state_dict": checkpoint.consolidate(folder)}, path)
     return path
 
 
 class ContrastiveTask(Task):
     name = "contrastive"
+    model_section = ContrastiveModelConfig
     headline = {"zero_shot_accuracy": "zero-shot", "other_zero_shot_accuracy": "drawn another way",
                 "image_to_text_R@1": "I->T R@1"}
     plot_metrics = {"zero_shot_accuracy": "zero-shot, held-out",
@@ -78,10 +103,7 @@ class ContrastiveTask(Task):
     @classmethod
     def load_file(cls, saved: dict, directory: str, device="cpu"):
         """(CLIP, preprocess, tokenizer), as mmfast.load_clip gives them."""
-        fields = dict(saved["clip_config"])
-        fields["vision"], fields["text"] = VisionConfig(**fields["vision"]), TextConfig(**fields["text"])
-        model = CLIP(ClipConfig(**fields))
-        model.vision_model.embeddings.mean, model.vision_model.embeddings.std = saved["mean"], saved["std"]
+        model = CLIP(clip_config_of_file(saved))
         model.load_state_dict(saved["state_dict"])
         tokenizer = CaptionTokenizer.load(os.path.join(directory, "tokenizer.json"))
         return model.to(device).eval(), Preprocess(model.config.vision.image_size), tokenizer
@@ -91,7 +113,7 @@ class ContrastiveTask(Task):
         self.model_config = model_config_of_run(self.config, self.tokenizer.vocab_size, self.tokenizer.eot_id)
 
     def build_model(self) -> CLIP:
-        return build_model(self.model_config)
+        return CLIP(self.model_config)
 
     def batches(self, accumulation: int, start: int):
         """(uint8 pixels, tokens) of this rank's share of every global batch from step `start` on."""
