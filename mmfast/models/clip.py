@@ -123,6 +123,7 @@ class Block(nn.Module):
         self.mlp = MLP(width, int(width * mlp_ratio), activation)
 
     def forward(self, x, **attention):
+        """[B, T, width] -> [B, T, width]; `attention` goes to MixedAttention (cu_seqlens, spans)."""
         x = x + self.self_attn(self.layer_norm1(x), **attention)
         return x + self.mlp(self.layer_norm2(x))
 

@@ -73,6 +73,8 @@ class ClipLoss(nn.Module):
         return per_image, per_text
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        """image_features, text_features [B, D] (this rank's rows), logit_scale (exponentiated) a scalar
+        or [1] -> the scalar loss ({"contrastive_loss": loss} with output_dict)."""
         # A bias shifts every logit of a row (and of a column) alike: softmax cancels it exactly.
         if self.world_size == 1:
             loss = self._loss(image_features, text_features, image_features, text_features, logit_scale, 0)
@@ -152,6 +154,8 @@ class SigLipLoss(nn.Module):
                            positive_offset=None if negative_only else 0, backend=self.backend)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
+        """image_features, text_features [B, D] (this rank's rows), logit_scale (exponentiated) and
+        logit_bias scalars or [1] -> the scalar loss ({"contrastive_loss": loss} with output_dict)."""
         if self.world_size == 1:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         elif self.dist_impl in ("gather", "reduce"):

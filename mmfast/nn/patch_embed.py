@@ -226,6 +226,7 @@ class _HFVisionEmbeddings(nn.Module):
         return torch.cat([table[:prefix], patches]) if prefix else patches
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """pixel_values [B, C, H, W] (uint8, normalized with mean/std, or float) -> [B, (1 +) N, hidden]."""
         height, width = pixel_values.shape[-2:]
         if not interpolate_pos_encoding and (height != self.image_size or width != self.image_size):
             raise ValueError(f"Input image size ({height}*{width}) doesn't match model "

@@ -29,6 +29,8 @@ def _siglip_signs(rows: slice, columns: int, positive_offset, device) -> torch.T
 
 
 def lse_forward(a, b, scale, columns: bool):
+    """a [M, D], b [N, D], scale [1] -> row log-sum-exp of scale * a @ b.T, fp32 [M], and the
+    column one [N] ([0] without columns), a row chunk at a time."""
     a32, b32, scale32 = a.float(), b.float(), scale.float()
     row_lse = torch.empty(a.shape[0], device=a.device)
     col_max = torch.full((b.shape[0],), float("-inf"), device=a.device)
@@ -46,6 +48,8 @@ def lse_forward(a, b, scale, columns: bool):
 
 
 def lse_backward(a, b, scale, row_lse, col_lse, g_row, g_col, columns: bool):
+    """Gradients (da [M, D], db [N, D], dscale [1]) of sum(g_row * row_lse) + sum(g_col * col_lse);
+    row_lse, g_row [M], col_lse, g_col [N]."""
     a32, b32, scale32 = a.float(), b.float(), scale.float()
     da = torch.empty_like(a32)
     db = torch.zeros_like(b32)
@@ -63,6 +67,8 @@ def lse_backward(a, b, scale, row_lse, col_lse, g_row, g_col, columns: bool):
 
 
 def siglip_forward(a, b, scale, bias, positive_offset):
+    """a [M, D], b [N, D], scale, bias [1] -> per-row sum of softplus(-y * (scale * a @ b.T + bias)),
+    fp32 [M]; y = +1 on the diagonal shifted by positive_offset (None: every pair negative)."""
     a32, b32, scale32, bias32 = a.float(), b.float(), scale.float(), bias.float()
     row_loss = torch.empty(a.shape[0], device=a.device)
     for rows in _chunks(a.shape[0], b.shape[0]):
@@ -73,6 +79,7 @@ def siglip_forward(a, b, scale, bias, positive_offset):
 
 
 def siglip_backward(a, b, scale, bias, g_loss, positive_offset):
+    """Gradients (da [M, D], db [N, D], dscale [1], dbias [1]) of g_loss * the sum of every term."""
     a32, b32, scale32, bias32 = a.float(), b.float(), scale.float(), bias.float()
     da = torch.empty_like(a32)
     db = torch.zeros_like(b32)

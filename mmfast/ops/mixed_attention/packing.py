@@ -31,6 +31,8 @@ class Packing:
 
 def build_packing(cu_seqlens: torch.Tensor, span_ids: torch.Tensor | None, total: int, max_seqlen: int | None,
                   causal: bool) -> Packing:
+    """The per-sequence tables the kernels read: cu_seqlens int32 [B + 1], span_ids int32 [total] (or
+    None: every token causal or every token bidirectional), over `total` packed tokens."""
     device = cu_seqlens.device
     batch = cu_seqlens.numel() - 1
     if max_seqlen is None:

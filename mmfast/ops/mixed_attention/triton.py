@@ -233,6 +233,8 @@ def forward(q, k, v, packing, scale: float):
 
 
 def backward(q, k, v, out, lse, grad_out, packing, scale: float):
+    """q [T, H, D], k/v [T, HK, D], out [T, H, D], lse [H, T] fp32, grad_out [T, H, D] -> (dq, dk, dv)
+    shaped as q, k, v (dk, dv summed over the query heads sharing a key head)."""
     T, H, D = q.shape
     HK = k.shape[1]
     grad_out = grad_out.contiguous()
