@@ -3,6 +3,7 @@ prints a table of the outcomes side by side (see the README's "Drop-ins against 
 
     python benchmarks/check_peers.py --peer timm --repo ~/src/pytorch-image-models --out timm.md
     python benchmarks/check_peers.py --peer open_clip            # clones the tag of the installed version
+    python benchmarks/check_peers.py --peer whisper --repo ~/src/whisper
 
 The tests come from the peer's repository at the tag of the installed version (`--repo`: a local git
 checkout, else a shallow clone, which needs the network); where that tag is missing from a local
@@ -30,6 +31,10 @@ PEERS = {
                       "deit_small_patch16_224", "deit_tiny_distilled_patch16_224", "vit_tiny_patch16_384",
                       "vit_small_patch32_224", "vit_base_patch32_224")) + ") and not pretrained"],
                  swapped="every PatchEmbed in models from timm.create_model -> mmfast.nn.PatchEmbed"),
+    # test_transcribe loads a checkpoint from the network: only the audio test runs offline
+    "whisper": dict(distribution="openai-whisper", url="https://github.com/openai/whisper",
+                    tests=["tests/test_audio.py"],
+                    swapped="whisper.log_mel_spectrogram (audio, transcribe) -> mmfast.audio.whisper_log_mel"),
 }
 
 

@@ -36,7 +36,19 @@ def _swap_timm():
         namespace.create_model = create_model
 
 
+def _swap_whisper():
+    import whisper
+    import whisper.audio
+    import whisper.transcribe
+
+    import mmfast.audio
+
+    # transcribe bound the function when it was imported: swap it there too
+    for namespace in (whisper, whisper.audio, whisper.transcribe):
+        namespace.log_mel_spectrogram = mmfast.audio.whisper_log_mel
+
+
 def pytest_configure(config):
     peer = os.environ.get("MMFAST_SWAP")
     if peer:
-        {"open_clip": _swap_open_clip, "timm": _swap_timm}[peer]()
+        {"open_clip": _swap_open_clip, "timm": _swap_timm, "whisper": _swap_whisper}[peer]()

@@ -88,14 +88,15 @@ def _assert_same(first, second, valid=None, rtol=1e-4, atol=1e-4):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.parametrize("heads", [2, 4], ids=["head-dim-32", "head-dim-16"])  # 16: transformers' tiny test models
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_causal_lm_with_padding_matches_sdpa(family):
+def test_causal_lm_with_padding_matches_sdpa(family, heads):
     torch.manual_seed(2)
     if family == "llama":
-        model = _llama()
+        model = _llama(num_attention_heads=heads)
     else:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+            vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=heads,
             num_key_value_heads=1, max_position_embeddings=128)).eval().to(DEVICE)
     ids = torch.randint(0, 101, (3, 19), device=DEVICE)
     mask = torch.ones(3, 19, dtype=torch.long, device=DEVICE)

@@ -128,6 +128,23 @@ def test_clip_vision_embeddings_match_hf(size, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_vision_embeddings_with_overlapping_patches(backend):
+    """stride below the patch size (mmfast's option): a Conv2d of that stride over the normalized
+    uint8 pixels, the class token, positions; the position table grows to the overlapping grid."""
+    torch.manual_seed(3)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    config = _clip_config(image_size=30, patch_size=8)
+    ours = mmfast.nn.CLIPVisionEmbeddings(config, mean=mean, std=std, stride=5, backend=backend).to(DEVICE)
+    assert ours.num_patches == 25 and ours.position_embedding.weight.shape[0] == 26  # (30 - 8) // 5 + 1 = 5
+    pixels = torch.randint(0, 256, (2, 3, 30, 30), dtype=torch.uint8).to(DEVICE)
+    normalized = (pixels.float() / 255 - torch.tensor(mean, device=DEVICE)[:, None, None]) / (
+        torch.tensor(std, device=DEVICE)[:, None, None])
+    patches = torch.nn.functional.conv2d(normalized, ours.patch_embedding.weight, stride=5).flatten(2).transpose(1, 2)
+    expected = torch.cat([ours.class_embedding.expand(2, 1, -1), patches], 1) + ours.position_embedding.weight
+    torch.testing.assert_close(ours(pixels), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_siglip_vision_embeddings_match_hf(backend):
     from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings as HF
 

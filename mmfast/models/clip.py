@@ -26,6 +26,7 @@ from mmfast.nn.patch_embed import CLIPVisionEmbeddings
 class VisionConfig:
     image_size: int = 224
     patch_size: int = 16
+    patch_stride: int | None = None  # None: the patch size; smaller: overlapping patches (not in HF's CLIP)
     channels: int = 3
     width: int = 768
     layers: int = 12
@@ -89,7 +90,7 @@ def flops_per_sample(config: ClipConfig) -> float:
     """Training FLOPs (forward + backward = 3 x forward) of one image-text pair for mmfast's CLIP;
     recomputation under activation checkpointing is not counted, as MFU conventionally does."""
     vision, text = config.vision, config.text
-    patches = (vision.image_size // vision.patch_size) ** 2
+    patches = ((vision.image_size - vision.patch_size) // (vision.patch_stride or vision.patch_size) + 1) ** 2
     forward = 2 * patches * vision.channels * vision.patch_size ** 2 * vision.width
     forward += transformer_flops(patches + 1, vision.width, vision.layers, vision.mlp_ratio)
     forward += transformer_flops(text.context_length, text.width, text.layers, text.mlp_ratio)
@@ -140,7 +141,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         hf_like = SimpleNamespace(hidden_size=config.width, image_size=config.image_size,
                                   patch_size=config.patch_size, num_channels=config.channels)
-        self.embeddings = CLIPVisionEmbeddings(hf_like, mean=config.mean, std=config.std, backend=backend)
+        self.embeddings = CLIPVisionEmbeddings(hf_like, mean=config.mean, std=config.std, stride=config.patch_stride,
+                                               backend=backend)
         self.pre_layrnorm = nn.LayerNorm(config.width)  # HF's spelling, kept for the state dict
         self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, False, activation, backend)
                                     for _ in range(config.layers))

@@ -188,17 +188,20 @@ class _HFVisionEmbeddings(nn.Module):
 
     class_token = True
 
-    def __init__(self, config, *, mean=None, std=None, backend: str | None = None):
+    def __init__(self, config, *, mean=None, std=None, stride: int | None = None, backend: str | None = None):
+        """stride (mmfast's option, not HF's): patches every `stride` pixels, overlapping when smaller
+        than the patch size (AST's way); None is HF's stride, the patch size."""
         super().__init__()
         self.config = config
         self.embed_dim = config.hidden_size
         self.image_size = config.image_size
         self.patch_size = config.patch_size
+        self.patch_stride = stride or config.patch_size
         if self.class_token:
             self.class_embedding = nn.Parameter(torch.randn(self.embed_dim))
         self.patch_embedding = nn.Conv2d(config.num_channels, self.embed_dim, kernel_size=self.patch_size,
-                                         stride=self.patch_size, bias=not self.class_token)
-        self.num_patches = (self.image_size // self.patch_size) ** 2
+                                         stride=self.patch_stride, bias=not self.class_token)
+        self.num_patches = self._side(self.image_size) ** 2
         self.num_positions = self.num_patches + int(self.class_token)
         self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
         self.register_buffer("position_ids", torch.arange(self.num_positions).expand((1, -1)), persistent=False)
@@ -213,11 +216,16 @@ class _HFVisionEmbeddings(nn.Module):
                            + (("class_embedding",) if cls.class_token else ()))
         module.register_buffer("position_ids", peer.position_ids, persistent=False)
         module._positions = _PositionCache()
+        module.patch_stride = module.patch_size
         return module
+
+    def _side(self, pixels: int) -> int:
+        """Patches along a side of `pixels` (a Conv's count: leftover pixels are dropped)."""
+        return (pixels - self.patch_size) // self.patch_stride + 1
 
     def _position_table(self, height: int, width: int, interpolate: bool) -> torch.Tensor:
         table = self.position_embedding.weight
-        grid = (height // self.patch_size, width // self.patch_size)
+        grid = (self._side(height), self._side(width))
         side = int(math.isqrt(self.num_patches))
         if not interpolate or (grid[0] * grid[1] == self.num_patches and height == width):
             return table
@@ -233,7 +241,7 @@ class _HFVisionEmbeddings(nn.Module):
                              f"({self.image_size}*{self.image_size}).")
         return patch_embed(pixel_values, self.patch_embedding.weight, self.patch_embedding.bias,
                            pos_embed=self._position_table(height, width, interpolate_pos_encoding),
-                           cls_token=self.class_embedding if self.class_token else None,
+                           cls_token=self.class_embedding if self.class_token else None, stride=self.patch_stride,
                            mean=self.mean, std=self.std, backend=self.backend)
 
 
