@@ -80,3 +80,24 @@ def test_named_sizes_and_bad_names():
     assert mmfast.models.clip_config("ViT-L/14").vision.width == 1024
     with pytest.raises(ValueError, match="size must be one of"):
         mmfast.models.clip_config("ViT-H/99")
+
+
+def test_overlapping_patches_and_normalization_come_from_the_vision_config():
+    from mmfast.models.clip import flops_per_sample, patch_count
+
+    config = mmfast.models.clip_config("tiny")
+    config.vision.patch_stride, config.vision.mean, config.vision.std = 4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    assert patch_count(config.vision) == 49  # (32 - 8) // 4 + 1 = 7 per side
+    model = mmfast.models.CLIP(config)
+    assert model.vision_model.embeddings.position_embedding.weight.shape[0] == 50
+    assert model.vision_model.embeddings.mean == (0.5, 0.5, 0.5)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    output = model(pixels, torch.randint(1, 100, (2, 16)))
+    assert output["image_features"].shape == (2, config.embed_dim)
+    # uint8 pixels normalized in the embedding give what the float pixels normalized by hand give
+    model.vision_model.embeddings.mean = model.vision_model.embeddings.std = None
+    by_hand = model.encode_image((pixels.float() / 255 - 0.5) / 0.25)
+    torch.testing.assert_close(output["image_features"], torch.nn.functional.normalize(by_hand, dim=-1),
+                               rtol=1e-4, atol=1e-4)
+    plain = mmfast.models.clip_config("tiny")
+    assert flops_per_sample(config) > flops_per_sample(plain)  # 49 patches instead of 16

@@ -86,11 +86,16 @@ def transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) ->
     return layers * tokens * per_token
 
 
+def patch_count(vision: VisionConfig) -> int:
+    """Patches of one image (a Conv's count: overlapping when patch_stride is below the patch size)."""
+    return ((vision.image_size - vision.patch_size) // (vision.patch_stride or vision.patch_size) + 1) ** 2
+
+
 def flops_per_sample(config: ClipConfig) -> float:
     """Training FLOPs (forward + backward = 3 x forward) of one image-text pair for mmfast's CLIP;
     recomputation under activation checkpointing is not counted, as MFU conventionally does."""
     vision, text = config.vision, config.text
-    patches = ((vision.image_size - vision.patch_size) // (vision.patch_stride or vision.patch_size) + 1) ** 2
+    patches = patch_count(vision)
     forward = 2 * patches * vision.channels * vision.patch_size ** 2 * vision.width
     forward += transformer_flops(patches + 1, vision.width, vision.layers, vision.mlp_ratio)
     forward += transformer_flops(text.context_length, text.width, text.layers, text.mlp_ratio)

@@ -13,7 +13,7 @@ import mmfast
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.data.preprocess import Preprocess
 from mmfast.models import CLIP, ClipConfig
-from mmfast.models.clip import TextConfig, VisionConfig, flops_per_sample
+from mmfast.models.clip import TextConfig, VisionConfig, flops_per_sample, patch_count
 from mmfast.train import checkpoint
 from mmfast.data.splits import batch_indices, shard_paths
 from mmfast.train.evaluate import evaluate
@@ -175,8 +175,7 @@ class ContrastiveTask(Task):
         return flops_per_sample(self.model_config)
 
     def tokens_per_sample(self) -> int:
-        vision = self.model_config.vision
-        return self.model_config.text.context_length + (vision.image_size // vision.patch_size) ** 2 + 1
+        return self.model_config.text.context_length + patch_count(self.model_config.vision) + 1
 
     # --- results ------------------------------------------------------------------------------------------
 
