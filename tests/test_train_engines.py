@@ -289,3 +289,10 @@ def test_frozen_modules_and_prefix_learning_rates_on_every_engine(root):
     for name, _ in runs:
         _assert_follows(root, name, reference="frozen-single")
         _assert_same_weights(root, name, reference="frozen-single")
+    if (root / "frozen-zero2").exists():  # the frozen tower never reaches ZeRO-2's optimizer partitions
+        trainable = sum(value.numel() for key, value in single.items() if not key.startswith("text_model."))
+        held = 0
+        for path in sorted((root / "frozen-zero2" / "checkpoints" / "step-0000004").glob("*optim_states.pt")):
+            state = torch.load(path, weights_only=False)["optimizer_state_dict"]
+            held += sum(part.numel() for part in state["single_partition_of_fp32_groups"])  # saved unpadded
+        assert held == trainable < sum(value.numel() for value in single.values())
