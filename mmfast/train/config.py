@@ -189,7 +189,7 @@ def apply_values(config, values: dict, prefix: str = "") -> None:
         values = dict(values)
         if "task" in values:  # first: it decides what the model section is
             _set_task(config, _coerce(f"{prefix}task", values.pop("task"), str))
-        if isinstance(values.get("model"), dict):
+        if isinstance(values.get("model"), dict):  # kept beside the fields: a later task switch re-applies them
             _merge(config.__dict__.setdefault("_model_values", {}), values["model"])
     hints = typing.get_type_hints(type(config))
     names = {f.name for f in dataclasses.fields(config)}
