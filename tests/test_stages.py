@@ -118,3 +118,9 @@ def test_any_task_loads_evaluates_and_exports_from_its_run(tmp_path, capsys):
     os.remove(os.path.join(config.run_dir, "model.pt"))
     assert main(["export", config.run_dir]) == 0
     assert mmfast.load(config.run_dir)[0].head.weight.shape[0] == tokenizer.vocab_size
+    path = os.path.join(config.run_dir, "model.pt")  # the earlier file layout: the text config alone
+    saved = torch.load(path, weights_only=True)
+    saved["text_config"] = saved.pop("model_config")["text"]
+    torch.save(saved, path)
+    torch.testing.assert_close(mmfast.load(config.run_dir)[0](tokenizer(["a red circle."])),
+                               model(tokenizer(["a red circle."])))

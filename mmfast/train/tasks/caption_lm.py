@@ -47,7 +47,8 @@ class CaptionLMTask(Task):
     @classmethod
     def load_file(cls, saved: dict, directory: str, device="cpu"):
         """(CaptionLM, tokenizer)."""
-        fields = dict(saved["model_config"])
+        # files written before the model section had its own config hold the text config alone
+        fields = dict(saved["model_config"]) if "model_config" in saved else {"text": saved["text_config"]}
         model = CaptionLM(CaptionLMConfig(**{**fields, "text": TextConfig(**fields["text"])}))
         model.load_state_dict(saved["state_dict"])
         tokenizer = CaptionTokenizer.load(os.path.join(directory, "tokenizer.json"))
