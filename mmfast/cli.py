@@ -60,7 +60,7 @@ def _bench(args) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     directory = args.out or os.path.join("bench-results", f"{profile}-{stamp}")
     print(f"mmfast bench: suites {names}, profile {profile}, device {device}, modes {','.join(modes)}")
-    rows = run_suites(names, profile, device, modes)
+    rows = run_suites(names, profile, device, modes, trace=args.trace)
     paths = report.write(rows, directory)
     print(report.markdown(rows))
     print("wrote " + ", ".join(paths))
@@ -141,6 +141,8 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda when available)")
     bench.add_argument("--modes", help="comma-separated: forward,backward,full (default: all)")
     bench.add_argument("--out", help="output folder (default: bench-results/<profile>-<time>)")
+    bench.add_argument("--trace", metavar="DIR", help="also write a torch.profiler trace of each case and mode "
+                       "there (Chrome/Perfetto JSON, read by TensorBoard's profiler plugin)")
     bench.set_defaults(run=_bench)
     train = commands.add_parser("train", help="train a model from a recipe (extra --section.key=value override it)")
     train.add_argument("--recipe", default="clip-tiny", help="a recipe name in mmfast/configs/ or a YAML path")

@@ -35,6 +35,17 @@ def test_mmfast_bench_writes_every_file(tmp_path, capsys):
     assert "mmfast bench: suites ['contrastive'], profile cpu" in capsys.readouterr().out
 
 
+def test_bench_trace_writes_a_profile_per_case_naming_mmfast_ops(tmp_path):
+    assert main(["bench", "contrastive", "--out", str(tmp_path / "out"), "--modes", "full",
+                 "--trace", str(tmp_path / "trace")]) == 0
+    traces = sorted(os.listdir(tmp_path / "trace"))
+    assert traces and all(name.endswith(".pt.trace.json") for name in traces)
+    ours = [name for name in traces if "mmfast" in name]
+    assert ours, traces
+    names = {event.get("name") for event in json.loads((tmp_path / "trace" / ours[0]).read_text())["traceEvents"]}
+    assert any(name and name.startswith("mmfast.") for name in names)
+
+
 def test_speedup_is_baseline_over_mmfast():
     common = dict(suite="s", group="g", mode="full", status="ok")
     rows = [dict(common, provider="mmfast", is_mmfast=True, median_ms=2.0),

@@ -153,6 +153,19 @@ def test_every_model_field_is_a_key_of_the_task_model_section():
     assert (lm.model.text.width, lm.model.text.layers, lm.model.text.context_length) == (128, 2, 24)
 
 
+def test_profile_steps_write_a_trace_that_names_mmfast_ops(tmp_path):
+    with pytest.raises(ValueError, match=r"train.profile_steps must look like FIRST-LAST .*got '3-2'"):
+        load_config("clip-tiny", ["--train.profile_steps=3-2"])
+    train(_config(tmp_path, "profiled", "--train.steps=3", "--train.eval_every=3", "--train.profile_steps=2-3"),
+          progress=False)
+    folder = tmp_path / "profiled" / "profile"
+    assert sorted(os.listdir(folder)) == ["rank0.steps-2-3.pt.trace.json", "rank0.steps-2-3.txt"]
+    events = json.loads((folder / "rank0.steps-2-3.pt.trace.json").read_text())["traceEvents"]
+    names = {event.get("name") for event in events}
+    assert {"mmfast.patch_embed", "mmfast.mixed_attention", "mmfast.similarity_logsumexp"} <= names
+    assert "mmfast.patch_embed" in (folder / "rank0.steps-2-3.txt").read_text()
+
+
 def test_cli_train_with_overrides(tmp_path, capsys):
     arguments = ["train", "--recipe", "clip-tiny", "--run-dir", str(tmp_path / "cli"), *TINY,
                  f"--data.synth_dir={tmp_path / 'synth'}", "--train.steps=2", "--train.eval_every=2"]

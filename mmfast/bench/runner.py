@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime
 import gc
+import os
+import re
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +23,31 @@ def _out_of_memory(error: Exception) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def run_case(case, device: torch.device, modes, context: dict) -> list[dict]:
+def trace_case(step, leaves, mode: str, device: torch.device, path: str, repeats: int = 3) -> None:
+    """A torch.profiler trace of `repeats` runs of one timed mode (after its timing: warm), written as
+    Chrome/Perfetto JSON that TensorBoard's profiler plugin also reads; mmfast's ops carry their names."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(repeats):
+            for leaf in leaves:
+                leaf.grad = None
+            output = step()
+            if mode != "forward":
+                output.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    profiler.export_chrome_trace(path)
+
+
+def _trace_path(directory: str, case, mode: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9.=]+", "_", f"{case.suite}-{case.group}-{case.provider}-{mode}")
+    return os.path.join(directory, f"{name}.pt.trace.json")
+
+
+def run_case(case, device: torch.device, modes, context: dict, trace: str | None = None) -> list[dict]:
+    """One row per mode; with `trace` (a folder) also a profiler trace of each mode that ran."""
     warmup, repeats, budget = SETTINGS["cuda" if device.type == "cuda" else "cpu"]
     rows = []
     for mode in modes:
@@ -47,6 +73,10 @@ def run_case(case, device: torch.device, modes, context: dict) -> list[dict]:
                 row["gbps"] = case.bytes(mode) / (timing.median_ms * 1e-3) / 1e9
             for name, amount in case.rates.items():
                 row[name] = amount / (timing.median_ms * 1e-3)
+            if trace:
+                os.makedirs(trace, exist_ok=True)
+                row["trace"] = _trace_path(trace, case, mode)
+                trace_case(step, leaves, mode, device, row["trace"])
         finally:
             step = leaves = None
             gc.collect()
@@ -56,8 +86,10 @@ def run_case(case, device: torch.device, modes, context: dict) -> list[dict]:
     return rows
 
 
-def run_suites(names, profile: str, device: torch.device, modes=MODES, progress: bool = True) -> list[dict]:
-    """Every case of the named suites on `device`; one row per (case, mode)."""
+def run_suites(names, profile: str, device: torch.device, modes=MODES, progress: bool = True,
+               trace: str | None = None) -> list[dict]:
+    """Every case of the named suites on `device`; one row per (case, mode); `trace`: a folder for a
+    profiler trace of each."""
     machine = describe()
     context = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -68,5 +100,5 @@ def run_suites(names, profile: str, device: torch.device, modes=MODES, progress:
     cases = [case for name in names for case in suite_cases(name, profile, device)]
     rows = []
     for case in tqdm(cases, desc="mmfast bench", unit="case", disable=not progress):
-        rows.extend(run_case(case, device, modes, context))
+        rows.extend(run_case(case, device, modes, context, trace))
     return rows

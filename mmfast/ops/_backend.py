@@ -6,6 +6,7 @@ logs once per op when it falls back. Nothing swaps silently.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -16,6 +17,18 @@ BACKENDS = ("auto", "triton", "native", "reference")
 ALIASES = {"cuda": "native"}  # the csrc extension's name before 2026-11-27 (it runs on CPU tensors too)
 logger = logging.getLogger("mmfast")
 _fallbacks_logged: set[tuple[str, str]] = set()
+
+
+def profiled(function):
+    """The op under its own name in torch.profiler traces ("mmfast.patch_embed"), so a trace says which
+    mmfast op a kernel belongs to (Triton kernels' own names, like "_fwd_kernel", do not)."""
+    label = f"mmfast.{function.__name__}"
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return function(*args, **kwargs)
+    return wrapper
 
 
 def triton_available() -> bool:

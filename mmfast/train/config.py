@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from mmfast.train.profiling import step_range
 from mmfast.train.tasks import TASKS
 
 RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -63,6 +64,7 @@ class TrainConfig:
     accumulation_steps: int = 1  # plain accumulation: each step's batch in this many contrastive batches
     stop_after: int | None = None  # end the run early at this step, schedule unchanged (resume later)
     init_from: str = ""  # a model.pt (or a run directory holding one) whose weights start this run
+    profile_steps: str = ""  # e.g. "10-12": a torch.profiler trace of those steps in <run_dir>/profile
     frozen: list[str] = field(default_factory=list)  # parameter-name prefixes left untrained
     trainable: list[str] = field(default_factory=list)  # if any: only these prefixes are trained
 
@@ -245,6 +247,7 @@ def value_at(config, key: str, default=None):
 
 def check_config(config: RunConfig) -> None:
     """Raises a ValueError naming the key, its allowed values or range, and what it got."""
+    step_range(config.train.profile_steps)
     for key, choices in CHOICES.items():
         if value_at(config, key, choices[0]) not in choices:
             raise ValueError(f"config: {key} must be one of {list(choices)}, got {value_at(config, key)!r}")

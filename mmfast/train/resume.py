@@ -17,7 +17,7 @@ from mmfast.train.config import RunConfig
 FIXED = ("task", "model", "engine.name", "engine.zero_stage", "data.source", "data.image_size", "data.tokenizer",
          "optim.name", "optim.lr_groups", "train.frozen", "train.trainable")  # the optimizer's groups
 FREE = ("recipe", "run_dir", "resume", "stages", "train.init_from", "train.stop_after", "train.log_every",
-        "train.eval_every", "train.checkpoint_every", "data.workers")
+        "train.eval_every", "train.checkpoint_every", "train.profile_steps", "data.workers")
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

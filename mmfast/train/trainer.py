@@ -25,6 +25,7 @@ from mmfast.train.engines import build_engine
 from mmfast.train.engines.base import freeze
 from mmfast.train.files import load_tensors
 from mmfast.train.metrics import MetricsWriter, peak_flops, peak_memory_mb, plot
+from mmfast.train.profiling import StepProfiler
 from mmfast.train.resume import check_resume
 from mmfast.train.stages import finished, stage_configs
 from mmfast.train.tasks import build_task
@@ -142,12 +143,17 @@ def train(config: RunConfig, progress: bool = True) -> dict:
                disable=not (progress and placement.is_main))
     last_eval, evaluated, window_start, window_samples, folder = {}, False, time.perf_counter(), 0, resume_from
     batches = task.batches(engine.accumulation, start)
+    profiler = StepProfiler(config.train.profile_steps, config.run_dir, placement.rank, device)
     for step in bar:
+        profiler.start(step + 1)
         batch_tensors = tuple(tensor.to(device, non_blocking=True) for tensor in next(batches))
         loss = task.forward_backward(engine, batch_tensors)
         grad_norm = engine.step()
         window_samples += batch
         done = step + 1
+        trace = profiler.stop(done)
+        if trace and placement.is_main:
+            bar.write(f"mmfast train: profile of steps {config.train.profile_steps} in {trace}")
         if done % config.train.log_every == 0 or done == steps:
             mean_loss = distributed.mean(loss)  # collective: every rank logs at the same steps
             elapsed = time.perf_counter() - window_start

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mmfast.ops._backend import resolve_backend
+from mmfast.ops._backend import profiled, resolve_backend
 from mmfast.ops._validation import as_scalar_tensor, check_features, check_same
 from mmfast.ops.contrastive.function import SigmoidPairLoss, SimilarityLogsumexp, float32_math
 
@@ -42,6 +42,7 @@ def _check_pair(op: str, names: tuple[str, str], a, b, *, same_rows: bool):
     return a.contiguous(), b.contiguous()
 
 
+@profiled
 def similarity_logsumexp(a: torch.Tensor, b: torch.Tensor, scale, *, columns: bool = True,
                          backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column log-sum-exp of `scale * a @ b.T` without building it.
@@ -58,6 +59,7 @@ def similarity_logsumexp(a: torch.Tensor, b: torch.Tensor, scale, *, columns: bo
         return SimilarityLogsumexp.apply(a, b, scale, columns, _kernels(op, backend, a.device))
 
 
+@profiled
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, *,
               backend: str | None = None) -> torch.Tensor:
     """Symmetric InfoNCE: mean of the image->text and text->image cross-entropies.
@@ -77,6 +79,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         return ((row_lse - positives).mean() + (col_lse - positives).mean()) / 2
 
 
+@profiled
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
                 positive_offset: int | None = 0, backend: str | None = None) -> torch.Tensor:
     """SigLIP pairwise sigmoid loss, as open_clip's `SigLipLoss` computes it.

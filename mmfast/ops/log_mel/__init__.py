@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from mmfast.ops._backend import resolve_backend
+from mmfast.ops._backend import profiled, resolve_backend
 from mmfast.ops.log_mel import reference
 from mmfast.ops.log_mel.reference import frame_count
 
@@ -96,6 +96,7 @@ def _checked_tensor(name: str, tensor, shape: tuple, described: str, device: tor
     return tensor.to(device)
 
 
+@profiled
 def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_fft: int = 400, hop_length: int = 160,
                         win_length: int | None = None, window="hann", n_mels: int = 80, f_min: float = 0.0,
                         f_max: float | None = None, center: bool = True, pad_mode: str = "reflect",

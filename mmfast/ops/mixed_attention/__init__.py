@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from mmfast.ops._backend import log_fallback, resolve_backend
+from mmfast.ops._backend import log_fallback, profiled, resolve_backend
 from mmfast.ops.mixed_attention.packing import (Packing, build_packing, pad, packing_from_segments,
                                                 span_ids_from_token_ids, unpad)
 
@@ -82,6 +82,7 @@ def _check_packing(cu_seqlens, span_ids, total, device, leading_shape, max_seqle
             raise ValueError(f"{OP}: span_ids must be on {device}, got {span_ids.device}")
 
 
+@profiled
 def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
                     max_seqlen: int | None = None, span_ids: torch.Tensor | None = None, causal: bool = True,
                     softmax_scale: float | None = None, return_lse: bool = False, validate: bool = True,

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from mmfast.ops._backend import resolve_backend
+from mmfast.ops._backend import profiled, resolve_backend
 from mmfast.ops._validation import FLOAT_DTYPES
 
 __all__ = ["patch_embed", "PatchGeometry", "patch_grid"]
@@ -101,6 +101,7 @@ def _rows(name: str, tensor, embed_dim: int, device, dtype=None):
     return rows
 
 
+@profiled
 def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 stride=None, pos_embed: torch.Tensor | None = None, cls_token: torch.Tensor | None = None,
                 mean=None, std=None, channels_last: bool = False, dynamic_pad: bool = False,
