@@ -101,3 +101,54 @@ def test_overlapping_patches_and_normalization_come_from_the_vision_config():
                                rtol=1e-4, atol=1e-4)
     plain = mmfast.models.clip_config("tiny")
     assert flops_per_sample(config) > flops_per_sample(plain)  # 49 patches instead of 16
+
+
+def test_mean_pooling_averages_the_states_up_to_the_end_token():
+    config = mmfast.models.clip_config("tiny")
+    config.text.pooling = "mean"
+    torch.manual_seed(0)
+    model = mmfast.models.CLIP(config).eval()
+    tokens = _tokens(3, 16, 1000, seed=2)
+    with torch.no_grad():
+        states = model.text_model.hidden_states(tokens)
+        pooled = model.text_model(tokens)
+        ends = tokens.argmax(dim=-1)
+        for row, end in enumerate(ends.tolist()):
+            torch.testing.assert_close(pooled[row], states[row, : end + 1].mean(0))
+        # padding after the end token changes nothing (the blocks are causal)
+        padded = torch.cat([tokens[:, :12], torch.zeros(3, 4, dtype=torch.long)], dim=1)
+        torch.testing.assert_close(model.text_model(padded)[1:], pooled[1:])
+
+
+def test_mean_pooling_tells_one_word_apart_at_initialization():
+    """Why the main job pools by the mean: at the end token alone, a fresh tower gives captions that
+    differ in one word nearly the same features."""
+    cosines = {}
+    for pooling in ("eot", "mean"):
+        config = mmfast.models.clip_config("tiny")
+        config.text.pooling = pooling
+        torch.manual_seed(0)
+        model = mmfast.models.CLIP(config).eval()
+        tokens = _tokens(1, 16, 1000, seed=3).repeat(2, 1)
+        tokens[1, 2] = (tokens[0, 2] + 7) % 998 + 1  # one word swapped
+        with torch.no_grad():
+            features = model.encode_text(tokens, normalize=True)
+        cosines[pooling] = (features[0] @ features[1]).item()
+    assert cosines["mean"] < cosines["eot"] - 0.02, cosines
+
+
+def test_bad_pooling_is_refused():
+    config = mmfast.models.clip_config("tiny")
+    config.text.pooling = "max"
+    with pytest.raises(ValueError, match="text.pooling must be 'eot' or 'mean', got 'max'"):
+        mmfast.models.CLIP(config)
+
+
+def test_vision_embeddings_start_small_beside_the_patches():
+    """Positions and class token at 0.02 (HF's initializer range), not the std 1 of nn.Embedding."""
+    torch.manual_seed(0)
+    embeddings = mmfast.models.CLIP(mmfast.models.clip_config("tiny")).vision_model.embeddings
+    assert embeddings.position_embedding.weight.std().item() < 0.03
+    assert embeddings.class_embedding.std().item() < 0.03
+    patch = embeddings.patch_embedding.weight
+    assert abs(patch.std().item() * patch[0].numel() ** 0.5 - 1) < 0.1

@@ -1,6 +1,7 @@
 """The contrastive task through the task interface gives the losses the trainer gave before it had
 one: short loss curves recorded on a fixed seed (tests/data/contrastive_losses.json, written by the
-trainer of the commit that added it, on the bundled data format it names) must come out bit for bit."""
+trainer of the commit that added it, on the bundled data format it names; re-recorded when the CLIP
+model's initialization and the clip-tiny recipe changed, 2026-11-27) must come out bit for bit."""
 import json
 import os
 
@@ -23,7 +24,8 @@ CASES = {"clip": [], "siglip": ["--model.loss=siglip"], "accumulation": ["--trai
 
 
 def record(root) -> dict:
-    """The curves the test compares (run this to re-record after a change of the bundled data)."""
+    """The curves the test compares (run this to re-record after a change of the bundled data or of the
+    model's initialization)."""
     return {"synth_format": SYNTH_FORMAT,
             "losses": {name: losses(_run(root, name, extra)) for name, extra in CASES.items()}}
 

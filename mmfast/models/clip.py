@@ -3,8 +3,8 @@
 Vision: `mmfast.nn.CLIPVisionEmbeddings` (fused patch embedding, class token, positions) -> pre-norm
 -> pre-norm transformer blocks on `mmfast.nn.MixedAttention` (bidirectional) -> norm of the class
 token -> projection. Text: token + position embeddings -> causal blocks -> final norm -> the
-features at the end-of-text token (the largest token id, as OpenAI's CLIP, or a given id) ->
-projection. Module names follow HF's CLIPModel where they can, so converting is renaming
+features at the end-of-text token (the largest token id, as OpenAI's CLIP, or a given id; or the
+mean of the states up to it, text.pooling="mean") -> projection. Module names follow HF's CLIPModel where they can, so converting is renaming
 (see convert.py).
 """
 from __future__ import annotations
@@ -47,6 +47,11 @@ class TextConfig:
     heads: int = 8
     mlp_ratio: float = 4.0
     eot_token_id: int | None = None  # None: the largest id in each row (OpenAI's convention)
+    # "eot": the state at the end-of-text token (CLIP's, HF's, open_clip's). "mean": the mean of the states
+    # up to it; a freshly initialized tower then already tells captions apart by their words (at the end
+    # token alone "a red circle." and "a red square." have cosine 0.999 at the start), which a small model
+    # trained briefly needs to learn shapes (see the README, "The main job: numbers")
+    pooling: str = "eot"
 
 
 @dataclass(kw_only=True)
@@ -148,6 +153,14 @@ class VisionTransformer(nn.Module):
                                   patch_size=config.patch_size, num_channels=config.channels)
         self.embeddings = CLIPVisionEmbeddings(hf_like, mean=config.mean, std=config.std, stride=config.patch_stride,
                                                backend=backend)
+        # HF builds these embeddings at standard deviation 1 and re-initializes them in its _init_weights
+        # (positions at 0.02, the class token at width^-1/2). Left at 1, the positions drown the patches'
+        # content: the main job's tower trained on shape labels alone named 0.46 of held-out shapes after
+        # 200 steps, 0.74 initialized this way (benchmarks/shape_learning.py clip-p8-stride4)
+        nn.init.normal_(self.embeddings.position_embedding.weight, std=0.02)
+        nn.init.normal_(self.embeddings.class_embedding, std=0.02)
+        patch_weight = self.embeddings.patch_embedding.weight
+        nn.init.normal_(patch_weight, std=patch_weight[0].numel() ** -0.5)
         self.pre_layrnorm = nn.LayerNorm(config.width)  # HF's spelling, kept for the state dict
         self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, False, activation, backend)
                                     for _ in range(config.layers))
@@ -190,6 +203,9 @@ class TextTransformer(nn.Module):
             end = tokens.argmax(dim=-1)
         else:
             end = (tokens == self.config.eot_token_id).int().argmax(dim=-1)
+        if self.config.pooling == "mean":
+            kept = (torch.arange(tokens.shape[1], device=x.device) <= end[:, None]).to(x.dtype)  # [B, T]
+            return (x * kept[..., None]).sum(1) / kept.sum(1, keepdim=True)
         return x[torch.arange(x.shape[0], device=x.device), end]
 
 
@@ -208,6 +224,8 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.vision_model = VisionTransformer(config.vision, config.activation, config.backend)
+        if config.text.pooling not in ("eot", "mean"):
+            raise ValueError(f"CLIP: text.pooling must be 'eot' or 'mean', got {config.text.pooling!r}")
         self.text_model = TextTransformer(config.text, config.activation, config.backend)
         self.visual_projection = nn.Linear(config.vision.width, config.embed_dim, bias=False)
         self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)

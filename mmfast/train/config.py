@@ -214,6 +214,7 @@ CHOICES = {
     "data.synth_geometry": ("anchored", "continuous"),
     "model.loss": ("clip", "siglip"),
     "model.activation": ("quick_gelu", "gelu"),
+    "model.text.pooling": ("eot", "mean"),
     "optim.name": ("adamw", "adamw8bit"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "engine.name": ("auto", "single", "ddp", "fsdp2", "deepspeed"),
