@@ -3,6 +3,7 @@ way, in the main job's budget? A supervised check (shape labels, no text), to te
 from the contrastive objective's (see the README, "The main job: numbers").
 
     python benchmarks/shape_learning.py p8-stride4 p8-stride8 --steps 300
+    python benchmarks/shape_learning.py clip-p8-stride4 --steps 200   # mmfast's CLIP vision tower itself
 
 Trains each named tower (the CLIP blocks, uint8 pixels through the fused patch embedding) on the
 bundled generator's `continuous` pictures (20,000; cached under /tmp), then prints its shape accuracy
@@ -22,13 +23,14 @@ from torch import nn
 
 from mmfast.data import synth
 from mmfast.data.other_renderer import other_renderer_set
-from mmfast.models.clip import Block
+from mmfast.models.clip import Block, VisionConfig, VisionTransformer
 from mmfast.ops import patch_embed
 from mmfast.train.tasks.contrastive import CLIP_MEAN, CLIP_STD
 
 TOWERS = {  # patch, stride, pooling (the class token or the mean of the patch rows)
     "p8-stride8": (8, 8, "class"), "p8-stride8-mean": (8, 8, "mean"), "p8-stride6": (8, 6, "class"),
     "p12-stride5": (12, 5, "class"), "p8-stride4": (8, 4, "class"), "p8-stride4-mean": (8, 4, "mean"),
+    "clip-p8-stride4": (8, 4, "clip"),  # mmfast.models.clip.VisionTransformer itself, as the main job builds it
 }
 
 
@@ -39,6 +41,20 @@ def pictures(split: str, count: int, size: int):
         images.append(torch.from_numpy(np.asarray(sample.image).copy()).permute(2, 0, 1))
         shapes.append(synth.SHAPES.index(sample.meta["shape"]))
     return torch.stack(images), torch.tensor(shapes)
+
+
+class ClipTower(nn.Module):
+    """The CLIP model's vision tower with a shape head on its class token."""
+
+    def __init__(self, size: int, patch: int, stride: int, _pooling: str, width=128, layers=4, heads=4):
+        super().__init__()
+        self.vision = VisionTransformer(VisionConfig(image_size=size, patch_size=patch, patch_stride=stride,
+                                                     width=width, layers=layers, heads=heads, mean=CLIP_MEAN,
+                                                     std=CLIP_STD), "gelu")
+        self.head = nn.Linear(width, len(synth.SHAPES))
+
+    def forward(self, pixels):
+        return self.head(self.vision(pixels))
 
 
 class Tower(nn.Module):
@@ -78,7 +94,7 @@ def main() -> None:
     bands = np.array([meta["background"] for meta in metas])
     for name in args.towers:
         torch.manual_seed(0)
-        model = Tower(args.size, *TOWERS[name])
+        model = (ClipTower if TOWERS[name][2] == "clip" else Tower)(args.size, *TOWERS[name])
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1, betas=(0.9, 0.98))
         warmup = 50
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / warmup if step < warmup else
