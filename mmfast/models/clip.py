@@ -156,7 +156,7 @@ class VisionTransformer(nn.Module):
         # HF builds these embeddings at standard deviation 1 and re-initializes them in its _init_weights
         # (positions at 0.02, the class token at width^-1/2). Left at 1, the positions drown the patches'
         # content: the main job's tower trained on shape labels alone named 0.46 of held-out shapes after
-        # 200 steps, 0.74 initialized this way (benchmarks/shape_learning.py clip-p8-stride4)
+        # 200 steps, 0.71 initialized this way (benchmarks/shape_learning.py clip-p8-stride4)
         nn.init.normal_(self.embeddings.position_embedding.weight, std=0.02)
         nn.init.normal_(self.embeddings.class_embedding, std=0.02)
         patch_weight = self.embeddings.patch_embedding.weight
