@@ -133,7 +133,8 @@ def test_rerunning_a_finished_run_adds_no_rows(root):
 def test_a_resume_that_changes_the_run_is_refused_unless_allowed(root):
     run = _copy_run(root, "changed", step=3)
     saved = (run / "config.yaml").read_text()
-    with pytest.raises(ValueError, match=r"optim.lr: 0.002 -> 0.01.*--resume.allow_changes=optim.lr"):
+    recipe_lr = load_config("clip-tiny", []).optim.lr
+    with pytest.raises(ValueError, match=rf"optim.lr: {recipe_lr} -> 0.01.*--resume.allow_changes=optim.lr"):
         train(_config(root, run.name, "--optim.lr=0.01"), progress=False)
     with pytest.raises(ValueError, match=r"model.embed_dim: 32 -> 48\); start a new run directory"):
         train(_config(root, run.name, "--model.embed_dim=48", "--resume.allow_changes=model"), progress=False)
@@ -146,7 +147,7 @@ def test_a_resume_that_changes_the_run_is_refused_unless_allowed(root):
     rows = {r["step"]: r for r in map(json.loads, open(run / "metrics.jsonl")) if "lr" in r}
     straight = {r["step"]: r for r in map(json.loads, open(root / "straight" / "metrics.jsonl")) if "lr" in r}
     assert rows[3]["lr"] == straight[3]["lr"]  # before the resume: the saved run's schedule
-    assert rows[4]["lr"] == pytest.approx(straight[4]["lr"] * 0.01 / 0.002)  # after: the new peak
+    assert rows[4]["lr"] == pytest.approx(straight[4]["lr"] * 0.01 / recipe_lr)  # after: the new peak
     # free keys (when to log, evaluate, checkpoint or stop) change nothing the run computes
     train(_config(root, run.name, "--train.log_every=2", "--optim.lr=0.01"), progress=False)
 
