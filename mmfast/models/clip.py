@@ -4,8 +4,8 @@ Vision: `mmfast.nn.CLIPVisionEmbeddings` (fused patch embedding, class token, po
 -> pre-norm transformer blocks on `mmfast.nn.MixedAttention` (bidirectional) -> norm of the class
 token -> projection. Text: token + position embeddings -> causal blocks -> final norm -> the
 features at the end-of-text token (the largest token id, as OpenAI's CLIP, or a given id; or the
-mean of the states up to it, text.pooling="mean") -> projection. Module names follow HF's CLIPModel where they can, so converting is renaming
-(see convert.py).
+mean of the states up to it, text.pooling="mean") -> projection. Module names follow HF's
+CLIPModel where they can, so converting is renaming (see convert.py).
 """
 from __future__ import annotations
 
@@ -223,9 +223,9 @@ class CLIP(nn.Module):
     def __init__(self, config: ClipConfig):
         super().__init__()
         self.config = config
-        self.vision_model = VisionTransformer(config.vision, config.activation, config.backend)
         if config.text.pooling not in ("eot", "mean"):
             raise ValueError(f"CLIP: text.pooling must be 'eot' or 'mean', got {config.text.pooling!r}")
+        self.vision_model = VisionTransformer(config.vision, config.activation, config.backend)
         self.text_model = TextTransformer(config.text, config.activation, config.backend)
         self.visual_projection = nn.Linear(config.vision.width, config.embed_dim, bias=False)
         self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)
