@@ -22,7 +22,12 @@ import dataclasses
 import importlib
 import json
 import multiprocessing
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -37,6 +42,9 @@ POINTER_TYPES = {
     torch.bool: "*i1",
 }
 OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block (opt-in maximum), CUDA guide
+PTXAS_FIELDS = {"registers": r"Used (\d+) registers", "stack_bytes": r"(\d+) bytes stack frame",
+                "spill_stores": r"(\d+) bytes spill stores", "spill_loads": r"(\d+) bytes spill loads"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +207,24 @@ def _patch_embed_cases():
                 yield f"patch_embed {dtype} {label} pixels {pixel_dtype}", run
 
 
+def _linear_cross_entropy_cases():
+    from mmfast.ops import linear_cross_entropy
+
+    # The tile sizes depend on the dtype only (the D loop runs in fixed BD steps): one width is enough.
+    for dtype in DTYPES + (torch.float32,):
+        for options in (dict(), dict(label_smoothing=0.1, logit_softcap=30.0)):
+            def run():
+                hidden = torch.randn(70, 4096, dtype=dtype).requires_grad_()
+                weight = torch.randn(1000, 4096, dtype=dtype).requires_grad_()
+                bias = torch.randn(1000, dtype=dtype).requires_grad_()
+                labels = torch.randint(0, 1000, (70,))
+                _backward(linear_cross_entropy(hidden, weight, labels, backend="triton", **options), hidden, weight)
+                _backward(linear_cross_entropy(hidden, weight, labels, bias=bias, backend="triton", **options),
+                          hidden, weight, bias)
+
+            yield f"linear_cross_entropy {dtype} {options}", run
+
+
 def _log_mel_cases():
     from mmfast.ops import log_mel_spectrogram
 
@@ -218,7 +244,8 @@ def _log_mel_cases():
 def planned_specs(sm_count: int = 132) -> dict[KernelSpec, list[str]]:
     """Every distinct compile the launchers would ask for on a GPU, with the cases that lead to it."""
     specs: dict[KernelSpec, list[str]] = {}
-    for cases in (_contrastive_cases, _attention_cases, _patch_embed_cases, _log_mel_cases):
+    for cases in (_contrastive_cases, _attention_cases, _patch_embed_cases, _linear_cross_entropy_cases,
+                  _log_mel_cases):
         for label, run in cases():
             with recorded_launches(sm_count) as launches:
                 run()
@@ -244,9 +271,33 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     except Exception as error:  # the report names every failure, not just the first
         row.update(ok=False, error=f"{type(error).__name__}: {error}")
     else:
-        row.update(ok=True, shared_bytes=compiled.metadata.shared)
+        shared, limit = compiled.metadata.shared, SHARED_LIMIT.get(arch)
+        row.update(ok=limit is None or shared <= limit, shared_bytes=shared, shared_limit=limit,
+                   **ptxas_report(compiled.asm["ptx"], arch))
+        if not row["ok"]:
+            row["error"] = f"needs {shared} bytes of shared memory per block; sm_{arch} allows {limit}"
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers per thread and local-memory spill bytes of a kernel's PTX as ptxas -v reports them
+    (the ptxas Triton ships, the flags of its own sm_<arch> compile); {} where no ptxas is found."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = ptxas if os.path.exists(ptxas) else shutil.which("ptxas")
+    if ptxas is None:
+        return {}
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"  # Triton compiles sm_90 as sm_90a
+        output = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", source, "-o", os.path.join(folder, "kernel.o")],
+                                capture_output=True, text=True).stderr
+    numbers = {key: re.search(pattern, output) for key, pattern in PTXAS_FIELDS.items()}
+    return {key: int(match.group(1)) for key, match in numbers.items() if match}
 
 
 def _compile_job(job):
@@ -263,6 +314,27 @@ def compile_all(targets=DEFAULT_TARGETS, jobs: int = 2, progress: bool = True) -
         rows = list(tqdm(pool.map(_compile_job, work), total=len(work), desc="compiling kernels",
                          disable=not progress))
     return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The report as a Markdown table: one line per compile, spilling ones first."""
+    lines = ["| kernel | target | registers | spill stores / loads (bytes) | shared memory / limit (KiB) | configuration |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    def spills(row):
+        return row.get("spill_stores", 0) + row.get("spill_loads", 0)
+
+    def name(row):  # "mixed_attention._bwd_dkdv_kernel" from "mmfast.ops.mixed_attention.triton._bwd_dkdv_kernel"
+        parts = row["kernel"].split(".")
+        return f"{parts[-3] if len(parts) >= 3 else parts[0]}.{parts[-1]}"
+    for row in sorted(rows, key=lambda row: (-spills(row), row["kernel"], row["target"], row["config"])):
+        if not row["ok"] and "shared_bytes" not in row:
+            lines.append(f"| {name(row)} | {row['target']} | FAILED | | | {row['config']} |")
+            continue
+        limit = "-" if row.get("shared_limit") is None else f"{row['shared_limit'] / 1024:.0f}"
+        lines.append(f"| {name(row)} | {row['target']} "
+                     f"| {row.get('registers', '?')} | {row.get('spill_stores', '?')} / {row.get('spill_loads', '?')} "
+                     f"| {row['shared_bytes'] / 1024:.1f} / {limit} | {row['config']} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -282,6 +354,7 @@ def main(argv=None) -> int:
             json.dump(rows, handle, indent=1)
     failures = [row for row in rows if not row["ok"]]
     kernels = sorted({row["kernel"] for row in rows})
+    print(table(rows))
     print(f"mmfast bench compile: {len(rows) - len(failures)} of {len(rows)} compiles passed "
           f"({len(kernels)} kernels, targets {', '.join(f'sm_{t}' for t in targets)})")
     for row in failures:

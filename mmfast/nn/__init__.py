@@ -2,8 +2,9 @@
 from mmfast.nn.attention import MixedAttention
 from mmfast.nn.spectrogram import MelSpectrogram
 from mmfast.nn.contrastive import ClipLoss, SigLipLoss
+from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
 from mmfast.nn.patch_embed import (ASTPatchEmbed, CLIPVisionEmbeddings, PatchEmbed, SiglipVisionEmbeddings,
                                    TubeletEmbed)
 
-__all__ = ["ASTPatchEmbed", "CLIPVisionEmbeddings", "ClipLoss", "MelSpectrogram", "MixedAttention", "PatchEmbed", "SigLipLoss",
+__all__ = ["ASTPatchEmbed", "CLIPVisionEmbeddings", "ClipLoss", "LinearCrossEntropy", "MelSpectrogram", "MixedAttention", "PatchEmbed", "SigLipLoss",
            "SiglipVisionEmbeddings", "TubeletEmbed"]

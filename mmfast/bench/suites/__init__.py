@@ -1,5 +1,6 @@
 """Benchmark suites by name: each maps (profile, device) to a list of cases."""
-from mmfast.bench.suites import clip_train, contrastive, log_mel, mixed_attention, patch_embed
+from mmfast.bench.suites import (clip_train, contrastive, linear_cross_entropy, log_mel, mixed_attention,
+                                 patch_embed)
 
 SUITES = {
     "contrastive": contrastive.cases,
@@ -7,4 +8,5 @@ SUITES = {
     "mixed_attention": mixed_attention.cases,
     "log_mel": log_mel.cases,
     "clip_train": clip_train.cases,
+    "linear_cross_entropy": linear_cross_entropy.cases,
 }

@@ -81,8 +81,12 @@ class CaptionLMTask(Task):
 
     def loss(self, model, batch) -> torch.Tensor:
         """Each caption's mean next-token loss, averaged over captions: every rank's batch weighs the
-        same, so the ranks' mean is the global batch's loss."""
-        losses, valid, _ = self._token_losses(model, batch[0])
+        same, so the ranks' mean is the global batch's loss. The head's fused linear cross-entropy
+        gives the per-token losses without the [tokens, vocab] logits."""
+        tokens = batch[0]
+        targets = tokens[:, 1:]
+        losses = model(tokens[:, :-1], labels=targets, ignore_index=self.tokenizer.pad_id)
+        valid = targets != self.tokenizer.pad_id
         return ((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
 
     def flops_per_sample(self) -> float:
