@@ -52,12 +52,12 @@ step op-tests 170 python3 -m pytest -q -rfE -p no:cacheprovider "${parallel[@]}"
   --deselect tests/test_log_mel.py::test_cuda_sources_compile_with_nvcc \
   ${TESTS:-tests/test_contrastive_op.py tests/test_mixed_attention_op.py tests/test_patch_embed_op.py \
   tests/test_log_mel.py tests/test_patch_embed_nn.py tests/test_mixed_attention_nn.py \
-  tests/test_linear_cross_entropy_op.py}
+  tests/test_linear_cross_entropy_op.py tests/test_mixed_attention_decode.py}
 tail -n 25 "$RESULTS/op-tests.txt" >> "$SUMMARY"
 wait $BUILD
 tail -n 3 "$RESULTS/extension-build.txt" >> "$SUMMARY"
 
-for suite in ${SUITES:-contrastive mixed_attention linear_cross_entropy clip_train patch_embed log_mel}; do
+for suite in ${SUITES:-contrastive mixed_attention linear_cross_entropy decode clip_train patch_embed log_mel}; do
   step "bench-$suite" 120 python3 -m mmfast bench "$suite" --profile "${PROFILE:-quick}" --out "$RESULTS/bench-$suite"
 done
 step grad-cache-65536 100 python3 benchmarks/clip_grad_cache.py --size ViT-B/16 --batch 65536 --micro-batch 512 \

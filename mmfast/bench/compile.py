@@ -179,6 +179,23 @@ def _attention_cases():
                 yield f"mixed_attention {dtype} D={head_dim} causal={causal} kv_heads={kv_heads}", run
 
 
+def _decode_cases():
+    from mmfast.ops.mixed_attention import mixed_attention_decode
+
+    for dtype in DTYPES:
+        for head_dim in HEAD_DIMS:
+            for kv_heads, new in ((8, 1), (2, 1), (2, 16)):  # MHA, GQA 4:1 one token, GQA with 16 new tokens
+                def run():
+                    q = torch.randn(2, new, 8, head_dim, dtype=dtype)
+                    k, v = (torch.randn(2, 300, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+                    spans = torch.full((2, 300), -1, dtype=torch.int32)
+                    for span_ids in (None, spans):
+                        mixed_attention_decode(q, k, v, span_ids=span_ids, backend="triton", validate=False)
+                    mixed_attention_decode(q, k, v, causal=False, backend="triton", validate=False)
+
+                yield f"mixed_attention_decode {dtype} D={head_dim} kv_heads={kv_heads} new={new}", run
+
+
 def _patch_embed_cases():
     from mmfast.ops import patch_embed
 
@@ -244,8 +261,8 @@ def _log_mel_cases():
 def planned_specs(sm_count: int = 132) -> dict[KernelSpec, list[str]]:
     """Every distinct compile the launchers would ask for on a GPU, with the cases that lead to it."""
     specs: dict[KernelSpec, list[str]] = {}
-    for cases in (_contrastive_cases, _attention_cases, _patch_embed_cases, _linear_cross_entropy_cases,
-                  _log_mel_cases):
+    for cases in (_contrastive_cases, _attention_cases, _decode_cases, _patch_embed_cases,
+                  _linear_cross_entropy_cases, _log_mel_cases):
         for label, run in cases():
             with recorded_launches(sm_count) as launches:
                 run()

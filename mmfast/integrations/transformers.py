@@ -14,7 +14,9 @@ batches are unpadded into packed sequences, and packed batches come from `cu_seq
 int32, e.g. `span_ids_from_token_ids(input_ids, config.image_token_id)`) through the model's
 forward to make image tokens bidirectional inside causal text (they reach every attention
 call; bidirectional ones, like a vision tower's, ignore them). Steps whose queries are fewer
-than the keys (generation with a KV cache) go to SDPA with the equivalent mask.
+than the keys (generation with a KV cache) go to `mixed_attention_decode` (split over the keys,
+FlashDecoding-style) when each row's valid keys end at the newest one (no padding or left
+padding), and to SDPA with the equivalent mask otherwise (or when a gradient is wanted).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops.mixed_attention import mixed_attention, pad, unpad
+from mmfast.ops.mixed_attention import mixed_attention, mixed_attention_decode, pad, unpad
 from mmfast.ops.mixed_attention.reference import allowed
 
 logger = logging.getLogger("mmfast")
@@ -51,6 +53,27 @@ def _packed_from_positions(position_ids: torch.Tensor | None, batch: int, length
     starts = torch.nonzero(positions == 0).flatten().to(torch.int32)
     end = torch.tensor([length], device=positions.device, dtype=torch.int32)
     return torch.cat([starts, end]) if starts.numel() and int(starts[0]) == 0 else None
+
+
+def _decode_with_cache(query, key, value, padding, causal, scaling, span_ids):
+    """Queries are the last of the keys (KV cache): mixed_attention_decode on the cache as it is, when
+    each row's valid keys are one run ending at the newest key (no padding, or left padding as
+    batched generation pads); None otherwise (the caller falls back to SDPA)."""
+    q_length, kv_length = query.shape[2], key.shape[2]
+    if span_ids is not None and span_ids.shape[-1] != kv_length:
+        return None
+    leftpad = counts = None
+    if padding is not None:
+        valid = padding.to(torch.int32)
+        counts = valid.sum(dim=1, dtype=torch.int32)
+        leftpad = (kv_length - counts).to(torch.int32)
+        runs = valid.cumsum(dim=1) == (torch.arange(kv_length, device=valid.device) - leftpad[:, None] + 1).clamp(min=0)
+        if not bool((runs.all(dim=1) & (counts >= q_length)).all()):  # one host synchronization
+            return None
+    spans = None if span_ids is None else span_ids.to(torch.int32).contiguous()
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # views: the kernel takes strides
+    return mixed_attention_decode(q, k, v, cache_seqlens=counts, cache_leftpad=leftpad, span_ids=spans,
+                                  causal=causal, softmax_scale=scaling, validate=False)
 
 
 def _sdpa_with_cache(query, key, value, padding, causal, scaling, span_ids):
@@ -92,6 +115,10 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     # only where attention is causal.
     span_ids = kwargs.get("span_ids") if causal else None
     if key.shape[2] != length:
+        if not torch.is_grad_enabled() or not (query.requires_grad or key.requires_grad):
+            out = _decode_with_cache(query, key, value, attention_mask, causal, scaling, span_ids)
+            if out is not None:
+                return out, None
         return _sdpa_with_cache(query, key, value, attention_mask, causal, scaling, span_ids), None
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     cu_seqlens = kwargs.get("cu_seq_lens_q")

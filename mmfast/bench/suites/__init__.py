@@ -1,5 +1,5 @@
 """Benchmark suites by name: each maps (profile, device) to a list of cases."""
-from mmfast.bench.suites import (clip_train, contrastive, linear_cross_entropy, log_mel, mixed_attention,
+from mmfast.bench.suites import (clip_train, contrastive, decode, linear_cross_entropy, log_mel, mixed_attention,
                                  patch_embed)
 
 SUITES = {
@@ -9,4 +9,5 @@ SUITES = {
     "log_mel": log_mel.cases,
     "clip_train": clip_train.cases,
     "linear_cross_entropy": linear_cross_entropy.cases,
+    "decode": decode.cases,
 }

@@ -11,7 +11,7 @@ from mmfast.ops._backend import log_fallback, profiled, resolve_backend
 from mmfast.ops.mixed_attention.packing import (Packing, build_packing, pad, packing_from_segments,
                                                 span_ids_from_token_ids, unpad)
 
-__all__ = ["mixed_attention", "packing_from_segments", "span_ids_from_token_ids", "unpad", "pad", "Packing"]
+__all__ = ["mixed_attention", "mixed_attention_decode", "packing_from_segments", "span_ids_from_token_ids", "unpad", "pad", "Packing"]
 
 OP = "mixed_attention"
 _IMPLEMENTED = ("triton", "reference")
@@ -154,3 +154,137 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seq
         out = out.reshape(batch, length, *out.shape[1:])
         lse = lse.reshape(lse.shape[0], batch, length).transpose(0, 1)
     return (out, lse) if return_lse else out
+
+
+def _check_decode(q, k, v, cache_seqlens, cache_leftpad, cu_seqlens_q, cu_seqlens_k, span_ids):
+    op = "mixed_attention_decode"
+    for name, tensor in (("q", q), ("k_cache", k), ("v_cache", v)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{op}: {name} must be a float16, bfloat16 or float32 tensor, got "
+                            f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
+        if tensor.dtype != q.dtype or tensor.device != q.device:
+            raise ValueError(f"{op}: q and {name} must have one dtype and device, got {q.dtype} on {q.device} "
+                             f"and {tensor.dtype} on {tensor.device}")
+    padded = q.dim() == 4
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or k.shape != v.shape:
+        raise ValueError(f"{op}: expected q [B, Tq, H, D] with k_cache, v_cache [B, S, HK, D], or packed q "
+                         f"[total_q, H, D] with k_cache, v_cache [total_k, HK, D]; got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if k.shape[-1] != q.shape[-1] or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"{op}: k_cache must have q's head dim and a number of heads dividing q's {heads}, "
+                         f"got {tuple(k.shape)}")
+    if padded:
+        if k.shape[0] != q.shape[0] or k.shape[1] < q.shape[1]:
+            raise ValueError(f"{op}: k_cache [B, S, HK, D] must have q's batch {q.shape[0]} and S >= Tq = "
+                             f"{q.shape[1]}, got {tuple(k.shape)}")
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            raise ValueError(f"{op}: cu_seqlens_q/cu_seqlens_k go with packed 3-D inputs, got q of shape "
+                             f"{tuple(q.shape)}")
+        expected = {"cache_seqlens": cache_seqlens, "cache_leftpad": cache_leftpad}
+        shape, span_shape = (q.shape[0],), tuple(k.shape[:2])
+    else:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError(f"{op}: packed 3-D inputs need cu_seqlens_q and cu_seqlens_k")
+        if cache_seqlens is not None or cache_leftpad is not None:
+            raise ValueError(f"{op}: cache_seqlens/cache_leftpad go with the padded 4-D layout")
+        expected = {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}
+        shape, span_shape = (cu_seqlens_q.shape[0],) if isinstance(cu_seqlens_q, torch.Tensor) else None, (k.shape[0],)
+    for name, tensor in expected.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int32 or tensor.shape != shape \
+                or tensor.device != q.device:
+            raise ValueError(f"{op}: {name} must be an int32 tensor of shape {shape} on {q.device}, got "
+                             f"{getattr(tensor, 'dtype', type(tensor).__name__)} "
+                             f"{tuple(getattr(tensor, 'shape', ()))}")
+    if span_ids is not None and (not isinstance(span_ids, torch.Tensor) or span_ids.dtype != torch.int32
+                                 or tuple(span_ids.shape) != span_shape or span_ids.device != q.device):
+        raise ValueError(f"{op}: span_ids must be an int32 tensor of the cache's token shape {span_shape} on "
+                         f"{q.device}, got {getattr(span_ids, 'dtype', type(span_ids).__name__)} "
+                         f"{tuple(getattr(span_ids, 'shape', ()))}")
+
+
+def _decode_rows(q, k, cache_seqlens, cache_leftpad, cu_seqlens_q, cu_seqlens_k, validate: bool):
+    """The per-sequence tables of the decode kernel: first query token, query count, first key, key
+    count, first row of the output; and the largest query and key counts, the number of output rows."""
+    device = q.device
+    if q.dim() == 4:
+        batch, new, capacity = q.shape[0], q.shape[1], k.shape[1]
+        leftpad = cache_leftpad if cache_leftpad is not None else torch.zeros(batch, device=device, dtype=torch.int32)
+        counts = cache_seqlens if cache_seqlens is not None else capacity - leftpad
+        q_first = torch.zeros(batch, device=device, dtype=torch.int32)
+        q_count = torch.full((batch,), new, device=device, dtype=torch.int32)
+        out_first = torch.arange(0, batch * new, new, device=device, dtype=torch.int32)
+        most_queries, most_keys, rows_total = new, capacity, batch * new
+        limits = (leftpad + counts <= capacity) & (leftpad >= 0)
+        rows = (q_first, q_count, leftpad, counts.int(), out_first)
+    else:
+        q_count = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).int()
+        counts = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).int()
+        most_queries, most_keys = (int(x) for x in torch.stack([q_count.max(), counts.max()]).tolist())
+        rows_total = q.shape[0]
+        limits = (cu_seqlens_q[-1] == q.shape[0]) & (cu_seqlens_k[-1] == k.shape[0]) & (cu_seqlens_q[0] == 0) \
+            & (cu_seqlens_k[0] == 0)
+        rows = (cu_seqlens_q[:-1], q_count, cu_seqlens_k[:-1], counts, cu_seqlens_q[:-1])
+    if validate and not bool((limits & (counts >= rows[1])).all()):
+        raise ValueError("mixed_attention_decode: every sequence needs at least as many keys as new queries (the "
+                         "new tokens are the last of the cache), inside the cache (leftpad + seqlen <= S; "
+                         "cu_seqlens from 0 to the total)")
+    return (*rows, most_queries, most_keys, rows_total)
+
+
+@profiled
+def mixed_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                           cache_seqlens: torch.Tensor | None = None, cache_leftpad: torch.Tensor | None = None,
+                           cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                           span_ids: torch.Tensor | None = None, causal: bool = True,
+                           softmax_scale: float | None = None, num_splits: int | None = None,
+                           validate: bool = True, backend: str | None = None) -> torch.Tensor:
+    """Attention of a few new queries per sequence against a KV cache, for generation (inference only:
+    no gradient). The new tokens are the last keys of their sequence (their keys already written to
+    the cache), and the rule is mixed_attention's: causal, plus whole bidirectional spans.
+
+    Padded (as flash-attn's `flash_attn_with_kvcache`): q `[B, Tq, H, D]`, k_cache/v_cache
+    `[B, S, HK, D]` (any strides with a unit last one), `cache_seqlens` int32 `[B]` valid keys per
+    row (default S - leftpad), `cache_leftpad` int32 `[B]` where each row's keys start (left padding,
+    default 0), `span_ids` int32 `[B, S]`. Packed: q `[total_q, H, D]`, k/v `[total_k, HK, D]` with
+    `cu_seqlens_q` and `cu_seqlens_k` (int32 `[B + 1]`), `span_ids` `[total_k]`.
+    HK divides H (GQA/MQA). num_splits: programs per sequence and KV head over the keys (default:
+    enough to fill the GPU). validate=False skips the checks that need a host synchronization.
+    Returns q's shape and dtype.
+    """
+    _check_decode(q, k_cache, v_cache, cache_seqlens, cache_leftpad, cu_seqlens_q, cu_seqlens_k, span_ids)
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"mixed_attention_decode: num_splits must be a positive int or None, got {num_splits!r}")
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        raise ValueError("mixed_attention_decode has no backward (it is for generation); use mixed_attention "
+                         "to train, or call it under torch.no_grad()")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if q.shape[:-2].numel() == 0:
+        return q.new_empty(q.shape)
+    rows = _decode_rows(q, k_cache, cache_seqlens, cache_leftpad, cu_seqlens_q, cu_seqlens_k, validate)
+    chosen = resolve_backend("mixed_attention_decode", backend, q.device, _IMPLEMENTED)
+    low, high = TRITON_HEAD_DIMS
+    if chosen == "triton" and not low <= q.shape[-1] <= high:
+        log_fallback("mixed_attention_decode", f"head dim {q.shape[-1]} is outside the Triton kernels' [{low}, {high}]")
+        chosen = "reference"
+    spans = None if span_ids is None or not causal else span_ids.contiguous()
+    if chosen == "triton":
+        from mmfast.ops.mixed_attention.triton_decode import decode
+
+        return decode(q, k_cache, v_cache, rows, spans, causal, scale, num_splits).reshape(q.shape)
+    from mmfast.ops.mixed_attention.reference import decode_padded, decode_sequence
+
+    if q.dim() == 4:
+        return decode_padded(q, k_cache, v_cache, rows[2], rows[3], spans, causal, scale)
+    q_first, q_count, k_first, k_count, out_first = (x.tolist() for x in rows[:5])
+    flat_q = q.reshape(-1, *q.shape[-2:])
+    out = torch.empty_like(flat_q)
+    for index in range(len(q_first)):  # packed: one sequence at a time
+        window = slice(k_first[index], k_first[index] + k_count[index])
+        queries = q[q_first[index]:q_first[index] + q_count[index]]
+        out[out_first[index]:out_first[index] + q_count[index]] = decode_sequence(
+            queries, k_cache[window], v_cache[window], None if spans is None else spans[window], causal,
+            scale).to(q.dtype)
+    return out.reshape(q.shape)

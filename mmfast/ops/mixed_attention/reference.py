@@ -65,3 +65,37 @@ def padded_attention(q, k, v, span_ids, causal: bool, scale: float, return_lse: 
                 scores = scores.masked_fill(~visible, float("-inf"))
             lse = torch.logsumexp(scores, dim=-1)  # [B, H, T]
     return out.transpose(1, 2), lse
+
+
+def decode_sequence(q, k, v, span_ids, causal: bool, scale: float, dtype=torch.float32):
+    """One sequence's new queries against its keys: q [Tq, H, D], k/v [L, HK, D] (L >= Tq; the queries
+    are the last Tq of the keys), span_ids [L] or None. Returns out [Tq, H, D] in `dtype`."""
+    new, length, group = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
+    query = q.to(dtype).transpose(0, 1)  # [H, Tq, D]
+    key = k.to(dtype).transpose(0, 1).repeat_interleave(group, dim=0)
+    value = v.to(dtype).transpose(0, 1).repeat_interleave(group, dim=0)
+    scores = (query @ key.transpose(1, 2)) * scale
+    if causal:
+        positions = torch.arange(length - new, length, device=q.device)
+        keys = torch.arange(length, device=q.device)
+        spans = span_ids if span_ids is not None else torch.full((length,), -1, device=q.device)
+        mask = allowed(positions[:, None], keys[None, :], spans[positions][:, None], spans[None, :])
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ value).transpose(0, 1)
+
+
+def decode_padded(q, k, v, leftpad, counts, span_ids, causal: bool, scale: float):
+    """The CPU path of the padded decode layout in one SDPA call: q [B, Tq, H, D], k/v [B, S, HK, D],
+    each row's keys in [leftpad, leftpad + count), the queries the last Tq of them."""
+    new, capacity, group = q.shape[1], k.shape[1], q.shape[2] // k.shape[2]
+    keys = torch.arange(capacity, device=q.device)
+    positions = (leftpad + counts - new)[:, None] + torch.arange(new, device=q.device)  # [B, Tq]
+    mask = ((keys >= leftpad[:, None]) & (keys < (leftpad + counts)[:, None]))[:, None, :]  # [B, 1, S]
+    if causal:
+        spans = span_ids if span_ids is not None else torch.full(k.shape[:2], -1, device=q.device)
+        span_q = spans.gather(1, positions.long())
+        mask = mask & allowed(positions[..., None], keys, span_q[..., None], spans[:, None, :])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None], scale=scale,
+        enable_gqa=group > 1)
+    return out.transpose(1, 2)
