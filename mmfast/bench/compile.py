@@ -354,6 +354,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """One Markdown line per kernel and target: configurations, registers, worst spill, most shared memory."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        parts = row["kernel"].split(".")
+        groups.setdefault((f"{parts[-3] if len(parts) >= 3 else parts[0]}.{parts[-1]}", row["target"]), []).append(row)
+    lines = ["| kernel | target | configurations | registers | worst spill stores / loads (bytes) "
+             "| most shared memory / limit (KiB) |", "| --- | --- | --- | --- | --- | --- |"]
+    for (name, target), members in sorted(groups.items()):
+        compiled = [row for row in members if "shared_bytes" in row]
+        registers = [row["registers"] for row in compiled if "registers" in row]
+        stores = max((row.get("spill_stores", 0) for row in compiled), default=0)
+        loads = max((row.get("spill_loads", 0) for row in compiled), default=0)
+        shared = max((row["shared_bytes"] for row in compiled), default=0)
+        limit = next((row["shared_limit"] for row in compiled if row.get("shared_limit")), None)
+        failed = len(members) - sum(row["ok"] for row in members)
+        lines.append(f"| {name} | {target} | {len(members)}{f' ({failed} FAILED)' if failed else ''} "
+                     f"| {min(registers, default=0)}-{max(registers, default=0)} | {stores} / {loads} "
+                     f"| {shared / 1024:.1f} / {'-' if limit is None else f'{limit / 1024:.0f}'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mmfast bench compile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default=",".join(map(str, DEFAULT_TARGETS)),
@@ -372,6 +394,8 @@ def main(argv=None) -> int:
     failures = [row for row in rows if not row["ok"]]
     kernels = sorted({row["kernel"] for row in rows})
     print(table(rows))
+    print()
+    print(summary(rows))
     print(f"mmfast bench compile: {len(rows) - len(failures)} of {len(rows)} compiles passed "
           f"({len(kernels)} kernels, targets {', '.join(f'sm_{t}' for t in targets)})")
     for row in failures:

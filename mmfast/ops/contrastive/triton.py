@@ -257,7 +257,9 @@ def _config(a: torch.Tensor) -> dict:
         return dict(BM=64, BN=64, BD=min(full_d, 256), UPCAST=upcast,
                     PRECISION=precision, num_warps=4, num_stages=1, fwd_bm=64)
     wide = a.dtype != torch.float32
-    return dict(BM=64, BN=64, BD=64 if wide else 32, UPCAST=False,
+    # 32 columns per tile for fp16/bf16: ptxas compiles every kernel without spilling for sm_80 and
+    # sm_90 (64 spilled up to 40 bytes per thread in the D <= 256 backward on sm_80; `mmfast bench compile`).
+    return dict(BM=64, BN=32 if wide else 64, BD=64 if wide else 32, UPCAST=False,
                 PRECISION=precision, num_warps=8, num_stages=2, fwd_bm=128 if wide else 64)
 
 

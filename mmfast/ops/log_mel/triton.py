@@ -100,16 +100,19 @@ def log_mel(waveform, window, filters, n_fft, hop_length, center, pad_mode, powe
     frames = frame_count(T, n_fft, hop_length, center)
     interpreting = not plans_for_gpu(waveform.device)
     block_mel = max(16, triton.next_power_of_2(n_mels))
-    block_q = 64
+    # On a GPU: 16 frames x 32 samples x 32 frequencies per step, the sizes ptxas compiles without
+    # spilling for sm_80 and sm_90 with 128 mels (32 x 64 x 64 spilled up to 412 bytes per thread in
+    # the three-pass tf32 products; `mmfast bench compile`).
+    block_q = 64 if interpreting else 32
     cos, sin, mel, padded_q = _basis(n_fft, filters, waveform.device, block_q, block_mel)
     out = torch.empty((B, n_mels, frames), device=waveform.device, dtype=torch.float32)
-    block_f = 64 if interpreting else 32
+    block_f = 64 if interpreting else 16
     _log_mel_kernel[(triton.cdiv(frames, block_f), B)](
         waveform, window.float().contiguous(), cos, sin, mel, out, T, waveform.stride(0), frames, n_fft,
         hop_length, pad, n_mels, padded_q, float(clamp_min or 0.0),
         1.0 / math.log(10.0) if log == "log10" else 1.0,
         REFLECT=pad_mode == "reflect", POWER=int(power), LOG=log is not None, CLAMP=clamp_min is not None,
-        BF=block_f, BK=64, BQ=block_q, BMEL=block_mel,
-        PRECISION="ieee" if interpreting else "tf32x3", num_warps=4 if interpreting else 8, num_stages=2,
+        BF=block_f, BK=64 if interpreting else 32, BQ=block_q, BMEL=block_mel,
+        PRECISION="ieee" if interpreting else "tf32x3", num_warps=4, num_stages=2,
     )
     return out

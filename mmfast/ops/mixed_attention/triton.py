@@ -205,13 +205,16 @@ def _config(dtype: torch.dtype, device: torch.device, head_dim: int, backward: b
     if interpreting:
         return dict(BM=32, BN=32, BD=block_d, UPCAST=dtype == torch.bfloat16, PRECISION=precision, num_warps=4,
                     num_stages=1)
-    if backward:
-        size = 64 if block_d <= 128 else 32
-        return dict(BM=size, BN=size, BD=block_d, UPCAST=False, PRECISION=precision, num_warps=4 if block_d <= 64
-                    else 8, num_stages=2)
-    bm = 128 if block_d <= 128 else 64
-    return dict(BM=bm, BN=64 if block_d <= 128 else 32, BD=block_d, UPCAST=False, PRECISION=precision,
-                num_warps=8 if block_d >= 128 else 4, num_stages=3 if block_d <= 128 else 2)
+    # Tile sizes and warps that ptxas compiles without spilling to local memory for sm_80 and sm_90
+    # (`mmfast bench compile` reports registers and spills): the [BN, BD] dK and dV accumulators of the
+    # backward and the [BM, BD] output accumulator of the forward must stay in registers, so wider
+    # heads take smaller tiles or more warps.
+    if backward:  # (BM = BN, warps) by head dim; both backward kernels share them
+        size, warps = {16: (64, 4), 32: (64, 4), 64: (32, 4), 128: (32, 8), 256: (16, 8)}[block_d]
+        return dict(BM=size, BN=size, BD=block_d, UPCAST=False, PRECISION=precision, num_warps=warps, num_stages=2)
+    bm, bn, warps, stages = {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 3),
+                             256: (32, 32, 8, 2)}[block_d]
+    return dict(BM=bm, BN=bn, BD=block_d, UPCAST=False, PRECISION=precision, num_warps=warps, num_stages=stages)
 
 
 def _launch_options(c):
