@@ -7,7 +7,8 @@
 #      one cannot take the others' results with it;
 #   3. one ViT-B/16 step with a 65,536 contrastive batch (gradient caching), if time is left.
 # Each step gets min(its own limit, what is left of the budget). Everything lands in $OUT/session.tar.gz
-# and $OUT/summary.txt (the lease returns at most 8 files); the summary ends with the benchmark tables.
+# and $OUT/summary.txt (the lease returns at most 8 files); the summary ends with the benchmark tables
+# and one table of every performance target: wanted, measured, met or not (mmfast.bench.targets).
 # Usage (repository root, on the GPU machine):
 #   OUT=/tmp/out MMFAST_GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh
 # Nothing is installed; PYTHONPATH points at this checkout. SUITES="contrastive log_mel" narrows the
@@ -67,6 +68,8 @@ tail -n 5 "$RESULTS/grad-cache-65536.txt" >> "$SUMMARY"
 for table in "$RESULTS"/bench-*/results.md; do
   [ -f "$table" ] && grep -v '^$' "$table" >> "$SUMMARY"
 done
+echo "## Targets (mmfast.bench.targets)" >> "$SUMMARY"
+python3 -m mmfast.bench.targets "$RESULTS" >> "$SUMMARY" 2>&1
 tar -czf "$OUT/session.tar.gz" -C "$(dirname "$RESULTS")" session
 cp "$SUMMARY" "$OUT/summary.txt"
 echo "total $(($(date +%s) - START)) s"

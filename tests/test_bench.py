@@ -137,3 +137,14 @@ def test_grad_cache_benchmark_script_runs_a_step():
     result = script["main"](["--size", "tiny", "--batch", "48", "--micro-batch", "16", "--steps", "1",
                              "--dtype", "fp32"])
     assert result["finite"] and result["batch"] == 48 and result["seconds_per_step"] > 0
+
+
+def test_targets_table_from_recorded_results():
+    """mmfast.bench.targets reads the H200 session's results: the memory targets met, the speed ones
+    not, and the targets of suites that did not run then say so."""
+    from mmfast.bench import targets
+
+    table = targets.table(targets.load([os.path.join(ROOT, "benchmarks", "results", "h200-20261127")]))
+    assert "| clip N=32768 D=768 memory above inputs (MB) | <= 1024 MB | 457 MB | yes |" in table
+    assert "| CLIP ViT-B/16 training step, batch 256, vs HF | >= 1.3x | 0.96x | no |" in table
+    assert "| decode B=8 S=32768 vs SDPA with a mask | >= 2.0x | not measured | - |" in table
