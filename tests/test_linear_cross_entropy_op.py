@@ -190,3 +190,30 @@ def test_caption_lm_loss_through_the_head_equals_the_logits_loss():
     torch.testing.assert_close(losses.flatten(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     assert losses[0, 7:].eq(0).all()
+
+
+# --- parity with the peers a user switches from -----------------------------------------------
+
+
+def test_parity_with_liger_kernel():
+    """Liger-Kernel's fused linear cross-entropy (its Triton kernels, in the interpreter on a CPU):
+    same loss and gradients, with ignored labels and label smoothing."""
+    functional = pytest.importorskip("liger_kernel.transformers.functional")
+    (hidden, weight), labels = inputs(37, 131, 64, torch.float32, seed=5)
+    theirs = functional.liger_fused_linear_cross_entropy(hidden, weight, labels, label_smoothing=0.1)
+    ours = mmfast.ops.linear_cross_entropy(hidden, weight, labels, label_smoothing=0.1, backend="triton")
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-5)
+    for mine, other in zip(torch.autograd.grad(ours, [hidden, weight]), torch.autograd.grad(theirs, [hidden, weight])):
+        torch.testing.assert_close(mine, other, rtol=1e-4, atol=1e-6)
+
+
+def test_parity_with_cut_cross_entropy():
+    """Apple's Cut Cross-Entropy (its torch.compile path: its Triton kernel does not run in the
+    interpreter): same loss and gradients."""
+    cut_cross_entropy = pytest.importorskip("cut_cross_entropy")
+    (hidden, weight), labels = inputs(37, 131, 64, torch.float32, seed=6)
+    theirs = cut_cross_entropy.linear_cross_entropy(hidden, weight, labels, impl="torch_compile")
+    ours = mmfast.ops.linear_cross_entropy(hidden, weight, labels)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-5)
+    for mine, other in zip(torch.autograd.grad(ours, [hidden, weight]), torch.autograd.grad(theirs, [hidden, weight])):
+        torch.testing.assert_close(mine, other, rtol=1e-4, atol=1e-6)
