@@ -11,7 +11,7 @@ from mmfast.ops.linear_cross_entropy import linear_cross_entropy
 
 class LinearCrossEntropy(nn.Linear):
     """`forward(hidden [..., D], labels [...]) -> loss` by `mmfast.ops.linear_cross_entropy` (the
-    float32 loss of `F.cross_entropy(self(hidden).logits, labels, ...)` without the [tokens, V]
+    float32 loss of `F.cross_entropy(self(hidden), labels, ...)` without the [tokens, V]
     logits); `forward(hidden)` or `labels=None` returns the logits as nn.Linear does (generation).
     ignore_index, label_smoothing, logit_softcap, reduction: as in the op."""
 
