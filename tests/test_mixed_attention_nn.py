@@ -107,6 +107,28 @@ def test_causal_lm_with_padding_matches_sdpa(family, heads):
                  valid=mask.bool())
 
 
+def test_one_unpad_and_packing_per_forward(monkeypatch):
+    """transformers hands every layer the same mask: the unpad and the packing tables are built once a
+    forward, and again for a new mask (or the same mask changed in place)."""
+    built = []
+    original = mmfast_hf.build_packing
+    monkeypatch.setattr(mmfast_hf, "build_packing", lambda *a, **k: built.append(1) or original(*a, **k))
+    model = _llama(num_hidden_layers=3)
+    model.set_attn_implementation("mmfast")
+    ids = torch.randint(0, 101, (2, 9), device=DEVICE)
+    mask = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask).logits
+        assert len(built) == 1
+        model(input_ids=ids, attention_mask=mask.clone())
+        assert len(built) == 2
+        mask[0, :3], mask[1, 7:] = 1, 0
+        changed = model(input_ids=ids, attention_mask=mask).logits  # in place: the cached tables are stale
+        assert len(built) == 3
+    assert not torch.allclose(first[0, 3:], changed[0, 3:])
+
+
 def test_packed_batch_matches_separate_sequences():
     """One row holding two sequences (position_ids restart at 0, or cu_seq_lens_q given) equals
     running each sequence on its own with sdpa."""

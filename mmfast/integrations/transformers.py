@@ -17,15 +17,19 @@ call; bidirectional ones, like a vision tower's, ignore them). Steps whose queri
 than the keys (generation with a KV cache) go to `mixed_attention_decode` (split over the keys,
 FlashDecoding-style) when each row's valid keys end at the newest one (no padding or left
 padding), and to SDPA with the equivalent mask otherwise (or when a gradient is wanted).
+The unpadding and the packing tables are computed once per forward and shared by its layers
+(transformers hands each layer the same mask, cu_seq_lens and span_ids tensors).
 """
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
 
-from mmfast.ops.mixed_attention import mixed_attention, mixed_attention_decode, pad, unpad
+from mmfast.ops.mixed_attention import build_packing, mixed_attention, mixed_attention_decode, pad, unpad
+from mmfast.ops.mixed_attention import _check_packing as check_packing
 from mmfast.ops.mixed_attention.reference import allowed
 
 logger = logging.getLogger("mmfast")
@@ -53,6 +57,48 @@ def _packed_from_positions(position_ids: torch.Tensor | None, batch: int, length
     starts = torch.nonzero(positions == 0).flatten().to(torch.int32)
     end = torch.tensor([length], device=positions.device, dtype=torch.int32)
     return torch.cat([starts, end]) if starts.numel() and int(starts[0]) == 0 else None
+
+
+class _PerForward:
+    """The last packing built, reused while the tensors it came from are the same objects, unchanged
+    (same in-place version): one forward's layers get the same mask and span tensors, so the unpad
+    and the packing tables are built by its first layer only."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, tensors, settings, build):
+        if self.key is not None and self.key[1] == settings and all(
+                (reference is None and tensor is None) or
+                (reference is not None and reference[0]() is tensor and tensor._version == reference[1])
+                for reference, tensor in zip(self.key[0], tensors)):
+            return self.value
+        self.value = build()
+        self.key = ([None if tensor is None else (weakref.ref(tensor), tensor._version) for tensor in tensors],
+                    settings)
+        return self.value
+
+
+_per_forward = _PerForward()
+
+
+def _packed(cu_seqlens, span_ids, total, max_seqlen, causal):
+    """The packing of packed input (cu_seq_lens_q or position_ids that restart), built once a forward."""
+    def build():
+        spans = None if span_ids is None else span_ids.reshape(-1).to(torch.int32)
+        cu = cu_seqlens.to(torch.int32)
+        check_packing(cu, spans, total, cu.device, (total,), max_seqlen)  # the user's: checked once
+        return build_packing(cu, spans, total, max_seqlen, causal)
+    return _per_forward.get((cu_seqlens, span_ids), ("packed", total, max_seqlen, causal), build)
+
+
+def _unpadded(attention_mask, span_ids, batch, length, causal):
+    """(indices, packing) of a padded batch's real tokens, built once a forward."""
+    def build():
+        indices, cu, longest = unpad(attention_mask)
+        spans = None if span_ids is None else span_ids.to(torch.int32).reshape(-1)[indices]
+        return indices, build_packing(cu, spans, indices.numel(), longest, causal)
+    return _per_forward.get((attention_mask, span_ids), ("padded", batch, length, causal), build)
 
 
 def _decode_with_cache(query, key, value, padding, causal, scaling, span_ids):
@@ -129,18 +175,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if batch != 1:
             raise ValueError(f"attn_implementation='{NAME}': packed sequences (cu_seq_lens_q) need batch size 1, "
                              f"got {batch}")
-        spans = None if span_ids is None else span_ids.reshape(-1).to(torch.int32)
-        out = mixed_attention(q[0], k[0], v[0], cu_seqlens=cu_seqlens.to(torch.int32),
-                              max_seqlen=kwargs.get("max_length_q"), span_ids=spans, **options)[None]
+        packing = _packed(cu_seqlens, span_ids, length, kwargs.get("max_length_q"), causal)
+        out = mixed_attention(q[0], k[0], v[0], packing=packing, softmax_scale=scaling)[None]
     elif attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"attn_implementation='{NAME}' takes a 2-D padding mask; got a "
                              f"{attention_mask.dim()}-D mask (custom 4-D masks need 'sdpa' or 'eager')")
-        indices, cu, longest = unpad(attention_mask)
+        indices, packing = _unpadded(attention_mask, span_ids, batch, length, causal)
         gather = lambda x: x.reshape(batch * length, *x.shape[2:])[indices]  # noqa: E731
-        spans = None if span_ids is None else gather(span_ids.to(torch.int32))
-        packed = mixed_attention(gather(q), gather(k), gather(v), cu_seqlens=cu, max_seqlen=longest, span_ids=spans,
-                                 validate=False, **options)  # cu comes from unpad: no need to re-check it
+        packed = mixed_attention(gather(q), gather(k), gather(v), packing=packing, softmax_scale=scaling)
         out = pad(packed, indices, batch, length)
     else:
         spans = None if span_ids is None else span_ids.to(torch.int32)

@@ -11,7 +11,7 @@ from mmfast.ops._backend import log_fallback, profiled, resolve_backend
 from mmfast.ops.mixed_attention.packing import (Packing, build_packing, pad, packing_from_segments,
                                                 span_ids_from_token_ids, unpad)
 
-__all__ = ["mixed_attention", "mixed_attention_decode", "packing_from_segments", "span_ids_from_token_ids", "unpad", "pad", "Packing"]
+__all__ = ["mixed_attention", "mixed_attention_decode", "build_packing", "packing_from_segments", "span_ids_from_token_ids", "unpad", "pad", "Packing"]
 
 OP = "mixed_attention"
 _IMPLEMENTED = ("triton", "reference")
@@ -86,7 +86,7 @@ def _check_packing(cu_seqlens, span_ids, total, device, leading_shape, max_seqle
 def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
                     max_seqlen: int | None = None, span_ids: torch.Tensor | None = None, causal: bool = True,
                     softmax_scale: float | None = None, return_lse: bool = False, validate: bool = True,
-                    backend: str | None = None):
+                    backend: str | None = None, packing: Packing | None = None):
     """Attention where query i sees key j iff same sequence and (j <= i, or i and j in one span).
 
     Layouts: padded `q [B, T, H, D]`, `k, v [B, T, HK, D]` (every row a sequence of length T), or
@@ -100,8 +100,17 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seq
     `[B, H, T]` padded or `[H, total]` packed. Gradients flow to q, k and v.
     validate=False skips the checks of cu_seqlens' values and of max_seqlen against them (one host
     synchronization); a max_seqlen smaller than the longest sequence then gives wrong rows.
+    packing: the tables of `build_packing(cu_seqlens, span_ids, total, max_seqlen, causal)`, built once
+    and passed to every layer of a model (packed layout; cu_seqlens, span_ids, max_seqlen and causal then
+    come from it, unchecked): a model's layers share one packing instead of rebuilding it each.
     """
     _check_inputs(q, k, v)
+    if packing is not None:
+        if q.dim() != 3 or packing.span_ids.shape[0] != q.shape[0]:
+            raise ValueError(f"{OP}: a packing goes with packed [total_tokens, H, D] inputs of its "
+                             f"{packing.span_ids.shape[0]} tokens, got q of shape {tuple(q.shape)}")
+        cu_seqlens, span_ids, max_seqlen, causal, validate = (packing.cu_seqlens, packing.span_ids,
+                                                              packing.max_seqlen, packing.causal, False)
     padded = q.dim() == 4
     if padded and cu_seqlens is not None:
         raise ValueError(f"{OP}: cu_seqlens goes with packed [total_tokens, H, D] inputs, got q of shape "
@@ -142,7 +151,8 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seq
     if chosen == "triton":
         from mmfast.ops.mixed_attention.function import MixedAttentionFunction
 
-        packing = build_packing(cu_seqlens, span_ids, total, max_seqlen, causal)
+        if packing is None:
+            packing = build_packing(cu_seqlens, span_ids, total, max_seqlen, causal)
         out, lse = MixedAttentionFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), packing, scale)
     else:
         from mmfast.ops.mixed_attention import reference
