@@ -1,0 +1,240 @@
+"""The encoder + LLM generative model (LLaVA): a CLIP vision tower's patch features at a chosen layer,
+projected into the language model's embedding space, take the places of the image tokens among the
+text tokens; the decoder (mmfast.models.llama) predicts the text.
+
+Module names are HF's LlavaForConditionalGeneration's (`model.vision_tower`, `model.multi_modal_projector`
+with `linear_1`/`linear_2`, `model.language_model`, `lm_head`), the vision tower's are mmfast's CLIP
+tower's (HF's `encoder.layers` -> `layers`, `out_proj` -> `o_proj`), so `from_hf_llava` and `to_hf_llava`
+are renames. Sequences are packed (`cu_seqlens`, many conversations per row, no padding) or padded
+`[B, T]`; with `image_attention="bidirectional"` each image is a bidirectional span inside causal text
+(LLaVA's own is causal).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmfast.models.clip import VisionConfig, VisionTransformer
+from mmfast.models.llama import LlamaConfig, LlamaModel, hf_config_of, llama_config_of_hf
+from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
+from mmfast.ops.mixed_attention import span_ids_from_token_ids
+
+PROJECTORS = ("linear", "mlp2x_gelu")
+SELECT_STRATEGIES = ("default", "full")  # HF's names: drop the class token, or keep it
+IMAGE_ATTENTION = ("causal", "bidirectional")
+
+
+@dataclass(kw_only=True)
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(image_size=32, patch_size=8, width=128,
+                                                                      layers=4, heads=4))
+    text: LlamaConfig = field(default_factory=LlamaConfig)
+    vision_activation: str = "quick_gelu"  # the tower's (mmfast.models.clip: "quick_gelu" or "gelu")
+    vision_feature_layer: int = -2  # HF's hidden-state index: 0 the embeddings, -1 the last layer's output
+    vision_feature_select_strategy: str = "default"
+    projector: str = "mlp2x_gelu"
+    image_token_id: int = 0
+    image_attention: str = "causal"
+
+    def __post_init__(self):
+        for name, allowed in (("vision_feature_select_strategy", SELECT_STRATEGIES), ("projector", PROJECTORS),
+                              ("image_attention", IMAGE_ATTENTION)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"LlavaConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        layers = self.vision.layers
+        if not -(layers + 1) <= self.vision_feature_layer <= layers:
+            raise ValueError(f"LlavaConfig: vision_feature_layer must index the tower's {layers + 1} hidden states "
+                             f"(from {-(layers + 1)} to {layers}), got {self.vision_feature_layer}")
+
+    @property
+    def feature_depth(self) -> int:
+        """How many of the tower's blocks the selected features pass through (the rest never run)."""
+        layer = self.vision_feature_layer
+        return layer if layer >= 0 else self.vision.layers + 1 + layer
+
+
+class Projector(nn.Module):
+    """linear_1, then for mlp2x_gelu a GELU and linear_2 (LLaVA-1.5's; HF's LlavaMultiModalProjector)."""
+
+    def __init__(self, kind: str, vision_width: int, text_width: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_width, text_width)
+        if kind == "mlp2x_gelu":
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(text_width, text_width)
+
+    def forward(self, x):
+        x = self.linear_1(x)
+        return self.linear_2(self.act(x)) if hasattr(self, "linear_2") else x
+
+
+class LlavaModel(nn.Module):
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        self.vision_tower = VisionTransformer(config.vision, config.vision_activation, config.text.backend)
+        # blocks past the selected layer and the final norm never run: drop them (and their parameters)
+        del self.vision_tower.layers[config.feature_depth:]
+        self.vision_tower.post_layernorm = nn.Identity()
+        self.multi_modal_projector = Projector(config.projector, config.vision.width, config.text.hidden_size)
+        self.language_model = LlamaModel(config.text)
+
+
+class Llava(nn.Module):
+    """`forward(input_ids, pixel_values, ...)`: logits, or with labels the per-token losses.
+
+    input_ids hold `image_token_id` once per image feature (`image_tokens` per image: the tower's
+    patches, plus one with the class token kept), the images in order; pixel_values `[N, C, H, W]`
+    (uint8 when the tower's config has a mean and std, else normalized floats, as HF's processor gives).
+    """
+
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlavaModel(config)
+        self.lm_head = LinearCrossEntropy(config.text.hidden_size, config.text.vocab_size, bias=False,
+                                          reduction="none", backend=config.text.backend)
+        if config.text.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    @property
+    def image_tokens(self) -> int:
+        vision = self.config.vision
+        patches = ((vision.image_size - vision.patch_size) // (vision.patch_stride or vision.patch_size) + 1) ** 2
+        return patches + (self.config.vision_feature_select_strategy == "full")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.language_model.grad_checkpointing = enable
+
+    def blocks(self) -> list[nn.Module]:
+        """The units an engine shards, compiles or checkpoints (the language model's layers)."""
+        return list(self.model.language_model.layers)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> projected features [N, image_tokens, text hidden]. A tower with no trainable
+        parameter runs without autograd (stage 1 and 2 of LLaVA freeze it)."""
+        tower = self.model.vision_tower
+        frozen = not any(parameter.requires_grad for parameter in tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            x = tower.pre_layrnorm(tower.embeddings(pixel_values))
+            for layer in tower.layers:
+                x = layer(x)
+        if self.config.vision_feature_select_strategy == "default":
+            x = x[:, 1:]
+        return self.model.multi_modal_projector(x)
+
+    def embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """The token embeddings with the image features in the image tokens' places."""
+        embeds = self.model.language_model.embed_tokens(input_ids)
+        places = input_ids == self.config.image_token_id
+        images = 0 if pixel_values is None else pixel_values.shape[0]
+        expected = images * self.image_tokens
+        found = int(places.sum())
+        if found != expected:
+            raise ValueError(f"Llava: input_ids hold {found} image tokens (id {self.config.image_token_id}), "
+                             f"expected {self.image_tokens} for each of the {images} images, {expected} in all")
+        if images:
+            features = self.image_features(pixel_values).to(embeds.dtype).reshape(-1, embeds.shape[-1])
+            embeds = embeds.masked_scatter(places[..., None], features)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                ignore_index: int = -100) -> torch.Tensor:
+        """Padded `[B, T]` or packed `[total]` input_ids (with cu_seqlens); labels as LlamaForCausalLM's
+        (already shifted). Returns logits, or with labels the per-token losses."""
+        span_ids = None
+        if self.config.image_attention == "bidirectional":
+            span_ids = span_ids_from_token_ids(input_ids, self.config.image_token_id)
+        hidden = self.model.language_model(inputs_embeds=self.embeddings(input_ids, pixel_values),
+                                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, span_ids=span_ids,
+                                           position_ids=position_ids)
+        if labels is None:
+            return self.lm_head(hidden)
+        return self.lm_head(hidden, labels, ignore_index=ignore_index)
+
+
+def _unused_by_llava(key: str, depth: int) -> bool:
+    """An HF vision-tower key LLaVA never reads: a block past the selected layer, or the final norm."""
+    found = re.match(r"model\.vision_tower\.(?:encoder\.)?(?:layers\.(\d+)\.|post_layernorm\.)", key)
+    return bool(found) and (found.group(1) is None or int(found.group(1)) >= depth)
+
+
+_VISION_RENAMES = [(r"\.encoder\.layers\.", ".layers."), (r"\.self_attn\.out_proj\.", ".self_attn.o_proj.")]
+
+
+def from_hf_llava(hf_model, backend: str | None = None, *, mean=None, std=None) -> Llava:
+    """A Llava with the weights of an HF LlavaForConditionalGeneration (CLIP vision tower; Llama or Qwen2
+    language model). mean, std: set to take uint8 pixels normalized inside the tower (the HF processor's
+    image_mean / image_std); None takes HF's normalized float pixel_values."""
+    hf_config = hf_model.config
+    vision = hf_config.vision_config
+    if vision.model_type not in ("clip_vision_model", "clip"):
+        raise ValueError(f"from_hf_llava: the vision tower must be CLIP's, got {vision.model_type!r}")
+    if not isinstance(hf_config.vision_feature_layer, int):
+        raise ValueError(f"from_hf_llava: one vision feature layer is implemented, got "
+                         f"{hf_config.vision_feature_layer!r}")
+    if hf_config.projector_hidden_act != "gelu" or not getattr(hf_config, "multimodal_projector_bias", True):
+        raise ValueError(f"from_hf_llava: the projector must be LLaVA's (GELU, biases), got "
+                         f"{hf_config.projector_hidden_act!r}")
+    config = LlavaConfig(
+        vision=VisionConfig(image_size=vision.image_size, patch_size=vision.patch_size, channels=vision.num_channels,
+                            width=vision.hidden_size, layers=vision.num_hidden_layers,
+                            heads=vision.num_attention_heads, mlp_ratio=vision.intermediate_size / vision.hidden_size,
+                            mean=mean, std=std),
+        text=llama_config_of_hf(hf_config.text_config, backend),
+        vision_activation="quick_gelu" if vision.hidden_act == "quick_gelu" else "gelu",
+        vision_feature_layer=hf_config.vision_feature_layer,
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+        projector="mlp2x_gelu", image_token_id=hf_config.image_token_id)
+    model = Llava(config)
+    state = {}
+    depth = config.feature_depth
+    for key, value in hf_model.state_dict().items():
+        for pattern, replacement in _VISION_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        if not _unused_by_llava(key, depth):
+            state[key] = value
+    if config.text.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.language_model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def to_hf_llava(model: Llava):
+    """The HF LlavaForConditionalGeneration with `model`'s weights (the vision tower's unused last blocks
+    are left as HF initializes them: LLaVA never reads them)."""
+    import transformers
+
+    config = model.config
+    if config.projector != "mlp2x_gelu":
+        raise ValueError(f"to_hf_llava: HF's LLaVA has the mlp2x_gelu projector only, got {config.projector!r}")
+    if config.vision.patch_stride not in (None, config.vision.patch_size):
+        raise ValueError("to_hf_llava: HF's CLIP tower has no overlapping patches (vision.patch_stride)")
+    if config.image_attention != "causal":
+        raise ValueError("to_hf_llava: HF's LLaVA attends causally over image tokens; image_attention="
+                         f"{config.image_attention!r} would give other outputs")
+    vision = config.vision
+    vision_config = transformers.CLIPVisionConfig(
+        hidden_size=vision.width, intermediate_size=int(vision.width * vision.mlp_ratio),
+        num_hidden_layers=vision.layers, num_attention_heads=vision.heads, num_channels=vision.channels,
+        image_size=vision.image_size, patch_size=vision.patch_size, hidden_act=config.vision_activation)
+    hf_config = transformers.LlavaConfig(
+        vision_config=vision_config, text_config=hf_config_of(config.text), image_token_id=config.image_token_id,
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy, projector_hidden_act="gelu",
+        image_seq_length=model.image_tokens, tie_word_embeddings=config.text.tie_word_embeddings)
+    hf_model = transformers.LlavaForConditionalGeneration(hf_config)
+    state = {}
+    for key, value in model.state_dict().items():
+        key = re.sub(r"^model\.vision_tower\.layers\.", "model.vision_tower.encoder.layers.", key)
+        state[re.sub(r"\.self_attn\.o_proj\.", ".self_attn.out_proj.", key) if "vision_tower" in key else key] = value
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    untouched = [key for key in missing if not _unused_by_llava(key, config.feature_depth)]
+    if unexpected or untouched:
+        raise RuntimeError(f"to_hf_llava: weights do not map, missing {untouched}, unexpected {unexpected}")
+    return hf_model
+

@@ -1,0 +1,127 @@
+"""mmfast.models.llava: HF LlavaForConditionalGeneration weights give HF's logits (padded, and packed
+against HF sequence by sequence), export back, bidirectional images, the frozen tower, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from mmfast.models.clip import VisionConfig  # noqa: E402
+from mmfast.models.llama import LlamaConfig  # noqa: E402
+from mmfast.models.llava import Llava, LlavaConfig, from_hf_llava, to_hf_llava  # noqa: E402
+
+IMAGE = 119
+
+
+def hf_llava(text: str = "llama", feature_layer: int = -2, strategy: str = "default", seed: int = 0):
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, image_size=32, patch_size=8)
+    kind = transformers.Qwen2Config if text == "qwen2" else transformers.LlamaConfig
+    language = kind(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=language, image_token_id=IMAGE,
+                                      vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+                                      image_seq_length=16 + (strategy == "full"))
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(std=0.1)
+    return model
+
+
+def conversation(length: int, image_at: int | None, tokens: int, seed: int) -> torch.Tensor:
+    ids = torch.randint(0, 100, (length,), generator=torch.Generator().manual_seed(seed))
+    if image_at is not None:
+        ids[image_at:image_at + tokens] = IMAGE
+    return ids
+
+
+@pytest.mark.parametrize("text,feature_layer,strategy", [("llama", -2, "default"), ("qwen2", -1, "full"),
+                                                          ("llama", 1, "default")])
+def test_hf_weights_give_hf_logits_and_export_back(text, feature_layer, strategy):
+    hf = hf_llava(text, feature_layer, strategy)
+    ours = from_hf_llava(hf).eval()
+    tokens = ours.image_tokens
+    assert tokens == 16 + (strategy == "full")
+    assert len(ours.model.vision_tower.layers) == ours.config.feature_depth  # unused blocks are not kept
+    ids = torch.stack([conversation(30, 3, tokens, 0), conversation(30, 10, tokens, 1)])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=pixels).logits
+        torch.testing.assert_close(ours(ids, pixels), expected, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(to_hf_llava(ours).eval()(input_ids=ids, pixel_values=pixels).logits, expected,
+                                   atol=0, rtol=0)
+
+
+def test_packed_conversations_equal_each_on_its_own():
+    hf = hf_llava()
+    ours = from_hf_llava(hf).eval()
+    first, second, text_only = conversation(25, 2, 16, 3), conversation(31, 5, 16, 4), conversation(9, None, 16, 5)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    packed = torch.cat([first, second, text_only])
+    cu_seqlens = torch.tensor([0, 25, 56, 65], dtype=torch.int32)
+    with torch.no_grad():
+        out = ours(packed, pixels, cu_seqlens=cu_seqlens)
+        expected = torch.cat([hf(input_ids=first[None], pixel_values=pixels[:1]).logits[0],
+                              hf(input_ids=second[None], pixel_values=pixels[1:]).logits[0],
+                              hf(input_ids=text_only[None]).logits[0]])
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_labels_give_the_cross_entropy_of_the_logits():
+    ours = from_hf_llava(hf_llava()).eval()
+    ids = conversation(28, 2, 16, 7)[None]
+    pixels = torch.randn(1, 3, 32, 32)
+    labels = torch.full_like(ids, -100)
+    labels[0, 20:27] = ids[0, 21:28]  # the answer only
+    with torch.no_grad():
+        losses = ours(ids, pixels, labels=labels)
+        expected = F.cross_entropy(ours(ids, pixels)[0], labels[0], reduction="none")
+    torch.testing.assert_close(losses[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_images_see_their_whole_image_only():
+    config = LlavaConfig(vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2),
+                         text=LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=2),
+                         image_token_id=IMAGE, image_attention="bidirectional")
+    torch.manual_seed(8)
+    model = Llava(config).eval()
+    ids = conversation(24, 4, 16, 9)
+    pixels = torch.randn(1, 3, 32, 32)
+    changed = pixels.clone()
+    changed[..., 24:, 24:] += 1  # the last patch: the image's last token
+    cu_seqlens = torch.tensor([0, 24], dtype=torch.int32)
+    with torch.no_grad():
+        moved = (model(ids, pixels, cu_seqlens=cu_seqlens) - model(ids, changed, cu_seqlens=cu_seqlens)).abs().amax(-1)
+    assert moved[:4].max() == 0  # the text before the image
+    assert moved[4:19].min() > 0  # every image token sees the image's last one
+
+
+def test_a_frozen_tower_runs_without_autograd():
+    model = from_hf_llava(hf_llava())
+    model.model.vision_tower.requires_grad_(False)
+    seen = []
+    model.model.vision_tower.layers[0].register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    ids = conversation(20, 1, 16, 10)[None]
+    model(ids, torch.randn(1, 3, 32, 32), labels=ids.roll(-1, 1)).mean().backward()
+    assert seen == [False]
+    assert model.model.multi_modal_projector.linear_1.weight.grad is not None
+
+
+def test_bad_input_is_named():
+    model = from_hf_llava(hf_llava())
+    with pytest.raises(ValueError, match="hold 15 image tokens .* expected 16 for each of the 1 images"):
+        model(conversation(20, 1, 15, 11)[None], torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="projector must be one of"):
+        LlavaConfig(projector="mlp3x")
+    with pytest.raises(ValueError, match="vision_feature_layer must index"):
+        LlavaConfig(vision=VisionConfig(layers=2), vision_feature_layer=-4)
+    linear = Llava(LlavaConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
+                               text=LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2),
+                               projector="linear", vision_feature_layer=-1))
+    with pytest.raises(ValueError, match="mlp2x_gelu projector only"):
+        to_hf_llava(linear)
