@@ -2,7 +2,7 @@
 import json
 
 import pytest
-import torch
+
 
 from mmfast.data.conversations import IGNORE, encode, pack, read_conversations, render
 

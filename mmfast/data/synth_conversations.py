@@ -1,0 +1,88 @@
+"""Bundled LLaVA data from the shapes generator (mmfast.data.synth): stage-1 captions and stage-2
+multi-turn conversations about the same pictures (color, shape, count, position, yes/no existence with
+half the answers no, a description), in LLaVA's JSON format with an image folder; train and held-out
+splits of different pictures. Every question keeps its type and answer beside the conversation
+(`"questions"`), which the evaluation scores per type.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mmfast.data import synth
+
+QUESTION_TYPES = ("color", "shape", "count", "position", "exists", "describe")
+
+
+def question(kind: str, meta: dict, rng: np.random.Generator) -> tuple[str, str]:
+    """(question, answer) of one type about a shape picture's metadata."""
+    count, shape, color = meta["count"], meta["shape"], meta["color"]
+    several = count > 1
+    if kind == "color":
+        return rng.choice(["What color is the shape?", "Which color does the shape have?"]) if not several else \
+            rng.choice(["What color are the shapes?", "Which color do the shapes have?"]), color
+    if kind == "shape":
+        return rng.choice(["What shape is shown?", "Which shape is in the image?"]), shape
+    if kind == "count":
+        return rng.choice(["How many shapes are there?", "How many shapes do you see?"]), synth.COUNT_WORDS[count]
+    if kind == "position":
+        return rng.choice(["Where is the shape?", "Where in the image is it?"]) if not several else \
+            rng.choice(["Where are the shapes?", "Where in the image are they?"]), meta["position"]
+    if kind == "exists":
+        asked_color, asked_shape = color, shape
+        if rng.random() < 0.5:  # half the answers are no: change the color, the shape or both
+            while (asked_color, asked_shape) == (color, shape):
+                change = rng.integers(3)
+                asked_color = rng.choice(list(synth.COLORS)) if change != 1 else color
+                asked_shape = rng.choice(synth.SHAPES) if change != 0 else shape
+        article = "an" if asked_color[0] in "aeiou" else "a"
+        answer = "yes" if (asked_color, asked_shape) == (color, shape) else "no"
+        return f"Is there {article} {asked_color} {asked_shape} in the image?", answer
+    if kind == "describe":
+        words = ("a" if not several else synth.COUNT_WORDS[count], meta["size"], color, synth._plural(shape, count))
+        return rng.choice(["Describe the image.", "What do you see?"]), \
+            f"{' '.join(words)} at the {meta['position']}"
+    raise ValueError(f"question: kind must be one of {QUESTION_TYPES}, got {kind!r}")
+
+
+def conversation(key: str, meta: dict, caption: str, rng: np.random.Generator, turns: tuple[int, int] = (2, 4)):
+    """One picture's sample: the stage-2 conversation (its first question carries the image), the stage-1
+    caption, and each question's type and answer."""
+    kinds = rng.choice(QUESTION_TYPES, size=int(rng.integers(turns[0], turns[1] + 1)), replace=False)
+    turns_out, questions = [], []
+    for index, kind in enumerate(kinds):
+        text, answer = question(str(kind), meta, rng)
+        reply = answer[0].upper() + answer[1:] + "."
+        turns_out += [{"from": "human", "value": ("<image>\n" if index == 0 else "") + text},
+                      {"from": "gpt", "value": reply}]
+        questions.append({"type": str(kind), "question": text, "answer": answer})
+    return {"id": key, "image": f"{key}.png", "conversations": turns_out, "caption": caption,
+            "questions": questions, "meta": meta}
+
+
+def write_conversations(out_dir: str, *, train: int = 4000, held_out: int = 400, size: int = 32, seed: int = 0,
+                        geometry: str = "continuous", progress: bool = True) -> dict:
+    """Writes `<out_dir>/images/*.png`, `<out_dir>/{train,held_out}.json` (stage 2: LLaVA's format) and
+    `<out_dir>/{train,held_out}-captions.json` (stage 1: one turn, the caption); returns the paths."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    paths = {}
+    for split, count in (("train", train), ("held_out", held_out)):
+        samples, captions = [], []
+        for index in tqdm(range(count), desc=f"conversations {split}", disable=not progress):
+            # the shapes generator's own seeding, offset so these pictures are not the CLIP run's
+            rng = np.random.default_rng([seed, 2 if split == "train" else 3, index])
+            picture = synth.shape_sample(rng, size, geometry)
+            key = f"{split}-{index:07d}"
+            picture.image.save(os.path.join(out_dir, "images", f"{key}.png"))
+            sample = conversation(key, picture.meta, picture.caption, rng)
+            samples.append(sample)
+            captions.append({"id": key, "image": sample["image"], "conversations": [
+                {"from": "human", "value": "<image>"}, {"from": "gpt", "value": picture.caption}]})
+        for name, content in ((split, samples), (f"{split}-captions", captions)):
+            paths[name] = os.path.join(out_dir, f"{name}.json")
+            with open(paths[name], "w") as handle:
+                json.dump(content, handle)
+    return paths

@@ -1,0 +1,43 @@
+"""The bundled LLaVA data: deterministic, answers true to the pictures' metadata, yes/no balanced,
+readable by mmfast.data.conversations."""
+import json
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from mmfast.data import synth
+from mmfast.data.conversations import read_conversations
+from mmfast.data.synth_conversations import QUESTION_TYPES, question, write_conversations
+
+
+def test_written_twice_the_same_and_read_back(tmp_path):
+    first = write_conversations(str(tmp_path / "a"), train=30, held_out=10, progress=False)
+    second = write_conversations(str(tmp_path / "b"), train=30, held_out=10, progress=False)
+    for name in first:
+        assert json.load(open(first[name])) == json.load(open(second[name]))
+    a = np.asarray(Image.open(tmp_path / "a" / "images" / "train-0000007.png"))
+    assert (a == np.asarray(Image.open(tmp_path / "b" / "images" / "train-0000007.png"))).all()
+    conversations = read_conversations(first["train"], str(tmp_path / "a" / "images"))
+    assert len(conversations) == 30 and all(c.image and c.turns[0][1].startswith("<image>") for c in conversations)
+    captions = read_conversations(first["held_out-captions"], str(tmp_path / "a" / "images"))
+    assert len(captions) == 10 and captions[0].turns[0] == ("user", "<image>")
+    train_ids = {c.id for c in conversations}
+    assert not train_ids & {c.id for c in captions}  # held-out pictures are other pictures
+
+
+def test_answers_follow_the_metadata_and_existence_is_balanced():
+    rng = np.random.default_rng(0)
+    answers = Counter()
+    for index in range(300):
+        meta = synth.shape_sample(np.random.default_rng([5, index]), 32, "continuous").meta
+        assert question("color", meta, rng)[1] == meta["color"]
+        assert question("shape", meta, rng)[1] == meta["shape"]
+        assert question("count", meta, rng)[1] == synth.COUNT_WORDS[meta["count"]]
+        assert question("position", meta, rng)[1] == meta["position"]
+        text, answer = question("exists", meta, rng)
+        answers[answer] += 1
+        named = f"{meta['color']} {meta['shape']} in"
+        assert (answer == "yes") == (named in text)
+    assert 0.4 < answers["yes"] / 300 < 0.6
+    assert set(QUESTION_TYPES) == {"color", "shape", "count", "position", "exists", "describe"}
