@@ -33,6 +33,25 @@ def test_same_seed_same_samples_other_seed_others(geometry):
     assert [_png(a.image) for a in first] != [_png(c.image) for c in other]
 
 
+def test_shards_are_the_same_bytes_from_one_process_or_several(tmp_path):
+    import tarfile
+
+    from mmfast.data.synth import write_shards
+
+    def members(folder):
+        contents = {}
+        for path in sorted(folder.glob("*.tar")):
+            with tarfile.open(path) as archive:
+                contents.update({(path.name, m.name): archive.extractfile(m).read() for m in archive.getmembers()})
+        return contents
+
+    options = dict(train=30, held_out=10, shard_size=8, size=24, geometry="continuous", progress=False)
+    write_shards(str(tmp_path / "one"), workers=1, **options)
+    write_shards(str(tmp_path / "two"), workers=2, **options)
+    one, two = members(tmp_path / "one"), members(tmp_path / "two")
+    assert len(one) == 40 * 3 and one == two  # png, txt, json of every sample, in 4 + 2 shards
+
+
 @pytest.fixture(scope="module")
 def many():
     return _samples(600)

@@ -236,30 +236,51 @@ def generate(index: int, split: str, seed: int, size: int, digit_fraction: float
     return shape_sample(rng, size, geometry)
 
 
-def write_shards(out_dir: str, *, train: int = 20000, held_out: int = 2000, size: int = 32, seed: int = 0,
-                 shard_size: int = 5000, digit_fraction: float = 0.1, geometry: str = "anchored",
-                 progress: bool = True) -> dict:
-    """Writes `<out_dir>/{train,held_out}-NNNNNN.tar`; returns {split: [paths]}."""
+def _write_shard(job: tuple) -> str:
+    """One shard: samples [start, end) of a split (a process-pool job: every sample has its own seed)."""
     import webdataset
 
+    path, split, start, end, seed, size, digit_fraction, geometry = job
     digits = None
     if digit_fraction > 0:
         from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
         digits = load_digits()
+    with webdataset.TarWriter(path) as sink:
+        for index in range(start, end):
+            sample = generate(index, split, seed, size, digit_fraction, digits, geometry)
+            buffer = io.BytesIO()
+            sample.image.save(buffer, format="PNG")
+            sink.write({"__key__": f"{split}-{index:08d}", "png": buffer.getvalue(),
+                        "txt": sample.caption, "json": json.dumps(sample.meta)})
+    return path
+
+
+def write_shards(out_dir: str, *, train: int = 20000, held_out: int = 2000, size: int = 32, seed: int = 0,
+                 shard_size: int = 5000, digit_fraction: float = 0.1, geometry: str = "anchored",
+                 progress: bool = True, workers: int | None = None) -> dict:
+    """Writes `<out_dir>/{train,held_out}-NNNNNN.tar`; returns {split: [paths]}. Shards are drawn in
+    `workers` processes (default: one per CPU core); the bytes do not depend on how many."""
     os.makedirs(out_dir, exist_ok=True)
-    written = {}
+    jobs, written = [], {}
     for split, count in (("train", train), ("held_out", held_out)):
-        paths = []
-        for shard_start in tqdm(range(0, count, shard_size), desc=f"synth {split}", disable=not progress):
+        written[split] = []
+        for shard_start in range(0, count, shard_size):
             path = os.path.join(out_dir, f"{split}-{shard_start // shard_size:06d}.tar")
-            with webdataset.TarWriter(path) as sink:
-                for index in range(shard_start, min(count, shard_start + shard_size)):
-                    sample = generate(index, split, seed, size, digit_fraction, digits, geometry)
-                    buffer = io.BytesIO()
-                    sample.image.save(buffer, format="PNG")
-                    sink.write({"__key__": f"{split}-{index:08d}", "png": buffer.getvalue(),
-                                "txt": sample.caption, "json": json.dumps(sample.meta)})
-            paths.append(path)
-        written[split] = paths
+            jobs.append((path, split, shard_start, min(count, shard_start + shard_size), seed, size, digit_fraction,
+                         geometry))
+            written[split].append(path)
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    bar = tqdm(total=len(jobs), desc="synth shards", disable=not progress)
+    if workers <= 1:
+        for job in jobs:
+            _write_shard(job)
+            bar.update()
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for _ in pool.imap_unordered(_write_shard, jobs):
+                bar.update()
+    bar.close()
     return written
