@@ -125,3 +125,29 @@ def test_bad_input_is_named():
                                projector="linear", vision_feature_layer=-1))
     with pytest.raises(ValueError, match="mlp2x_gelu projector only"):
         to_hf_llava(linear)
+
+
+def test_generation_is_greedy_next_tokens_and_stops_at_eos():
+    model = from_hf_llava(hf_llava()).eval()
+    prompts = [conversation(20, 2, 16, 12), conversation(7, None, 16, 13), conversation(24, 5, 16, 14)]
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(15))
+    outputs = model.generate(prompts, pixels, max_new_tokens=4)
+    assert [len(o) for o in outputs] == [4, 4, 4]
+    # the same as extending each prompt by its own argmax, one sequence at a time
+    for prompt, images, output in zip(prompts, (pixels[:1], None, pixels[1:]), outputs):
+        sequence = prompt.clone()
+        for token in output.tolist():
+            with torch.no_grad():
+                logits = model(sequence[None], images)[0, -1]
+            assert int(logits.argmax()) == token
+            sequence = torch.cat([sequence, torch.tensor([token])])
+    eos = int(outputs[1][1])
+    stopped = model.generate(prompts, pixels, max_new_tokens=4, eos_token_id=eos)[1]
+    assert stopped.tolist() == outputs[1][:2].tolist()
+    sampled = model.generate(prompts, pixels, max_new_tokens=3, temperature=1.0, top_p=0.9,
+                             generator=torch.Generator().manual_seed(0))
+    again = model.generate(prompts, pixels, max_new_tokens=3, temperature=1.0, top_p=0.9,
+                           generator=torch.Generator().manual_seed(0))
+    assert [s.tolist() for s in sampled] == [a.tolist() for a in again]
+    with pytest.raises(ValueError, match="0 < top_p <= 1"):
+        model.generate(prompts, pixels, top_p=0)

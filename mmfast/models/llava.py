@@ -156,6 +156,64 @@ class Llava(nn.Module):
             return self.lm_head(hidden)
         return self.lm_head(hidden, labels, ignore_index=ignore_index)
 
+    @torch.no_grad()
+    def generate(self, prompts: list[torch.Tensor], pixel_values: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 16, eos_token_id: int | None = None, temperature: float = 0.0,
+                 top_p: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """The new tokens of each prompt (1-D ids holding their image tokens; pixel_values: their images
+        in order), greedy (temperature 0) or sampled with temperature and top-p. Prompts of any lengths
+        run packed, with no padding; a row stops at eos_token_id (kept in its output). Each step runs
+        the whole sequences again (no KV cache yet); the image features are computed once."""
+        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"Llava.generate: expected max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1, "
+                             f"got {max_new_tokens}, {temperature}, {top_p}")
+        embed = self.model.language_model.embed_tokens
+        images_per_prompt = [int((prompt == self.config.image_token_id).sum()) // self.image_tokens for prompt in prompts]
+        features = None
+        if pixel_values is not None and len(pixel_values):
+            self.embeddings(torch.cat(prompts), pixel_values)  # checks the image tokens against the images
+            features = self.image_features(pixel_values)
+        first_image = [sum(images_per_prompt[:index]) for index in range(len(prompts))]
+        sequences, new = [prompt.clone() for prompt in prompts], [[] for _ in prompts]
+        active = [index for index, prompt in enumerate(prompts) if len(prompt)]
+        for _ in range(max_new_tokens):
+            if not active:
+                break
+            ids = torch.cat([sequences[index] for index in active])
+            embeds = embed(ids)
+            if features is not None:
+                chosen = [features[first_image[i] + k] for i in active for k in range(images_per_prompt[i])]
+                if chosen:
+                    places = (ids == self.config.image_token_id)[:, None]
+                    embeds = embeds.masked_scatter(places, torch.cat(chosen).to(embeds.dtype))
+            lengths = torch.tensor([0] + [len(sequences[index]) for index in active])
+            cu_seqlens = lengths.cumsum(0).to(torch.int32).to(ids.device)
+            hidden = self.model.language_model(inputs_embeds=embeds, cu_seqlens=cu_seqlens,
+                                               span_ids=span_ids_from_token_ids(ids, self.config.image_token_id)
+                                               if self.config.image_attention == "bidirectional" else None)
+            logits = self.lm_head(hidden[cu_seqlens[1:].long() - 1]).float()
+            tokens = _choose(logits, temperature, top_p, generator)
+            still = []
+            for index, token in zip(active, tokens.tolist()):
+                new[index].append(token)
+                sequences[index] = torch.cat([sequences[index], sequences[index].new_tensor([token])])
+                if token != eos_token_id:
+                    still.append(index)
+            active = still
+        return [torch.tensor(tokens, dtype=torch.long) for tokens in new]
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """Greedy, or a sample from the top-p nucleus of softmax(logits / temperature)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probabilities = torch.softmax(logits / temperature, dim=-1)
+    ordered, order = probabilities.sort(dim=-1, descending=True)
+    outside = ordered.cumsum(dim=-1) - ordered > top_p  # keep the smallest prefix reaching top_p
+    ordered = ordered.masked_fill(outside, 0)
+    picked = torch.multinomial(ordered / ordered.sum(-1, keepdim=True), 1, generator=generator)
+    return order.gather(-1, picked).squeeze(-1)
+
 
 def _unused_by_llava(key: str, depth: int) -> bool:
     """An HF vision-tower key LLaVA never reads: a block past the selected layer, or the final norm."""
