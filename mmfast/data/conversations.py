@@ -221,3 +221,32 @@ def pack(samples: list[Encoded], capacity: int) -> list[PackedBatch]:
                                    lengths.cumsum(0).to(torch.int32), int(lengths.max()),
                                    [sample.image for sample in row if sample.image is not None], capacity))
     return batches
+
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "</s>", IMAGE_PLACEHOLDER)
+
+
+def train_tokenizer(texts, vocab_size: int = 512):
+    """A byte-level BPE (GPT-2's kind: every string encodes, spaces survive decoding) trained on `texts`,
+    with `<pad>`, `<unk>`, `</s>` (end of turn) and `<image>` as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def conversation_texts(conversations) -> list[str]:
+    """Every turn's text, and the template's own words, for training a tokenizer."""
+    return [VICUNA_SYSTEM + " USER: ASSISTANT:"] + [text for c in conversations for _, text in c.turns]
+
+
+def without_image(conversation: Conversation) -> Conversation:
+    """The conversation as text alone (a language model's pretraining on the same words)."""
+    turns = tuple((role, text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip())
+                  for role, text in conversation.turns)
+    return Conversation(conversation.id, None, turns)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mmfast.models.clip import VisionConfig, VisionTransformer
+from mmfast.models.clip import VisionConfig, VisionTransformer, patch_count
 from mmfast.models.llama import LlamaConfig, LlamaModel, hf_config_of, llama_config_of_hf
 from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
 from mmfast.ops.mixed_attention import span_ids_from_token_ids
@@ -54,6 +54,11 @@ class LlavaConfig:
         """How many of the tower's blocks the selected features pass through (the rest never run)."""
         layer = self.vision_feature_layer
         return layer if layer >= 0 else self.vision.layers + 1 + layer
+
+
+def image_tokens(config: LlavaConfig) -> int:
+    """Image tokens per image: the tower's patches, plus one when the class token is kept."""
+    return patch_count(config.vision) + (config.vision_feature_select_strategy == "full")
 
 
 class Projector(nn.Module):
@@ -101,9 +106,7 @@ class Llava(nn.Module):
 
     @property
     def image_tokens(self) -> int:
-        vision = self.config.vision
-        patches = ((vision.image_size - vision.patch_size) // (vision.patch_stride or vision.patch_size) + 1) ** 2
-        return patches + (self.config.vision_feature_select_strategy == "full")
+        return image_tokens(self.config)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.language_model.grad_checkpointing = enable

@@ -37,6 +37,14 @@ class DataConfig:
     seed: int = 0
     batch_size: int = 256  # the global batch (shared out over ranks)
     tokenizer: str = ""  # an HF tokenizers file on disk (with <pad>, <sot>, <eot>); empty: train a BPE
+    # task llava: LLaVA's JSON / JSONL and its image folder (empty with source synth: the bundled
+    # conversations, train_samples and held_out_samples of them), how conversations are rendered, and
+    # whether images are used (false: the language model learns the conversations' text alone)
+    conversations: str = ""
+    held_out_conversations: str = ""
+    image_folder: str = ""
+    template: str = "vicuna_v1"
+    use_images: bool = True
 
 
 @dataclass(kw_only=True)
@@ -212,6 +220,7 @@ def apply_values(config, values: dict, prefix: str = "") -> None:
 CHOICES = {
     "data.source": ("synth", "shards", "files"),
     "data.synth_geometry": ("anchored", "continuous"),
+    "data.template": ("plain", "vicuna_v1", "chat"),
     "model.loss": ("clip", "siglip"),
     "model.activation": ("quick_gelu", "gelu"),
     "model.text.pooling": ("eot", "mean"),

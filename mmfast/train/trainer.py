@@ -57,11 +57,11 @@ def _prepare_run(config: RunConfig, task, placement, progress: bool, resuming: b
 
 
 def _initial_weights(path: str) -> dict:
-    """The state dict of a model.pt (or of the model.pt in a run directory)."""
+    """The contents of a model.pt (or of the model.pt in a run directory)."""
     path = os.path.join(path, "model.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config: train.init_from names {path!r}, which does not exist")
-    return load_tensors(path)["state_dict"]
+    return load_tensors(path)
 
 
 def _resolve_run_dir(config: RunConfig, placement) -> None:
@@ -108,7 +108,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     model = task.build_model()
     if config.train.init_from:  # a checkpoint, when resuming, replaces these weights below
-        model.load_state_dict(_initial_weights(config.train.init_from))
+        task.initial_weights(model, _initial_weights(config.train.init_from))
     freeze(model, config.train.trainable, config.train.frozen)
     engine.prepare(model)
     if placement.is_main:

@@ -158,6 +158,8 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seq
         from mmfast.ops.mixed_attention import reference
 
         spans = span_ids if span_ids is not None else torch.full((total,), -1, device=q.device, dtype=torch.int32)
+        if not return_lse:  # the sequences padded into one SDPA call, not a Python loop over them
+            return reference.packed_attention(q, k, v, cu_seqlens, spans, causal, scale)
         out, lse = reference.attention(q, k, v, cu_seqlens, spans, causal, scale)
         out, lse = out.to(q.dtype), lse.float().detach()
     if padded:

@@ -44,6 +44,28 @@ def attention(q, k, v, cu_seqlens, span_ids, causal: bool, scale: float, dtype=t
     return torch.cat(outputs), torch.cat(lses, dim=1)
 
 
+def packed_attention(q, k, v, cu_seqlens, span_ids, causal: bool, scale: float):
+    """The CPU path for packed sequences: gathered into a zero-padded [B, L] batch (L the longest),
+    one SDPA call with the rule's mask over the real keys, and scattered back to [T, H, D]; the same
+    result as `attention`, which loops over the sequences (and stays the tests' reference)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if longest == 0:
+        return q.new_zeros(q.shape)
+    steps = torch.arange(longest, device=q.device)
+    valid = steps[None, :] < lengths[:, None]  # [B, L]
+    index = (cu_seqlens[:-1].long()[:, None] + steps[None, :]).clamp(max=q.shape[0] - 1)
+    query, key, value = (x[index].transpose(1, 2) for x in (q, k, v))  # [B, H, L, D]
+    mask = valid[:, None, :].expand(-1, longest, -1)
+    if causal:
+        spans = span_ids.long()[index]
+        mask = mask & allowed(steps[:, None], steps[None, :], spans[:, :, None], spans[:, None, :])
+    mask = mask | torch.eye(longest, dtype=torch.bool, device=q.device)  # padded query rows: no empty softmax
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scale,
+                                                           enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)[valid]
+
+
 def padded_attention(q, k, v, span_ids, causal: bool, scale: float, return_lse: bool):
     """The CPU path for the padded layout: one SDPA call over [B, H, T, D] (the rule's mask built
     densely only when spans are given), instead of a loop over sequences. Returns (out, lse or None)."""

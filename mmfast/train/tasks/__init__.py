@@ -2,8 +2,9 @@
 from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.caption_lm import CaptionLMTask
 from mmfast.train.tasks.contrastive import ContrastiveTask
+from mmfast.train.tasks.llava import LlavaTask
 
-TASKS = {"contrastive": ContrastiveTask, "caption_lm": CaptionLMTask}
+TASKS = {"contrastive": ContrastiveTask, "caption_lm": CaptionLMTask, "llava": LlavaTask}
 
 
 def build_task(config, placement=None) -> Task:
@@ -12,4 +13,4 @@ def build_task(config, placement=None) -> Task:
     return TASKS[config.task](config, placement)
 
 
-__all__ = ["TASKS", "CaptionLMTask", "ContrastiveTask", "Task", "build_task"]
+__all__ = ["TASKS", "CaptionLMTask", "ContrastiveTask", "LlavaTask", "Task", "build_task"]

@@ -32,6 +32,10 @@ class Task:
         """The single-device model, on the CPU, initialized from the current torch seed."""
         raise NotImplementedError
 
+    def initial_weights(self, model: torch.nn.Module, saved: dict) -> None:
+        """train.init_from: the contents of a model.pt (a previous stage's) into the new model."""
+        model.load_state_dict(saved["state_dict"])
+
     def batches(self, accumulation: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """This rank's share of every global batch from step `start` on, a function of (seed, step):
         a tuple of tensors whose first dimension is split into `accumulation` micro-batches."""
