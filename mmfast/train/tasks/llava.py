@@ -196,6 +196,10 @@ class LlavaTask(Task):
         """train.init_from: a llava model.pt (strict), or a CLIP's (its vision tower: how a recipe's
         contrastive stage hands its tower on)."""
         if saved.get("task") == "contrastive":
+            activation = saved["clip_config"]["activation"]
+            if activation != self.model_config.vision_activation:
+                raise ValueError(f"config: train.init_from's CLIP tower uses {activation!r}, model.vision_activation "
+                                 f"is {self.model_config.vision_activation!r}")
             missing, unexpected = model.load_state_dict(_tower_state(saved, self.model_config.feature_depth),
                                                         strict=False)
             if unexpected or any(key.startswith("model.vision_tower.") for key in missing):

@@ -1,0 +1,124 @@
+"""Task llava in the trainer: LLaVA's stage 1 (projector alone, captions) and stage 2 (projector and
+language model, conversations) on two CPU processes (DDP, FSDP2, DeepSpeed ZeRO-2 / ZeRO-3) follow the
+single process on the same global batch; the frozen tower never moves; the llava-tiny recipe's stages
+chain (a CLIP's tower, the tokenizer) and report VQA and POPE; bad settings are named."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from mmfast.train import load_config, train
+from tests.processes import free_port
+from tests.runs import losses
+
+pytest.importorskip("tokenizers")
+TINY = ["--data.train_samples=48", "--data.held_out_samples=8", "--data.batch_size=8", "--data.image_size=16",
+        "--model.vision.width=32", "--model.vision.layers=2", "--model.vision.heads=2",
+        "--model.vision.patch_size=8", "--model.vision.patch_stride=8",
+        "--model.text.vocab_size=300", "--model.text.hidden_size=32", "--model.text.intermediate_size=64",
+        "--model.text.num_hidden_layers=2", "--model.text.num_attention_heads=2",
+        "--model.text.num_key_value_heads=1", "--train.steps=4", "--train.eval_every=100",
+        "--train.checkpoint_every=2", "--train.log_every=1", "--optim.warmup_steps=1", "--optim.lr=3e-3"]
+STAGES = {"align": ["--data.template=plain", "--train.trainable=[model.multi_modal_projector]"],
+          "tune": ["--data.template=vicuna_v1",
+                   "--train.trainable=[model.multi_modal_projector,model.language_model,lm_head]"]}
+
+
+def _config(root, name, *extra):
+    config = load_config("llava-tiny", [*TINY, f"--data.synth_dir={root / 'synth'}", *extra])
+    config.stages, config.run_dir = [], str(root / name)
+    return config
+
+
+def _worker(rank, world, port, root, runs):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="",
+                      TORCH_EXTENSIONS_DIR=os.path.join(os.path.expanduser("~"), ".cache", "mmfast", "torch_extensions"))
+    for name, overrides in runs:
+        train(_config(root, name, *overrides), progress=False)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as tests/test_train_engines.py: FSDP2's and DeepSpeed's teardown may abort a done worker
+
+
+def _launch(root, runs, world=2):
+    torch.multiprocessing.start_processes(_worker, args=(world, free_port(), root, runs), nprocs=world,
+                                          start_method="spawn")
+
+
+def _weights(run_dir):
+    return torch.load(os.path.join(run_dir, "model.pt"), weights_only=False)["state_dict"]
+
+
+@pytest.mark.distributed
+def test_both_stages_follow_the_single_process_on_every_engine(tmp_path):
+    has_deepspeed = __import__("importlib").util.find_spec("deepspeed") is not None
+    _launch(tmp_path, [(f"{stage}-single", STAGES[stage]) for stage in STAGES], world=1)
+    runs = []
+    for stage, zero in (("align", 2), ("tune", 3)):  # the ZeRO stages LLaVA trains its two stages with
+        runs += [(f"{stage}-ddp", ["--engine.name=ddp", *STAGES[stage]]),
+                 (f"{stage}-fsdp2", ["--engine.name=fsdp2", *STAGES[stage]])]
+        if has_deepspeed:
+            runs.append((f"{stage}-zero{zero}", ["--engine.name=deepspeed", f"--engine.zero_stage={zero}",
+                                                 *STAGES[stage]]))
+    _launch(tmp_path, runs)
+    for stage in STAGES:
+        reference = list(losses(tmp_path / f"{stage}-single").values())
+        assert len(reference) == 4 and all(0 < loss < 10 for loss in reference)
+        single = _weights(tmp_path / f"{stage}-single")
+        for name, _ in runs:
+            if name.startswith(stage):
+                assert list(losses(tmp_path / name).values()) == pytest.approx(reference, abs=2e-4), name
+                weights = _weights(tmp_path / name)
+                for key in single:
+                    torch.testing.assert_close(weights[key], single[key], atol=1e-4, rtol=0, msg=f"{name} {key}")
+    # what is not trainable never moves: the tower in both stages, the language model in stage 1
+    align, tune = _weights(tmp_path / "align-single"), _weights(tmp_path / "tune-single")
+    for key in align:
+        same = torch.equal(align[key], tune[key])  # both started from the same seed's weights
+        if key.startswith("model.vision_tower."):
+            assert same, key
+        elif key.startswith("model.multi_modal_projector."):
+            assert not same, key
+
+
+def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp_path):
+    """llava-tiny's stages at toy size: the CLIP stage's tower is the tower of every later stage."""
+    overrides = [*TINY, f"--data.synth_dir={tmp_path / 'synth'}"]
+    config = load_config("llava-tiny", overrides)
+    for stage in config.stages:  # toy lengths for every stage, the CLIP's batch and pictures too
+        stage.setdefault("train", {}).update(steps=2, eval_every=2, checkpoint_every=2)
+        if stage["name"] == "clip":
+            stage["data"].update(train_samples=64, held_out_samples=40, batch_size=16)
+            stage["model"]["text"].update(width=32, layers=1, heads=2, vocab_size=200)
+            stage["model"]["embed_dim"] = 16
+    config.run_dir = str(tmp_path / "run")
+    result = train(config, progress=False)
+    assert {"vqa_accuracy", "vqa_color", "vqa_shape", "pope_f1", "pope_yes_ratio", "held_out_loss"} <= result.keys()
+    clip = _weights(tmp_path / "run" / "clip")
+    final = _weights(tmp_path / "run" / "tune")
+    for key, value in clip.items():
+        if key.startswith("vision_model.layers.0."):
+            torch.testing.assert_close(final["model.vision_tower." + key[len("vision_model."):]], value)
+    tokenizers = [open(tmp_path / "run" / name / "tokenizer.json").read() for name in ("text", "align", "tune")]
+    assert tokenizers[0] == tokenizers[1] == tokenizers[2]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "tune" / "metrics.jsonl")]
+    assert any("pope_f1" in row for row in rows)
+
+
+def test_bad_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match="data.template must be one of"):
+        load_config("llava-tiny", ["--data.template=alpaca"])
+    config = _config(tmp_path, "bad", "--data.source=shards")
+    with pytest.raises(ValueError, match="task llava reads LLaVA's JSON"):
+        train(config, progress=False)
+    config = _config(tmp_path, "bad-files", "--data.source=files")
+    with pytest.raises(ValueError, match="needs data.conversations"):
+        train(config, progress=False)
+    config = _config(tmp_path, "missing", "--data.source=files", f"--data.conversations={tmp_path / 'none.json'}")
+    with pytest.raises(FileNotFoundError, match="none.json"):
+        train(config, progress=False)
