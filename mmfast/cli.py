@@ -106,15 +106,70 @@ def _eval(args) -> int:
     _require("train", "eval")
     from mmfast.train import distributed
     from mmfast.train.config import load_config
-    from mmfast.train.load import load
+    from mmfast.train.load import final_stage, load
     from mmfast.train.tasks import build_task
 
-    config = load_config(path=os.path.join(args.run_dir, "config.yaml"))
-    config.run_dir = args.run_dir
+    run_dir = final_stage(args.run_dir)  # a multi-stage run: its last stage
+    config = load_config(path=os.path.join(run_dir, "config.yaml"))
+    config.run_dir = run_dir
     task = build_task(config, distributed.setup())
     task.prepare_evaluation(progress=True)
-    model = load(args.run_dir)[0]
+    model = load(run_dir)[0]
     print(json.dumps(task.evaluate(model)))
+    return 0
+
+
+def _answer(model, processor, messages, image, max_new_tokens: int, temperature: float) -> str:
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image] if image is not None else None, text=[prompt])
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                         temperature=temperature or 1.0, eos_token_id=processor.eos_token_id,
+                         pad_token_id=processor.pad_token_id)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0]
+
+
+def _open_image(path: str):
+    from PIL import Image
+
+    if not os.path.exists(path):
+        raise SystemExit(f"mmfast: no image at {path}")
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _generate(args) -> int:
+    _require("train", "generate")
+    from mmfast.train.load import load_llava
+
+    model, processor = load_llava(args.run_dir)
+    image = _open_image(args.image) if args.image else None
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": args.prompt}]
+    print(_answer(model, processor, [{"role": "user", "content": content}], image, args.max_new_tokens,
+                  args.temperature))
+    return 0
+
+
+def _chat(args) -> int:
+    _require("train", "chat")
+    from mmfast.train.load import load_llava
+
+    model, processor = load_llava(args.run_dir)
+    image = _open_image(args.image) if args.image else None
+    messages: list[dict] = []
+    print("mmfast chat: type a message, an empty line or Ctrl-D ends it")
+    while True:
+        try:
+            line = input("you: ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        first = not messages and image is not None
+        messages.append({"role": "user", "content": ([{"type": "image"}] if first else []) +
+                         [{"type": "text", "text": line}]})
+        reply = _answer(model, processor, messages, image, args.max_new_tokens, args.temperature)
+        messages.append({"role": "assistant", "content": reply})
+        print(f"model: {reply}")
     return 0
 
 
@@ -151,6 +206,16 @@ def parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser("eval", help="zero-shot and retrieval scores of a run on its held-out split")
     evaluation.add_argument("run_dir", help="a run directory of mmfast train")
     evaluation.set_defaults(run=_eval)
+    for name, help_text in (("generate", "a LLaVA run's answer to one prompt about an image"),
+                            ("chat", "a conversation with a LLaVA run about an image, in the terminal")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("run_dir", help="a LLaVA run directory (a multi-stage run: its last stage)")
+        command.add_argument("--image", help="an image file")
+        if name == "generate":
+            command.add_argument("--prompt", required=True, help="the question or instruction")
+        command.add_argument("--max-new-tokens", type=int, default=32)
+        command.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above: sampled")
+        command.set_defaults(run=_generate if name == "generate" else _chat)
     export = commands.add_parser("export", help="consolidate a run's (sharded) checkpoint into <run_dir>/model.pt")
     export.add_argument("run_dir", help="a run directory of mmfast train")
     export.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")

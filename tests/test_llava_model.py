@@ -131,7 +131,7 @@ def test_generation_is_greedy_next_tokens_and_stops_at_eos():
     model = from_hf_llava(hf_llava()).eval()
     prompts = [conversation(20, 2, 16, 12), conversation(7, None, 16, 13), conversation(24, 5, 16, 14)]
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(15))
-    outputs = model.generate(prompts, pixels, max_new_tokens=4)
+    outputs = model.generate_packed(prompts, pixels, max_new_tokens=4)
     assert [len(o) for o in outputs] == [4, 4, 4]
     # the same as extending each prompt by its own argmax, one sequence at a time
     for prompt, images, output in zip(prompts, (pixels[:1], None, pixels[1:]), outputs):
@@ -142,12 +142,26 @@ def test_generation_is_greedy_next_tokens_and_stops_at_eos():
             assert int(logits.argmax()) == token
             sequence = torch.cat([sequence, torch.tensor([token])])
     eos = int(outputs[1][1])
-    stopped = model.generate(prompts, pixels, max_new_tokens=4, eos_token_id=eos)[1]
+    stopped = model.generate_packed(prompts, pixels, max_new_tokens=4, eos_token_id=eos)[1]
     assert stopped.tolist() == outputs[1][:2].tolist()
-    sampled = model.generate(prompts, pixels, max_new_tokens=3, temperature=1.0, top_p=0.9,
+    sampled = model.generate_packed(prompts, pixels, max_new_tokens=3, temperature=1.0, top_p=0.9,
                              generator=torch.Generator().manual_seed(0))
-    again = model.generate(prompts, pixels, max_new_tokens=3, temperature=1.0, top_p=0.9,
+    again = model.generate_packed(prompts, pixels, max_new_tokens=3, temperature=1.0, top_p=0.9,
                            generator=torch.Generator().manual_seed(0))
     assert [s.tolist() for s in sampled] == [a.tolist() for a in again]
     with pytest.raises(ValueError, match="0 < top_p <= 1"):
-        model.generate(prompts, pixels, top_p=0)
+        model.generate_packed(prompts, pixels, top_p=0)
+
+
+def test_hf_style_generate_left_padded_batch():
+    model = from_hf_llava(hf_llava()).eval()
+    prompts = [conversation(20, 2, 16, 16), conversation(26, 4, 16, 17)]
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(18))
+    ids = torch.zeros(2, 26, dtype=torch.long)
+    mask = torch.zeros(2, 26, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, -len(prompt):], mask[row, -len(prompt):] = prompt, 1
+    out = model.generate(ids, pixels, mask, max_new_tokens=3)
+    expected = model.generate_packed(prompts, pixels, max_new_tokens=3)
+    assert out.shape == (2, 29) and torch.equal(out[:, :26], ids)
+    assert [row.tolist() for row in out[:, 26:]] == [e.tolist() for e in expected]

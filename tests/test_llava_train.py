@@ -86,7 +86,7 @@ def test_both_stages_follow_the_single_process_on_every_engine(tmp_path):
             assert not same, key
 
 
-def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp_path):
+def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp_path, capsys, monkeypatch):
     """llava-tiny's stages at toy size: the CLIP stage's tower is the tower of every later stage."""
     overrides = [*TINY, f"--data.synth_dir={tmp_path / 'synth'}"]
     config = load_config("llava-tiny", overrides)
@@ -108,6 +108,36 @@ def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp
     assert tokenizers[0] == tokenizers[1] == tokenizers[2]
     rows = [json.loads(line) for line in open(tmp_path / "run" / "tune" / "metrics.jsonl")]
     assert any("pope_f1" in row for row in rows)
+    _use_as_the_readme_says(tmp_path / "run", capsys, monkeypatch)
+
+
+def _use_as_the_readme_says(run_dir, capsys, monkeypatch):
+    import mmfast
+    from mmfast.cli import main
+    from PIL import Image
+
+    model, processor = mmfast.load_llava(str(run_dir))  # the last stage of the multi-stage run
+    image = Image.new("RGB", (40, 40), "white")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.endswith("USER: <image>What color is the shape? ASSISTANT:")
+    inputs = processor(images=[image, image], text=[prompt, prompt.replace("color", "color and the shape")], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (2, 3, 16, 16) and inputs["attention_mask"][0, 0] == 0  # left padding
+    out = model.generate(**inputs, max_new_tokens=4)
+    answers = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+    with pytest.raises(ValueError, match="hold 1 '<image>' and 2 images"):
+        processor(images=[image, image], text=[prompt])
+    image.save(run_dir / "white.png")
+    assert main(["generate", str(run_dir), "--image", str(run_dir / "white.png"), "--prompt", "What shape is it?",
+                 "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()  # the toy model's answer (it may be empty)
+    replies = iter(["What color is it?", "And the shape?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(replies))
+    assert main(["chat", str(run_dir), "--image", str(run_dir / "white.png"), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.count("model:") == 2
+    with pytest.raises(ValueError, match="not a LLaVA"):
+        mmfast.load_llava(str(run_dir / "clip"))
 
 
 def test_bad_settings_are_named(tmp_path):

@@ -160,7 +160,29 @@ class Llava(nn.Module):
         return self.lm_head(hidden, labels, ignore_index=ignore_index)
 
     @torch.no_grad()
-    def generate(self, prompts: list[torch.Tensor], pixel_values: torch.Tensor | None = None, *,
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | None = None,
+                 pad_token_id: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """transformers' form: left-padded `[B, T]` input_ids (and their attention_mask) -> `[B, T + new]`,
+        the prompts then the new tokens, rows that ended early padded with pad_token_id. Greedy unless
+        do_sample. The prompts run packed (padding removed), see generate_packed."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"Llava.generate: expected input_ids [B, T], got shape {tuple(input_ids.shape)}")
+        keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        prompts = [row[mask] for row, mask in zip(input_ids, keep)]
+        new = self.generate_packed(prompts, pixel_values, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                   temperature=temperature if do_sample else 0.0, top_p=top_p, generator=generator)
+        width = max((len(tokens) for tokens in new), default=0)
+        out = torch.full((len(prompts), input_ids.shape[1] + width), pad_token_id, dtype=input_ids.dtype,
+                         device=input_ids.device)
+        out[:, :input_ids.shape[1]] = input_ids
+        for row, tokens in enumerate(new):
+            out[row, input_ids.shape[1]:input_ids.shape[1] + len(tokens)] = tokens.to(out.device)
+        return out
+
+    @torch.no_grad()
+    def generate_packed(self, prompts: list[torch.Tensor], pixel_values: torch.Tensor | None = None, *,
                  max_new_tokens: int = 16, eos_token_id: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """The new tokens of each prompt (1-D ids holding their image tokens; pixel_values: their images
@@ -168,7 +190,7 @@ class Llava(nn.Module):
         run packed, with no padding; a row stops at eos_token_id (kept in its output). Each step runs
         the whole sequences again (no KV cache yet); the image features are computed once."""
         if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"Llava.generate: expected max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1, "
+            raise ValueError(f"Llava.generate_packed: expected max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1, "
                              f"got {max_new_tokens}, {temperature}, {top_p}")
         embed = self.model.language_model.embed_tokens
         images_per_prompt = [int((prompt == self.config.image_token_id).sum()) // self.image_tokens for prompt in prompts]

@@ -2,6 +2,7 @@
 form, open_clip style); `export_run` consolidates a checkpoint into model.pt first where needed."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -25,12 +26,23 @@ def export_run(run_dir: str, step: int | None = None) -> str:
     return task.export(run_dir, folder)
 
 
+def final_stage(path: str) -> str:
+    """The last stage's directory of a multi-stage run (its stages.json), else `path` itself."""
+    listing = os.path.join(path, "stages.json")
+    if os.path.isdir(path) and os.path.exists(listing):
+        with open(listing) as handle:
+            return os.path.join(path, json.load(handle)["stages"][-1])
+    return path
+
+
 def _model_file(path: str, caller: str) -> str:
-    """model.pt of a run directory (consolidated from its latest checkpoint when missing), or `path`."""
+    """model.pt of a run directory (of its last stage, for a multi-stage run; consolidated from its
+    latest checkpoint when missing), or `path`."""
     if os.path.isfile(path):
         return path
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{caller}: {path!r} is neither a run directory nor a model file")
+    path = final_stage(path)
     model_path = os.path.join(path, "model.pt")
     return model_path if os.path.exists(model_path) else export_run(path)
 
@@ -58,3 +70,25 @@ def load_clip(path: str, device: str | torch.device = "cpu"):
     if name != "contrastive":
         raise ValueError(f"load_clip: {model_path} holds a {name!r} model, not a CLIP; use mmfast.load")
     return TASKS[name].load_file(saved, os.path.dirname(model_path), device)
+
+
+def load_llava(path: str, device: str | torch.device = "cpu"):
+    """(model, processor) of a LLaVA run directory (a multi-stage run's last stage) or its model.pt, as
+    transformers gives a LlavaForConditionalGeneration and its processor:
+
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": "What color is the shape?"}]}],
+                                               add_generation_prompt=True)
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=16)
+        answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    """
+    from mmfast.data.llava_processor import LlavaProcessor
+
+    model_path = _model_file(path, "load_llava")
+    saved = load_tensors(model_path)
+    if saved.get("task") != "llava":
+        raise ValueError(f"load_llava: {model_path} holds a {saved.get('task', 'contrastive')!r} model, not a "
+                         "LLaVA; use mmfast.load")
+    model, tokenizer = TASKS["llava"].load_file(saved, os.path.dirname(model_path), device)
+    return model, LlavaProcessor(tokenizer, model.config, saved.get("template", "vicuna_v1"))

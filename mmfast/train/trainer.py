@@ -12,6 +12,7 @@ schedule and RNG states are restored.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import time
@@ -76,6 +77,10 @@ def train_stages(config: RunConfig, progress: bool = True) -> dict:
     placement = distributed.setup()
     _resolve_run_dir(config, placement)
     stages, result = stage_configs(config), {}
+    if placement.is_main:  # the order of the stages, for loading a staged run by its directory
+        os.makedirs(config.run_dir, exist_ok=True)
+        with open(os.path.join(config.run_dir, "stages.json"), "w") as handle:
+            json.dump({"stages": [name for name, _ in stages]}, handle)
     for name, stage in stages:
         if finished(stage):
             if placement.is_main:

@@ -303,7 +303,7 @@ class LlavaTask(Task):
             chunk = questions[start:start + 64]
             prompts = [self.prompt_ids(item["question"], with_image=True) for _, item in chunk]
             pixels = torch.stack([self.pixels[os.path.join(folder, "images", entry["image"])] for entry, _ in chunk])
-            outputs = model.generate([p.to(device) for p in prompts], pixels.to(device), max_new_tokens=8,
+            outputs = model.generate_packed([p.to(device) for p in prompts], pixels.to(device), max_new_tokens=8,
                                      eos_token_id=self.tokenizer.token_to_id(EOS))
             answers += [self.tokenizer.decode(output.tolist(), skip_special_tokens=True).strip() for output in outputs]
         result, by_type = {}, {}
