@@ -4,13 +4,12 @@ single process on the same global batch; the frozen tower never moves; the llava
 chain (a CLIP's tower, the tokenizer) and report VQA and POPE; bad settings are named."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 from mmfast.train import load_config, train
-from tests.processes import free_port
+from tests.processes import launch_training
 from tests.runs import losses
 
 pytest.importorskip("tokenizers")
@@ -32,22 +31,8 @@ def _config(root, name, *extra):
     return config
 
 
-def _worker(rank, world, port, root, runs):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="",
-                      TORCH_EXTENSIONS_DIR=os.path.join(os.path.expanduser("~"), ".cache", "mmfast", "torch_extensions"))
-    for name, overrides in runs:
-        train(_config(root, name, *overrides), progress=False)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # as tests/test_train_engines.py: FSDP2's and DeepSpeed's teardown may abort a done worker
-
-
 def _launch(root, runs, world=2):
-    torch.multiprocessing.start_processes(_worker, args=(world, free_port(), root, runs), nprocs=world,
-                                          start_method="spawn")
+    launch_training(_config, root, runs, world)
 
 
 def _weights(run_dir):

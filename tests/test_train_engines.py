@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 
-from mmfast.train import load_config, train
+from mmfast.train import load_config
 from mmfast.train.checkpoint import consolidate
-from tests.processes import free_port
+from tests.processes import EXTENSIONS, free_port, launch_training
 from tests.runs import losses, run_config
 
 pytest.importorskip("webdataset")
@@ -26,7 +26,6 @@ TINY = ["--data.train_samples=96", "--data.held_out_samples=40", "--data.batch_s
         "--model.vision.layers=2", "--model.vision.heads=2", "--model.text.width=64", "--model.text.layers=2",
         "--model.text.heads=2", "--model.embed_dim=32", "--train.steps=4", "--train.eval_every=100",
         "--train.checkpoint_every=2", "--train.log_every=1", "--optim.warmup_steps=2", "--optim.lr=1e-3"]
-EXTENSIONS = os.path.join(os.path.expanduser("~"), ".cache", "mmfast", "torch_extensions")
 
 
 def _config(root, name, *extra):
@@ -37,26 +36,9 @@ def _losses(run_dir):
     return list(losses(run_dir).values())
 
 
-def _worker(rank, world, port, root, runs):
-    # CPU processes over gloo even on a GPU machine (set before CUDA is first touched)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), TORCH_EXTENSIONS_DIR=EXTENSIONS, CUDA_VISIBLE_DEVICES="")
-    for name, overrides in runs:
-        train(_config(root, name, *overrides), progress=False)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    # FSDP2's device meshes (in DTensor's internal caches) and DeepSpeed's communication module keep the
-    # group and its threads alive past destroy_process_group; their teardown at interpreter exit can
-    # abort a worker whose work is done and written: leave without it (as `mmfast train` does).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _launch(root, runs, world=2):
     """Runs train() for each (run name, overrides) in `world` processes, one process group for all."""
-    torch.multiprocessing.start_processes(_worker, args=(world, free_port(), root, runs), nprocs=world,
-                                          start_method="spawn")
+    launch_training(_config, root, runs, world)
 
 
 @pytest.fixture(scope="module")
