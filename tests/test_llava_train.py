@@ -83,7 +83,8 @@ def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp
             stage["model"]["embed_dim"] = 16
     config.run_dir = str(tmp_path / "run")
     result = train(config, progress=False)
-    assert {"vqa_accuracy", "vqa_color", "vqa_shape", "pope_f1", "pope_yes_ratio", "held_out_loss"} <= result.keys()
+    assert {"vqa_accuracy", "vqa_color", "vqa_shape", "pope_f1", "pope_yes_ratio", "held_out_loss",
+            "other_vqa_color", "other_vqa_shape"} <= result.keys()
     clip = _weights(tmp_path / "run" / "clip")
     final = _weights(tmp_path / "run" / "tune")
     for key, value in clip.items():

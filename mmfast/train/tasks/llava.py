@@ -72,7 +72,8 @@ def _tower_state(saved: dict, depth: int) -> dict:
 class LlavaTask(Task):
     name = "llava"
     model_section = LlavaModelSection
-    headline = {"held_out_loss": "held-out loss", "vqa_accuracy": "VQA", "pope_f1": "POPE F1"}
+    headline = {"held_out_loss": "held-out loss", "vqa_accuracy": "VQA", "pope_f1": "POPE F1",
+                "other_vqa_shape": "shape, drawn another way"}
     plot_metrics = {"held_out_loss": "held-out loss", "vqa_accuracy": "VQA accuracy", "pope_f1": "POPE F1"}
 
     def check(self, world_size: int) -> None:
@@ -318,6 +319,27 @@ class LlavaTask(Task):
         if by_type.get("exists"):
             pope = pope_metrics([a for a, _ in by_type["exists"]], [t for _, t in by_type["exists"]])
             result.update({f"pope_{key}": value for key, value in pope.items()})
+        result.update(self._drawn_another_way(model, device))
+        return result
+
+    def _drawn_another_way(self, model, device, count: int = 216) -> dict:
+        """Color and shape questions about pictures another renderer drew (mmfast.data.other_renderer:
+        one shape each, every color x shape x background band equally often): `other_vqa_color`,
+        `other_vqa_shape`."""
+        from mmfast.data.other_renderer import other_renderer_set
+
+        images, metas = other_renderer_set(count, self.model_config.vision.image_size)
+        result = {}
+        for kind, question in (("color", "What color is the shape?"), ("shape", "What shape is shown?")):
+            prompt = self.prompt_ids(question, with_image=True).to(device)
+            answers = []
+            for start in range(0, count, 64):
+                chunk = images[start:start + 64].to(device)
+                outputs = model.generate_packed([prompt] * len(chunk), chunk, max_new_tokens=8,
+                                                eos_token_id=self.tokenizer.token_to_id(EOS))
+                answers += [self.tokenizer.decode(o.tolist(), skip_special_tokens=True) for o in outputs]
+            result[f"other_vqa_{kind}"] = sum(vqa_accuracy(answer, [meta[kind]])
+                                              for answer, meta in zip(answers, metas)) / count
         return result
 
     def prompt_ids(self, question: str, with_image: bool) -> torch.Tensor:
