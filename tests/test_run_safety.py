@@ -33,7 +33,8 @@ class _RunsCode:
 
 
 def _config(root, name, *extra):
-    return run_config(root, name, TINY, *extra)
+    # QuickGELU, ClipConfig's default: a run written before model.activation existed had it
+    return run_config(root, name, TINY, "--model.activation=quick_gelu", *extra)
 
 
 @pytest.fixture(scope="module")

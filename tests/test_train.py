@@ -150,7 +150,7 @@ def test_every_model_field_is_a_key_of_the_task_model_section():
     # the recipe's text sizes carry over to another task's model section; its own defaults stay
     lm = load_config("clip-tiny", ["--task=caption_lm", "--model.text.layers=2"])
     assert isinstance(lm.model, CaptionLMConfig) and lm.model.activation == "gelu"
-    assert (lm.model.text.width, lm.model.text.layers, lm.model.text.context_length) == (128, 2, 24)
+    assert (lm.model.text.width, lm.model.text.layers, lm.model.text.context_length) == (128, 2, 16)
 
 
 def test_profile_steps_write_a_trace_that_names_mmfast_ops(tmp_path):

@@ -28,6 +28,11 @@ TINY = ["--data.train_samples=96", "--data.held_out_samples=40", "--data.batch_s
         "--train.checkpoint_every=2", "--train.log_every=1", "--optim.warmup_steps=2", "--optim.lr=1e-3"]
 
 
+# bf16 autocast against fp32, four steps of the tiny model: up to 0.038 apart with GELU (the recipe's since
+# 2026-11-28), 0.03 with QuickGELU
+BF16 = 5e-2
+
+
 def _config(root, name, *extra):
     return run_config(root, name, TINY, *extra)
 
@@ -89,7 +94,7 @@ def test_ddp_and_fsdp2_follow_the_single_process_run(root):
     _assert_follows(root, "fsdp2-siglip", reference="single-siglip")  # SigLIP's pairwise loss across ranks
     streamed = _losses(root / "ddp-streamed")  # another data order: it runs and gives finite losses
     assert len(streamed) == 4 and all(0 < loss < 10 for loss in streamed)
-    assert _losses(root / "fsdp2-bf16") == pytest.approx(_losses(root / "single"), abs=3e-2)
+    assert _losses(root / "fsdp2-bf16") == pytest.approx(_losses(root / "single"), abs=BF16)
 
 
 @pytest.mark.distributed
@@ -117,7 +122,7 @@ def test_deepspeed_zero_stages_follow_the_single_process_run(root):
     assert any("optim_states" in name for name in os.listdir(folder))  # sharded optimizer state
     full = consolidate(str(folder))
     assert full.keys() == torch.load(root / "single" / "model.pt", weights_only=False)["state_dict"].keys()
-    assert _losses(root / "zero1-offload-bf16") == pytest.approx(_losses(root / "single"), abs=3e-2)
+    assert _losses(root / "zero1-offload-bf16") == pytest.approx(_losses(root / "single"), abs=BF16)
     _assert_follows(root, "zero3-offload", tolerance=1e-3)  # DeepSpeed's CPU Adam: its own rounding
     assert _losses(root / "zero2-adamw8bit") == pytest.approx(_losses(root / "single"), abs=5e-2)
 
@@ -157,7 +162,7 @@ def test_torchrun_launches_the_cli(root):
     for name, precision in (("torchrun", "fp32"), ("torchrun-bf16", "bf16")):
         launcher = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mmfast"]
         run = _cli_run(root, name, launcher, "--engine.name=fsdp2", f"--engine.precision={precision}")
-        _assert_follows(root, run.name, tolerance=2e-4 if precision == "fp32" else 3e-2)
+        _assert_follows(root, run.name, tolerance=2e-4 if precision == "fp32" else BF16)
 
 
 @pytest.mark.distributed
