@@ -128,16 +128,20 @@ class Llava(nn.Module):
             x = x[:, 1:]
         return self.model.multi_modal_projector(x)
 
+    def _check_images(self, places: torch.Tensor, pixel_values: torch.Tensor | None) -> int:
+        """The number of images, checked against the image tokens (`places`: where they are)."""
+        images = 0 if pixel_values is None else pixel_values.shape[0]
+        expected, found = images * self.image_tokens, int(places.sum())
+        if found != expected:
+            raise ValueError(f"Llava: input_ids hold {found} image tokens (id {self.config.image_token_id}), "
+                             f"expected {self.image_tokens} for each of the {images} images, {expected} in all")
+        return images
+
     def embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """The token embeddings with the image features in the image tokens' places."""
         embeds = self.model.language_model.embed_tokens(input_ids)
         places = input_ids == self.config.image_token_id
-        images = 0 if pixel_values is None else pixel_values.shape[0]
-        expected = images * self.image_tokens
-        found = int(places.sum())
-        if found != expected:
-            raise ValueError(f"Llava: input_ids hold {found} image tokens (id {self.config.image_token_id}), "
-                             f"expected {self.image_tokens} for each of the {images} images, {expected} in all")
+        images = self._check_images(places, pixel_values)
         if images:
             features = self.image_features(pixel_values).to(embeds.dtype).reshape(-1, embeds.shape[-1])
             embeds = embeds.masked_scatter(places[..., None], features)
@@ -195,8 +199,8 @@ class Llava(nn.Module):
         embed = self.model.language_model.embed_tokens
         images_per_prompt = [int((prompt == self.config.image_token_id).sum()) // self.image_tokens for prompt in prompts]
         features = None
-        if pixel_values is not None and len(pixel_values):
-            self.embeddings(torch.cat(prompts), pixel_values)  # checks the image tokens against the images
+        ids = torch.cat(prompts) if prompts else torch.zeros(0, dtype=torch.long)
+        if self._check_images(ids == self.config.image_token_id, pixel_values):
             features = self.image_features(pixel_values)
         first_image = [sum(images_per_prompt[:index]) for index in range(len(prompts))]
         sequences, new = [prompt.clone() for prompt in prompts], [[] for _ in prompts]
