@@ -17,7 +17,10 @@ import mmfast
 from mmfast.train import checkpoint, load_config, train
 from mmfast.train.trainer import _run_name
 from tests.runs import losses, run_config
-from tests.test_train import TINY
+from tests.test_train import TINY as RECIPE_TINY
+
+# QuickGELU, ClipConfig's default: a run written before model.activation existed had it
+TINY = [*RECIPE_TINY, "--model.activation=quick_gelu"]
 
 pytest.importorskip("webdataset")
 
@@ -33,8 +36,7 @@ class _RunsCode:
 
 
 def _config(root, name, *extra):
-    # QuickGELU, ClipConfig's default: a run written before model.activation existed had it
-    return run_config(root, name, TINY, "--model.activation=quick_gelu", *extra)
+    return run_config(root, name, TINY, *extra)
 
 
 @pytest.fixture(scope="module")
