@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 
 import torch
+import yaml
 
 from mmfast.data import synth_conversations
 from mmfast.data.conversations import (IGNORE, VICUNA_SYSTEM, conversation_texts, encode, read_conversations,
@@ -147,9 +148,9 @@ class LlavaTask(Task):
         if not source:
             return None
         folder = source if os.path.isdir(source) else os.path.dirname(source)
-        path = os.path.join(folder, "tokenizer.json")
-        saved = os.path.join(folder, "model.pt")
-        is_llava = os.path.exists(saved) and checkpoint.load_tensors(saved).get("task") == self.name
+        path, run_config = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "config.yaml")
+        # the run's config names its task: no need to load its weights (the trainer loads them once)
+        is_llava = os.path.exists(run_config) and (yaml.safe_load(open(run_config)) or {}).get("task") == self.name
         return path if os.path.exists(path) and is_llava else None
 
     def _encode(self, conversation):
