@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 from mmfast.models.clip import VisionConfig  # noqa: E402
 from mmfast.models.llama import LlamaConfig  # noqa: E402
 from mmfast.models.llava import Llava, LlavaConfig, from_hf_llava, to_hf_llava  # noqa: E402
+from mmfast.nn import KVCache  # noqa: E402
 
 IMAGE = 119
 
@@ -151,6 +152,37 @@ def test_generation_is_greedy_next_tokens_and_stops_at_eos():
     assert [s.tolist() for s in sampled] == [a.tolist() for a in again]
     with pytest.raises(ValueError, match="0 < top_p <= 1"):
         model.generate_packed(prompts, pixels, top_p=0)
+
+
+@pytest.mark.parametrize("image_attention", ["causal", "bidirectional"])
+def test_the_kv_cache_gives_the_logits_of_the_whole_sequence(image_attention):
+    """Prompts once, then one token per row against the cache: each step's logits are the full
+    forward's at that position, rows that stopped (eos) leaving the others' rows untouched."""
+    model = from_hf_llava(hf_llava()).eval()
+    model.config.image_attention = image_attention
+    prompts = [conversation(20, 2, 16, 21), conversation(7, None, 16, 22), conversation(24, 5, 16, 23)]
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(24))
+    cached = model.generate_packed(prompts, pixels, max_new_tokens=5)
+    assert [c.tolist() for c in cached] == [u.tolist() for u in
+                                            model.generate_packed(prompts, pixels, max_new_tokens=5, use_cache=False)]
+    eos = int(cached[1][1])  # row 1 stops after two tokens, the others go on against their own rows
+    stopped = model.generate_packed(prompts, pixels, max_new_tokens=5, eos_token_id=eos)
+    for row, (whole, short) in enumerate(zip(cached, stopped)):
+        end = whole.tolist().index(eos) + 1 if eos in whole.tolist() else len(whole)
+        assert short.tolist() == whole[:end].tolist(), row
+    # the decoding step's hidden states themselves, against the whole sequence's
+    language_model, sequence = model.model.language_model, torch.cat([prompts[1], cached[1]])
+    cache = KVCache(rows=1, capacity=len(sequence))
+    with torch.no_grad():
+        language_model(prompts[1], cu_seqlens=torch.tensor([0, len(prompts[1])], dtype=torch.int32), cache=cache)
+        steps = [language_model(token[None], cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), cache=cache)
+                 for token in cached[1]]
+        whole = language_model(sequence[None])[0]
+    torch.testing.assert_close(torch.cat(steps), whole[len(prompts[1]):], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="either starts empty rows .* or adds one token"):
+        language_model(sequence[:3], cu_seqlens=torch.tensor([0, 3], dtype=torch.int32), cache=cache)
+    with pytest.raises(ValueError, match="does not fit the capacity"):
+        language_model(sequence[:1], cu_seqlens=torch.tensor([0, 1], dtype=torch.int32), cache=cache)
 
 
 def test_hf_style_generate_left_padded_batch():

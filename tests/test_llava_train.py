@@ -22,7 +22,13 @@ TINY = ["--data.train_samples=48", "--data.held_out_samples=8", "--data.batch_si
         "--train.checkpoint_every=2", "--train.log_every=1", "--optim.warmup_steps=1", "--optim.lr=3e-3"]
 STAGES = {"align": ["--data.template=plain", "--train.trainable=[model.multi_modal_projector]"],
           "tune": ["--data.template=vicuna_v1",
-                   "--train.trainable=[model.multi_modal_projector,model.language_model,lm_head]"]}
+                   "--train.trainable=[model.multi_modal_projector,model.language_model,lm_head]"],
+          # stage 2 with LoRA on the language model's linear layers, the projector in full
+          "lora": ["--data.template=vicuna_v1", "--train.trainable=[model.multi_modal_projector]",
+                   "--model.lora.rank=4", "--model.lora.alpha=8"],
+          # QLoRA: the same with the adapted layers' base weights in 4-bit NF4 (single and DDP)
+          "qlora": ["--data.template=vicuna_v1", "--train.trainable=[model.multi_modal_projector]",
+                    "--model.lora.rank=4", "--model.lora.alpha=8", "--model.lora.quantize=nf4"]}
 
 
 def _config(root, name, *extra):
@@ -44,10 +50,12 @@ def test_both_stages_follow_the_single_process_on_every_engine(tmp_path):
     has_deepspeed = __import__("importlib").util.find_spec("deepspeed") is not None
     _launch(tmp_path, [(f"{stage}-single", STAGES[stage]) for stage in STAGES], world=1)
     runs = []
-    for stage, zero in (("align", 2), ("tune", 3)):  # the ZeRO stages LLaVA trains its two stages with
-        runs += [(f"{stage}-ddp", ["--engine.name=ddp", *STAGES[stage]]),
-                 (f"{stage}-fsdp2", ["--engine.name=fsdp2", *STAGES[stage]])]
-        if has_deepspeed:
+    # the ZeRO stages LLaVA trains its stages with; QLoRA runs on single and DDP only
+    for stage, zero in (("align", 2), ("tune", 3), ("lora", 3), ("qlora", None)):
+        runs.append((f"{stage}-ddp", ["--engine.name=ddp", *STAGES[stage]]))
+        if zero:
+            runs.append((f"{stage}-fsdp2", ["--engine.name=fsdp2", *STAGES[stage]]))
+        if zero and has_deepspeed:
             runs.append((f"{stage}-zero{zero}", ["--engine.name=deepspeed", f"--engine.zero_stage={zero}",
                                                  *STAGES[stage]]))
     _launch(tmp_path, runs)
@@ -56,19 +64,23 @@ def test_both_stages_follow_the_single_process_on_every_engine(tmp_path):
         assert len(reference) == 4 and all(0 < loss < 10 for loss in reference)
         single = _weights(tmp_path / f"{stage}-single")
         for name, _ in runs:
-            if name.startswith(stage):
+            if name.startswith(stage + "-"):
                 assert list(losses(tmp_path / name).values()) == pytest.approx(reference, abs=2e-4), name
                 weights = _weights(tmp_path / name)
                 for key in single:
                     torch.testing.assert_close(weights[key], single[key], atol=1e-4, rtol=0, msg=f"{name} {key}")
-    # what is not trainable never moves: the tower in both stages, the language model in stage 1
-    align, tune = _weights(tmp_path / "align-single"), _weights(tmp_path / "tune-single")
+    # what is not trainable never moves: the tower in every stage, the language model in stage 1, its
+    # norms and embeddings under LoRA (whose merged linear layers do move)
+    align, tune, lora = (_weights(tmp_path / f"{stage}-single") for stage in ("align", "tune", "lora"))
     for key in align:
-        same = torch.equal(align[key], tune[key])  # both started from the same seed's weights
+        same = torch.equal(align[key], tune[key])  # all started from the same seed's weights
         if key.startswith("model.vision_tower."):
-            assert same, key
+            assert same and torch.equal(align[key], lora[key]), key
         elif key.startswith("model.multi_modal_projector."):
-            assert not same, key
+            assert not same and not torch.equal(align[key], lora[key]), key
+        elif key.startswith("model.language_model."):
+            adapted = key.endswith("_proj.weight")
+            assert torch.equal(align[key], lora[key]) != adapted, key
 
 
 def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp_path, capsys, monkeypatch):
@@ -126,6 +138,18 @@ def _use_as_the_readme_says(run_dir, capsys, monkeypatch):
         mmfast.load_llava(str(run_dir / "clip"))
 
 
+def test_a_qlora_run_resumes_exactly(tmp_path):
+    """The 4-bit layers' quantization statistics, saved by bitsandbytes beside each weight, load back."""
+    pytest.importorskip("bitsandbytes")
+    train(_config(tmp_path, "whole", *STAGES["qlora"]), progress=False)
+    train(_config(tmp_path, "part", *STAGES["qlora"], "--train.stop_after=2"), progress=False)
+    train(_config(tmp_path, "part", *STAGES["qlora"]), progress=False)
+    assert losses(tmp_path / "part") == losses(tmp_path / "whole")
+    whole, part = _weights(tmp_path / "whole"), _weights(tmp_path / "part")
+    assert all(torch.equal(whole[key], part[key]) for key in whole)
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in whole  # merged: a plain Llava's keys
+
+
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="data.template must be one of"):
         load_config("llava-tiny", ["--data.template=alpaca"])
@@ -135,6 +159,13 @@ def test_bad_settings_are_named(tmp_path):
     config = _config(tmp_path, "bad-files", "--data.source=files")
     with pytest.raises(ValueError, match="needs data.conversations"):
         train(config, progress=False)
+    config = _config(tmp_path, "qlora-fsdp2", *STAGES["qlora"], "--engine.name=fsdp2")
+    with pytest.raises(ValueError, match="QLoRA.*single and ddp"):
+        train(config, progress=False)
+    config = _config(tmp_path, "lora-names", *STAGES["lora"], "--model.lora.target_modules=[q_proj,c_attn]")
+    with pytest.raises(ValueError, match="c_attn"):
+        train(config, progress=False)
+    assert not os.path.exists(tmp_path / "lora-names")  # refused before the run directory is made
     config = _config(tmp_path, "missing", "--data.source=files", f"--data.conversations={tmp_path / 'none.json'}")
     with pytest.raises(FileNotFoundError, match="none.json"):
         train(config, progress=False)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfast.nn.attention import MixedAttention, positions_in_sequences, rotary_tables
+from mmfast.nn.kv_cache import KVCache
 from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
 from mmfast.ops.mixed_attention import build_packing
 
@@ -92,9 +93,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
-    def forward(self, x, packing, rotary):
-        x = x + self.self_attn(self.input_layernorm(x), packing=packing, rotary=rotary)
+    def forward(self, x, packing, rotary, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), packing=packing, rotary=rotary, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _begin_cache(cache: KVCache, rows: torch.Tensor | None, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Tells `cache` where this forward's tokens go; returns their positions."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    rows = torch.arange(len(lengths), device=lengths.device) if rows is None else rows.to(lengths.device)
+    starts = cache.lengths.to(lengths.device)[rows]
+    if bool((starts == 0).all()):  # prompts
+        cache.begin(rows.repeat_interleave(lengths), positions_in_sequences(cu_seqlens, total), decoding=False)
+    elif bool((lengths == 1).all()):
+        cache.begin(rows, starts, decoding=True)
+    else:
+        raise ValueError("LlamaModel: with a KV cache, a forward either starts empty rows (prompts) or adds one "
+                         f"token to each row; got sequences of lengths {lengths.tolist()} on rows of lengths "
+                         f"{starts.tolist()}")
+    return cache.position_of
 
 
 class LlamaModel(nn.Module):
@@ -110,12 +127,15 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                span_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                span_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after the final norm, `[B, T, hidden]` for padded `[B, T]` input (every row one
         sequence) or `[total, hidden]` for packed `[total]` input with `cu_seqlens` (int32 [B + 1]).
         inputs_embeds replaces input_ids (LLaVA puts projected image features among the token
         embeddings); span_ids marks bidirectional spans (-1: causal text); position_ids default to each
-        token's index inside its sequence."""
+        token's index inside its sequence. cache (packed input, generation): the sequences are the
+        prompts of empty cache rows, or one token each continuing its row; cache_rows: each sequence's
+        row (default 0, 1, ...)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LlamaModel: pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -132,8 +152,11 @@ class LlamaModel(nn.Module):
         elif x.dim() != 2:
             raise ValueError(f"LlamaModel: with cu_seqlens the input is packed [total], got embeddings of shape "
                              f"{tuple(x.shape)}")
+        if cache is not None:
+            position_ids = _begin_cache(cache, cache_rows, cu_seqlens, x.shape[0])
         # built once here and shared by every layer (each layer rebuilding them cost a host sync apiece)
-        packing = build_packing(cu_seqlens, span_ids, x.shape[0], max_seqlen, causal=True)
+        packing = None if cache is not None and cache.decoding else build_packing(cu_seqlens, span_ids, x.shape[0],
+                                                                                  max_seqlen, causal=True)
         if position_ids is None:
             position_ids = positions_in_sequences(cu_seqlens, x.shape[0])
         head_dim = self.layers[0].self_attn.head_dim if len(self.layers) else 2
@@ -142,7 +165,7 @@ class LlamaModel(nn.Module):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, packing, rotary, use_reentrant=False)
             else:
-                x = layer(x, packing, rotary)
+                x = layer(x, packing, rotary, cache)
         x = self.norm(x)
         return x.unflatten(0, (batch, length)) if padded else x
 

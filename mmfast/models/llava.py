@@ -19,6 +19,7 @@ from torch import nn
 
 from mmfast.models.clip import VisionConfig, VisionTransformer, patch_count
 from mmfast.models.llama import LlamaConfig, LlamaModel, hf_config_of, llama_config_of_hf
+from mmfast.nn.kv_cache import KVCache
 from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
 from mmfast.ops.mixed_attention import span_ids_from_token_ids
 
@@ -187,47 +188,62 @@ class Llava(nn.Module):
 
     @torch.no_grad()
     def generate_packed(self, prompts: list[torch.Tensor], pixel_values: torch.Tensor | None = None, *,
-                 max_new_tokens: int = 16, eos_token_id: int | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+                        max_new_tokens: int = 16, eos_token_id: int | None = None, temperature: float = 0.0,
+                        top_p: float = 1.0, generator: torch.Generator | None = None,
+                        use_cache: bool = True) -> list[torch.Tensor]:
         """The new tokens of each prompt (1-D ids holding their image tokens; pixel_values: their images
         in order), greedy (temperature 0) or sampled with temperature and top-p. Prompts of any lengths
-        run packed, with no padding; a row stops at eos_token_id (kept in its output). Each step runs
-        the whole sequences again (no KV cache yet); the image features are computed once."""
+        run packed, with no padding; a row stops at eos_token_id (kept in its output). With use_cache
+        the prompts run once and each step runs one token per row against a KV cache; without, each
+        step runs the whole sequences again (the same tokens, slower). Image features are computed once."""
         if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"Llava.generate_packed: expected max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1, "
                              f"got {max_new_tokens}, {temperature}, {top_p}")
-        embed = self.model.language_model.embed_tokens
         images_per_prompt = [int((prompt == self.config.image_token_id).sum()) // self.image_tokens for prompt in prompts]
         features = None
         ids = torch.cat(prompts) if prompts else torch.zeros(0, dtype=torch.long)
         if self._check_images(ids == self.config.image_token_id, pixel_values):
             features = self.image_features(pixel_values)
         first_image = [sum(images_per_prompt[:index]) for index in range(len(prompts))]
+
+        def run(rows: list[int], sequences: list[torch.Tensor], whole: bool) -> torch.Tensor:
+            """The next-token logits of each of `rows`, whose tokens are `sequences` (whole: from the
+            prompt on, with its images; else one new token after the cached ones)."""
+            ids = torch.cat(sequences)
+            embeds = self.model.language_model.embed_tokens(ids)
+            chosen = [features[first_image[row] + k] for row in rows for k in range(images_per_prompt[row])
+                      if features is not None and whole]
+            if chosen:  # the prompts' image tokens (generated tokens are text)
+                places = (ids == self.config.image_token_id)[:, None]
+                embeds = embeds.masked_scatter(places, torch.cat(chosen).to(embeds.dtype))
+            lengths = torch.tensor([0] + [len(sequence) for sequence in sequences])
+            cu_seqlens = lengths.cumsum(0).to(torch.int32).to(ids.device)
+            bidirectional = self.config.image_attention == "bidirectional"
+            hidden = self.model.language_model(
+                inputs_embeds=embeds, cu_seqlens=cu_seqlens, cache=cache,
+                cache_rows=None if cache is None else torch.tensor(rows, device=ids.device),
+                span_ids=span_ids_from_token_ids(ids, self.config.image_token_id) if bidirectional else None)
+            return self.lm_head(hidden[cu_seqlens[1:].long() - 1]).float()
+
+        cache = None
+        if use_cache:
+            cache = KVCache(len(prompts), max((len(prompt) for prompt in prompts), default=0) + max_new_tokens)
         sequences, new = [prompt.clone() for prompt in prompts], [[] for _ in prompts]
         active = [index for index, prompt in enumerate(prompts) if len(prompt)]
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if not active:
                 break
-            ids = torch.cat([sequences[index] for index in active])
-            embeds = embed(ids)
-            if features is not None:
-                chosen = [features[first_image[i] + k] for i in active for k in range(images_per_prompt[i])]
-                if chosen:
-                    places = (ids == self.config.image_token_id)[:, None]
-                    embeds = embeds.masked_scatter(places, torch.cat(chosen).to(embeds.dtype))
-            lengths = torch.tensor([0] + [len(sequences[index]) for index in active])
-            cu_seqlens = lengths.cumsum(0).to(torch.int32).to(ids.device)
-            hidden = self.model.language_model(inputs_embeds=embeds, cu_seqlens=cu_seqlens,
-                                               span_ids=span_ids_from_token_ids(ids, self.config.image_token_id)
-                                               if self.config.image_attention == "bidirectional" else None)
-            logits = self.lm_head(hidden[cu_seqlens[1:].long() - 1]).float()
+            if cache is None or step == 0:
+                logits = run(active, [sequences[row] for row in active], whole=True)
+            else:  # each row's last token, the rest is in the cache
+                logits = run(active, [sequences[row][-1:] for row in active], whole=False)
             tokens = _choose(logits, temperature, top_p, generator)
             still = []
-            for index, token in zip(active, tokens.tolist()):
-                new[index].append(token)
-                sequences[index] = torch.cat([sequences[index], sequences[index].new_tensor([token])])
+            for row, token in zip(active, tokens.tolist()):
+                new[row].append(token)
+                sequences[row] = torch.cat([sequences[row], sequences[row].new_tensor([token])])
                 if token != eos_token_id:
-                    still.append(index)
+                    still.append(row)
             active = still
         return [torch.tensor(tokens, dtype=torch.long) for tokens in new]
 

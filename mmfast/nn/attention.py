@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmfast.nn.kv_cache import KVCache
 from mmfast.ops.mixed_attention import Packing, mixed_attention
 
 
@@ -37,7 +38,9 @@ class MixedAttention(nn.Module):
     rotary_base: apply rotary embeddings with this base (None: no rotary); positions are
     `position_ids` or each token's index inside its sequence; a model whose layers share positions
     passes the tables once as `rotary=(cos, sin)` (rotary_tables) with a shared `packing`
-    (mmfast.ops.mixed_attention.build_packing) instead of each layer rebuilding both.
+    (mmfast.ops.mixed_attention.build_packing) instead of each layer rebuilding both. `cache`
+    (mmfast.nn.KVCache; packed input): keys and values are stored for generation, and a decoding
+    step's tokens attend to their rows' stored tokens.
     bias: biases on the four projections; output_bias, where set, overrides it for o_proj (Qwen2: biases
     on q, k, v only).
     """
@@ -64,7 +67,8 @@ class MixedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 span_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                packing: Packing | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                packing: Packing | None = None, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         tokens = x.shape[:-1]
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
         k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
@@ -78,6 +82,10 @@ class MixedAttention(nn.Module):
                                 else torch.arange(tokens[-1], device=x.device).expand(tokens))
             cos, sin = rotary_tables(position_ids, self.head_dim, self.rotary_base, q.dtype)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None and cache.decoding:  # generation: one new token per row against its cache
+            return self.o_proj(cache.attend(self, q, k, v).flatten(-2))
+        if cache is not None:  # prompts: stored for the tokens that follow, attended as usual
+            cache.store(self, k, v)
         out = mixed_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, span_ids=span_ids,
                               causal=self.causal, backend=self.backend, packing=packing)
         return self.o_proj(out.flatten(-2))

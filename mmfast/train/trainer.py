@@ -115,6 +115,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     if config.train.init_from:  # a checkpoint, when resuming, replaces these weights below
         task.initial_weights(model, _initial_weights(config.train.init_from))
     freeze(model, config.train.trainable, config.train.frozen)
+    model = task.adapt(model)  # adapters (LoRA) train beside what train.trainable names
     engine.prepare(model)
     if placement.is_main:
         engine.write_files(config.run_dir)

@@ -36,6 +36,11 @@ class Task:
         """train.init_from: the contents of a model.pt (a previous stage's) into the new model."""
         model.load_state_dict(saved["state_dict"])
 
+    def adapt(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train, after its initial weights and train.trainable: by default itself; a task
+        adds its adapters here (LoRA), trainable whatever train.trainable says."""
+        return model
+
     def batches(self, accumulation: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """This rank's share of every global batch from step `start` on, a function of (seed, step):
         a tuple of tensors whose first dimension is split into `accumulation` micro-batches."""

@@ -24,6 +24,7 @@ from mmfast.data.splits import batch_indices
 from mmfast.models.clip import VisionConfig
 from mmfast.models.llama import LlamaConfig
 from mmfast.models.llava import Llava, LlavaConfig, image_tokens
+from mmfast.models.lora import LLAMA_LINEARS, LoraConfig, add_lora, check_lora, merge_lora
 from mmfast.train import checkpoint, distributed
 from mmfast.train.generative_metrics import pope_metrics, vqa_accuracy
 from mmfast.train.tasks.base import Task
@@ -45,6 +46,9 @@ class LlavaModelSection(LlavaConfig):
         vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512))
     vision_from: str = ""  # a CLIP run directory or model.pt: its vision tower (and the tower's config)
+    # LoRA on the language model's linear layers (rank 0: none); the projector trains in full beside it
+    # when train.trainable names it; model.pt holds the merged weights
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def _clip_file(path: str) -> dict:
@@ -85,6 +89,15 @@ class LlavaTask(Task):
         if config.data.source not in ("synth", "files"):
             raise ValueError(f"config: task llava reads LLaVA's JSON (data.source=files, data.conversations) or "
                              f"the bundled conversations (synth), got data.source={config.data.source!r}")
+        check_lora(config.model.lora)
+        unknown = sorted(set(config.model.lora.target_modules) - set(LLAMA_LINEARS))
+        if config.model.lora.rank and unknown:  # before anything is written into the run directory
+            raise ValueError(f"config: model.lora.target_modules names {unknown}, which are not linear layers of the "
+                             f"language model; it has {list(LLAMA_LINEARS)}")
+        if config.model.lora.quantize and config.engine.name not in ("auto", "single", "ddp"):
+            raise ValueError(f"config: model.lora.quantize={config.model.lora.quantize!r} (QLoRA) runs on engines "
+                             f"single and ddp; engine.name={config.engine.name!r} would shard 4-bit weights it "
+                             f"cannot split (train LoRA without quantize there)")
         if config.data.source == "files" and not config.data.conversations:
             raise ValueError("config: data.source=files with task llava needs data.conversations (LLaVA's JSON)")
 
@@ -192,6 +205,12 @@ class LlavaTask(Task):
         if self.config.model.vision_from:
             model.load_state_dict(_tower_state(_clip_file(self.config.model.vision_from),
                                                self.model_config.feature_depth), strict=False)
+        return model
+
+    def adapt(self, model: Llava) -> Llava:
+        """model.lora: adapters on the language model's linear layers (its other weights frozen)."""
+        device = self.placement.device if self.placement else "cpu"
+        add_lora(model.model.language_model, self.config.model.lora, device)
         return model
 
     def initial_weights(self, model, saved: dict) -> None:
@@ -359,8 +378,11 @@ class LlavaTask(Task):
 
     def export(self, run_dir: str, folder: str) -> str:
         path = os.path.join(run_dir, "model.pt")
+        state, lora = checkpoint.consolidate(folder), self.config.model.lora
+        if lora.rank:  # served and chained as a plain model
+            state = merge_lora(state, lora.scaling)
         torch.save({"task": self.name, "llava_config": dataclasses.asdict(self.model_config),
-                    "template": self.config.data.template, "state_dict": checkpoint.consolidate(folder)}, path)
+                    "template": self.config.data.template, "state_dict": state}, path)
         return path
 
     @classmethod
