@@ -1,7 +1,8 @@
 """Scores of generated answers against hand-worked cases of the official formulas."""
 import pytest
 
-from mmfast.train.generative_metrics import (chosen_option, circular_eval, normalize_answer, option_letters,
+from mmfast.data.conversations import option_letters
+from mmfast.train.generative_metrics import (chosen_option, circular_eval, normalize_answer,
                                              pope_metrics, vqa_accuracy, yes_or_no)
 
 

@@ -96,7 +96,8 @@ def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp
     config.run_dir = str(tmp_path / "run")
     result = train(config, progress=False)
     assert {"vqa_accuracy", "vqa_color", "vqa_shape", "pope_f1", "pope_yes_ratio", "held_out_loss",
-            "other_vqa_color", "other_vqa_shape"} <= result.keys()
+            "other_vqa_color", "other_vqa_shape", "caption_bleu4", "caption_cider", "choice_circular",
+            "choice_single"} <= result.keys()
     clip = _weights(tmp_path / "run" / "clip")
     final = _weights(tmp_path / "run" / "tune")
     for key, value in clip.items():

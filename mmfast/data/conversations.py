@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -250,3 +251,8 @@ def without_image(conversation: Conversation) -> Conversation:
     turns = tuple((role, text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip())
                   for role, text in conversation.turns)
     return Conversation(conversation.id, None, turns)
+
+
+def option_letters(options: Sequence[str]) -> str:
+    """"A. circle B. square C. star": the options as a multiple-choice question lists them."""
+    return " ".join(f"{chr(ord('A') + index)}. {option}" for index, option in enumerate(options))

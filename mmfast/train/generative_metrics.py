@@ -88,11 +88,6 @@ def circular_eval(choose: Callable[[str, list[str]], int], question: str, option
     return True
 
 
-def option_letters(options: Sequence[str]) -> str:
-    """"A. circle B. square C. star": the options as a multiple-choice question lists them."""
-    return " ".join(f"{chr(ord('A') + index)}. {option}" for index, option in enumerate(options))
-
-
 def chosen_option(answer: str, count: int) -> int | None:
     """The index of the option letter a free answer starts with ("B", "B.", "(b) square"), or None."""
     found = re.match(r"\s*\(?([A-Za-z])[).:\s]|\s*\(?([A-Za-z])\)?\s*$", answer)

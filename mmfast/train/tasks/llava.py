@@ -13,10 +13,12 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 import yaml
 
 from mmfast.data import synth_conversations
+from mmfast.data.synth_conversations import choice_question, choice_text
 from mmfast.data.conversations import (IGNORE, VICUNA_SYSTEM, conversation_texts, encode, read_conversations,
                                        train_tokenizer, without_image)
 from mmfast.data.preprocess import Preprocess
@@ -26,7 +28,8 @@ from mmfast.models.llama import LlamaConfig
 from mmfast.models.llava import Llava, LlavaConfig, image_tokens
 from mmfast.models.lora import LLAMA_LINEARS, LoraConfig, add_lora, check_lora, merge_lora
 from mmfast.train import checkpoint, distributed
-from mmfast.train.generative_metrics import pope_metrics, vqa_accuracy
+from mmfast.train.caption_metrics import bleu, cider_d
+from mmfast.train.generative_metrics import chosen_option, circular_eval, pope_metrics, vqa_accuracy
 from mmfast.train.tasks.base import Task
 
 EOS = "</s>"
@@ -79,7 +82,8 @@ class LlavaTask(Task):
     model_section = LlavaModelSection
     headline = {"held_out_loss": "held-out loss", "vqa_accuracy": "VQA", "pope_f1": "POPE F1",
                 "other_vqa_shape": "shape, drawn another way"}
-    plot_metrics = {"held_out_loss": "held-out loss", "vqa_accuracy": "VQA accuracy", "pope_f1": "POPE F1"}
+    plot_metrics = {"held_out_loss": "held-out loss", "vqa_accuracy": "VQA accuracy", "pope_f1": "POPE F1",
+                    "caption_bleu4": "description BLEU-4"}
 
     def check(self, world_size: int) -> None:
         config = self.config
@@ -318,15 +322,9 @@ class LlavaTask(Task):
         folder = os.path.dirname(self._paths()[1])
         with open(os.path.join(folder, "held_out.json")) as handle:
             entries = json.load(handle)[:limit]
-        questions = [(entry, item) for entry in entries for item in entry["questions"] if item["type"] != "describe"]
-        answers = []
-        for start in range(0, len(questions), 64):
-            chunk = questions[start:start + 64]
-            prompts = [self.prompt_ids(item["question"], with_image=True) for _, item in chunk]
-            pixels = torch.stack([self.pixels[os.path.join(folder, "images", entry["image"])] for entry, _ in chunk])
-            outputs = model.generate_packed([p.to(device) for p in prompts], pixels.to(device), max_new_tokens=8,
-                                     eos_token_id=self.tokenizer.token_to_id(EOS))
-            answers += [self.tokenizer.decode(output.tolist(), skip_special_tokens=True).strip() for output in outputs]
+        questions = [(entry, item) for entry in entries for item in entry["questions"]
+                     if item["type"] in VQA_TYPES + ("exists",)]
+        answers = self._generate(model, device, folder, questions, max_new_tokens=8)
         result, by_type = {}, {}
         for (_, item), answer in zip(questions, answers):
             by_type.setdefault(item["type"], []).append((answer, item["answer"]))
@@ -339,8 +337,45 @@ class LlavaTask(Task):
         if by_type.get("exists"):
             pope = pope_metrics([a for a, _ in by_type["exists"]], [t for _, t in by_type["exists"]])
             result.update({f"pope_{key}": value for key, value in pope.items()})
+        descriptions = [(entry, item) for entry in entries for item in entry["questions"] if item["type"] == "describe"]
+        if descriptions:  # the description as a caption, scored as COCO scores captions
+            generated = self._generate(model, device, folder, descriptions, max_new_tokens=24)
+            references = [[item["answer"]] for _, item in descriptions]
+            result["caption_bleu4"] = bleu(generated, references)[3]
+            result["caption_cider"] = cider_d(generated, references)
+        result.update(self._multiple_choice(model, device, folder, entries))
         result.update(self._drawn_another_way(model, device))
         return result
+
+    def _multiple_choice(self, model, device, folder: str, entries, count: int = 100) -> dict:
+        """MMBench's CircularEval on four-option shape questions about held-out pictures: right only if
+        every rotation of the options gets the right letter (`choice_circular`); `choice_single`: the
+        first order alone."""
+        rng = numpy.random.default_rng(0)  # the same questions at every evaluation
+        items = [(entry, *choice_question("shape", entry["meta"]["shape"], rng)[1:]) for entry in entries[:count]]
+        rotations = [(entry, {"question": choice_text("shape", options[shift:] + options[:shift])})
+                     for entry, options, _ in items for shift in range(len(options))]
+        replies = iter(self._generate(model, device, folder, rotations, max_new_tokens=3))
+        circular = single = 0
+        for entry, options, index in items:
+            answers = [next(replies) for _ in options]
+            single += chosen_option(answers[0], len(options)) == index
+            pending = iter(answers)
+            circular += circular_eval(lambda question, rotated: chosen_option(next(pending), len(rotated)), "",
+                                      options, index)
+        return {"choice_circular": circular / max(len(items), 1), "choice_single": single / max(len(items), 1)}
+
+    def _generate(self, model, device, folder: str, questions, max_new_tokens: int) -> list[str]:
+        """Greedy answers to (entry, question) pairs of the bundled JSON, each asked alone about its picture."""
+        answers = []
+        for start in range(0, len(questions), 64):
+            chunk = questions[start:start + 64]
+            prompts = [self.prompt_ids(item["question"], with_image=True).to(device) for _, item in chunk]
+            pixels = torch.stack([self.pixels[os.path.join(folder, "images", entry["image"])] for entry, _ in chunk])
+            outputs = model.generate_packed(prompts, pixels.to(device), max_new_tokens=max_new_tokens,
+                                            eos_token_id=self.tokenizer.token_to_id(EOS))
+            answers += [self.tokenizer.decode(output.tolist(), skip_special_tokens=True).strip() for output in outputs]
+        return answers
 
     def _drawn_another_way(self, model, device, count: int = 216) -> dict:
         """Color and shape questions about pictures another renderer drew (mmfast.data.other_renderer:
