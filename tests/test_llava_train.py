@@ -167,6 +167,17 @@ def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="c_attn"):
         train(config, progress=False)
     assert not os.path.exists(tmp_path / "lora-names")  # refused before the run directory is made
+    # a CLIP whose tower is not the one the model builds: its differences named
+    vision = dict(image_size=16, patch_size=8, patch_stride=8, channels=3, width=48, layers=1, heads=2, mlp_ratio=4.0)
+    torch.save({"task": "contrastive", "clip_config": {"vision": vision, "activation": "gelu"}, "state_dict": {}},
+               tmp_path / "clip.pt")
+    config = _config(tmp_path, "tower", *STAGES["align"], f"--train.init_from={tmp_path / 'clip.pt'}")
+    with pytest.raises(ValueError, match=r"width 48 \(the model's: 32\), layers 1 \(the model's features come"):
+        train(config, progress=False)
+    config = _config(tmp_path, "tower-from", *STAGES["align"], f"--model.vision_from={tmp_path / 'clip.pt'}",
+                     "--data.image_size=32")
+    with pytest.raises(ValueError, match="takes 16-pixel images, data.image_size is 32"):
+        train(config, progress=False)
     config = _config(tmp_path, "missing", "--data.source=files", f"--data.conversations={tmp_path / 'none.json'}")
     with pytest.raises(FileNotFoundError, match="none.json"):
         train(config, progress=False)

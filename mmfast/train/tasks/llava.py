@@ -64,6 +64,19 @@ def _clip_file(path: str) -> dict:
     return saved
 
 
+def _check_tower(clip: dict, vision: VisionConfig, depth: int, source: str) -> None:
+    """A CLIP's vision tower (its saved config's `vision`) against the tower the LLaVA model builds: the
+    differences named, rather than a size mismatch deep inside load_state_dict."""
+    shape = ("image_size", "patch_size", "patch_stride", "channels", "width", "heads", "mlp_ratio")
+    different = [f"{key} {clip.get(key)!r} (the model's: {getattr(vision, key)!r})" for key in shape
+                 if clip.get(key) != getattr(vision, key)]
+    if clip.get("layers", 0) < depth:
+        different.append(f"layers {clip.get('layers')!r} (the model's features come from block {depth})")
+    if different:
+        raise ValueError(f"config: {source}'s CLIP vision tower does not fit the model's (model.vision, "
+                         f"data.image_size): {', '.join(different)}")
+
+
 def _tower_state(saved: dict, depth: int) -> dict:
     """A CLIP model.pt's vision tower as Llava's `model.vision_tower.*` keys (blocks up to `depth`)."""
     state = {}
@@ -195,6 +208,9 @@ class LlavaTask(Task):
         if section.vision_from:
             clip = _clip_file(section.vision_from)["clip_config"]
             vision, activation = VisionConfig(**clip["vision"]), clip["activation"]
+            if vision.image_size != self.config.data.image_size:
+                raise ValueError(f"config: model.vision_from's CLIP takes {vision.image_size}-pixel images, "
+                                 f"data.image_size is {self.config.data.image_size}")
         fields.update(vision=dataclasses.replace(vision, image_size=self.config.data.image_size),
                       vision_activation=activation,
                       text=dataclasses.replace(section.text, vocab_size=self.tokenizer.get_vocab_size()),
@@ -221,6 +237,8 @@ class LlavaTask(Task):
         """train.init_from: a llava model.pt (strict), or a CLIP's (its vision tower: how a recipe's
         contrastive stage hands its tower on)."""
         if saved.get("task") == "contrastive":
+            _check_tower(saved["clip_config"]["vision"], self.model_config.vision, self.model_config.feature_depth,
+                         "train.init_from")
             activation = saved["clip_config"]["activation"]
             if activation != self.model_config.vision_activation:
                 raise ValueError(f"config: train.init_from's CLIP tower uses {activation!r}, model.vision_activation "
