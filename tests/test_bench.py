@@ -130,6 +130,20 @@ def test_clip_train_suite_compares_the_same_model(tmp_path):
     assert all(r["status"] == "ok" and r["mode"] == "full" and r["samples_per_s"] > 0 for r in rows)
 
 
+def test_llava_train_suite_compares_the_same_model(tmp_path):
+    """Packed mmfast and padded HF start from the same weights and conversations: their first losses
+    agree; each step reports real tokens/s."""
+    from mmfast.bench.suites.llava_train import cases
+
+    pytest.importorskip("transformers")
+    losses = [case.make()[0]().item() for case in cases("cpu", torch.device("cpu"))]
+    assert 0 < losses[0] < 10 and losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert main(["bench", "llava_train", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["provider"] for r in rows} == {"mmfast", "hf sdpa padded"}
+    assert all(r["status"] == "ok" and r["mode"] == "full" and r["tokens_per_s"] > 0 for r in rows)
+
+
 def test_grad_cache_benchmark_script_runs_a_step():
     import runpy
 
@@ -148,3 +162,10 @@ def test_targets_table_from_recorded_results():
     assert "| clip N=32768 D=768 memory above inputs (MB) | <= 1024 MB | 457 MB | yes |" in table
     assert "| CLIP ViT-B/16 training step, batch 256, vs HF | >= 1.3x | 0.96x | no |" in table
     assert "| decode B=8 S=32768 vs SDPA with a mask | >= 2.0x | not measured | - |" in table
+    # a bound relative to the baseline's memory (LLaVA: at most 0.8x HF's)
+    group = "LLaVA ViT-L/14-336 + 1.1B batch 8"
+    rows = [dict(suite="llava_train", group=group, mode="full", provider=provider, status="ok", median_ms=ms,
+                 peak_memory_mb=mb) for provider, ms, mb in (("mmfast", 100.0, 70.0), ("hf sdpa padded", 160.0, 100.0))]
+    table = targets.table(rows)
+    assert "vs HF padded | >= 1.5x | 1.60x | yes |" in table
+    assert "(mmfast / HF <= 0.8) | <= 80 MB | 70 MB | yes |" in table

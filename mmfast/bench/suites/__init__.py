@@ -1,6 +1,6 @@
 """Benchmark suites by name: each maps (profile, device) to a list of cases."""
-from mmfast.bench.suites import (clip_train, contrastive, decode, linear_cross_entropy, log_mel, mixed_attention,
-                                 patch_embed)
+from mmfast.bench.suites import (clip_train, contrastive, decode, linear_cross_entropy, llava_train, log_mel,
+                                 mixed_attention, patch_embed)
 
 SUITES = {
     "contrastive": contrastive.cases,
@@ -10,4 +10,5 @@ SUITES = {
     "clip_train": clip_train.cases,
     "linear_cross_entropy": linear_cross_entropy.cases,
     "decode": decode.cases,
+    "llava_train": llava_train.cases,
 }
