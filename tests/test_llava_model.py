@@ -14,16 +14,18 @@ from mmfast.nn import KVCache  # noqa: E402
 IMAGE = 119
 
 
-def hf_llava(text: str = "llama", feature_layer: int = -2, strategy: str = "default", seed: int = 0):
+def hf_llava(text: str = "llama", feature_layer: int = -2, strategy: str = "default", seed: int = 0,
+             tower: str = "clip"):
     torch.manual_seed(seed)
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                           num_attention_heads=2, image_size=32, patch_size=8)
+    tower_config = transformers.SiglipVisionConfig if tower == "siglip" else transformers.CLIPVisionConfig
+    vision = tower_config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                          image_size=32, patch_size=8)
     kind = transformers.Qwen2Config if text == "qwen2" else transformers.LlamaConfig
     language = kind(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2)
     config = transformers.LlavaConfig(vision_config=vision, text_config=language, image_token_id=IMAGE,
                                       vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
-                                      image_seq_length=16 + (strategy == "full"))
+                                      image_seq_length=16 + (tower == "clip") - (strategy == "default"))
     model = transformers.LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -39,13 +41,14 @@ def conversation(length: int, image_at: int | None, tokens: int, seed: int) -> t
     return ids
 
 
-@pytest.mark.parametrize("text,feature_layer,strategy", [("llama", -2, "default"), ("qwen2", -1, "full"),
-                                                          ("llama", 1, "default")])
-def test_hf_weights_give_hf_logits_and_export_back(text, feature_layer, strategy):
-    hf = hf_llava(text, feature_layer, strategy)
+@pytest.mark.parametrize("text,feature_layer,strategy,tower", [
+    ("llama", -2, "default", "clip"), ("qwen2", -1, "full", "clip"), ("llama", 1, "default", "clip"),
+    ("qwen2", -1, "full", "siglip"), ("llama", -2, "default", "siglip")])  # SigLIP: no class token, GELU-tanh
+def test_hf_weights_give_hf_logits_and_export_back(text, feature_layer, strategy, tower):
+    hf = hf_llava(text, feature_layer, strategy, tower=tower)
     ours = from_hf_llava(hf).eval()
     tokens = ours.image_tokens
-    assert tokens == 16 + (strategy == "full")
+    assert tokens == 16 + (tower == "clip") - (strategy == "default")  # HF's "default" drops the first token
     assert len(ours.model.vision_tower.layers) == ours.config.feature_depth  # unused blocks are not kept
     ids = torch.stack([conversation(30, 3, tokens, 0), conversation(30, 10, tokens, 1)])
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))

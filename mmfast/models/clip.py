@@ -113,11 +113,18 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+
+
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, activation: str):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
-        self.activation = QuickGELU() if activation == "quick_gelu" else nn.GELU()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MLP: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        # gelu_tanh: SigLIP's (HF's gelu_pytorch_tanh)
+        self.activation = QuickGELU() if activation == "quick_gelu" else nn.GELU(
+            approximate="tanh" if activation == "gelu_tanh" else "none")
 
     def forward(self, x):
         return self.fc2(self.activation(self.fc1(x)))

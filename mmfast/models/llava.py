@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -21,9 +22,11 @@ from mmfast.models.clip import VisionConfig, VisionTransformer, patch_count
 from mmfast.models.llama import LlamaConfig, LlamaModel, hf_config_of, llama_config_of_hf
 from mmfast.nn.kv_cache import KVCache
 from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
+from mmfast.nn.patch_embed import SiglipVisionEmbeddings
 from mmfast.ops.mixed_attention import span_ids_from_token_ids
 
 PROJECTORS = ("linear", "mlp2x_gelu")
+TOWERS = ("clip", "siglip")  # SigLIP's: patches with a bias, no class token, no norm before the blocks
 SELECT_STRATEGIES = ("default", "full")  # HF's names: drop the class token, or keep it
 IMAGE_ATTENTION = ("causal", "bidirectional")
 
@@ -33,7 +36,8 @@ class LlavaConfig:
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(image_size=32, patch_size=8, width=128,
                                                                       layers=4, heads=4))
     text: LlamaConfig = field(default_factory=LlamaConfig)
-    vision_activation: str = "quick_gelu"  # the tower's (mmfast.models.clip: "quick_gelu" or "gelu")
+    vision_tower: str = "clip"
+    vision_activation: str = "quick_gelu"  # the tower's (mmfast.models.clip.ACTIVATIONS; SigLIP: gelu_tanh)
     vision_feature_layer: int = -2  # HF's hidden-state index: 0 the embeddings, -1 the last layer's output
     vision_feature_select_strategy: str = "default"
     projector: str = "mlp2x_gelu"
@@ -42,7 +46,7 @@ class LlavaConfig:
 
     def __post_init__(self):
         for name, allowed in (("vision_feature_select_strategy", SELECT_STRATEGIES), ("projector", PROJECTORS),
-                              ("image_attention", IMAGE_ATTENTION)):
+                              ("image_attention", IMAGE_ATTENTION), ("vision_tower", TOWERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LlavaConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         layers = self.vision.layers
@@ -58,8 +62,24 @@ class LlavaConfig:
 
 
 def image_tokens(config: LlavaConfig) -> int:
-    """Image tokens per image: the tower's patches, plus one when the class token is kept."""
-    return patch_count(config.vision) + (config.vision_feature_select_strategy == "full")
+    """Image tokens per image: the tower's tokens (patches, and CLIP's class token), less the first with
+    strategy "default" (HF drops the first token whatever it is: a SigLIP tower loses a patch)."""
+    tokens = patch_count(config.vision) + (config.vision_tower == "clip")
+    return tokens - (config.vision_feature_select_strategy == "default")
+
+
+def vision_tower(config: LlavaConfig) -> VisionTransformer:
+    """mmfast's CLIP tower, or SigLIP's shape of it (its embeddings, no norm before the blocks)."""
+    tower = VisionTransformer(config.vision, config.vision_activation, config.text.backend)
+    if config.vision_tower == "siglip":
+        vision = config.vision
+        hf_like = SimpleNamespace(hidden_size=vision.width, image_size=vision.image_size,
+                                  patch_size=vision.patch_size, num_channels=vision.channels)
+        tower.embeddings = SiglipVisionEmbeddings(hf_like, mean=vision.mean, std=vision.std,
+                                                  stride=vision.patch_stride, backend=config.text.backend)
+        nn.init.normal_(tower.embeddings.position_embedding.weight, std=0.02)  # as the CLIP tower's
+        tower.pre_layrnorm = nn.Identity()
+    return tower
 
 
 class Projector(nn.Module):
@@ -80,7 +100,7 @@ class Projector(nn.Module):
 class LlavaModel(nn.Module):
     def __init__(self, config: LlavaConfig):
         super().__init__()
-        self.vision_tower = VisionTransformer(config.vision, config.vision_activation, config.text.backend)
+        self.vision_tower = vision_tower(config)
         # blocks past the selected layer and the final norm never run: drop them (and their parameters)
         del self.vision_tower.layers[config.feature_depth:]
         self.vision_tower.post_layernorm = nn.Identity()
@@ -261,8 +281,9 @@ def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -
 
 
 def _unused_by_llava(key: str, depth: int) -> bool:
-    """An HF vision-tower key LLaVA never reads: a block past the selected layer, or the final norm."""
-    found = re.match(r"model\.vision_tower\.(?:encoder\.)?(?:layers\.(\d+)\.|post_layernorm\.)", key)
+    """An HF vision-tower key LLaVA never reads: a block past the selected layer, the final norm, or
+    SigLIP's pooling head."""
+    found = re.match(r"model\.vision_tower\.(?:encoder\.)?(?:layers\.(\d+)\.|post_layernorm\.|head\.)", key)
     return bool(found) and (found.group(1) is None or int(found.group(1)) >= depth)
 
 
@@ -270,13 +291,17 @@ _VISION_RENAMES = [(r"\.encoder\.layers\.", ".layers."), (r"\.self_attn\.out_pro
 
 
 def from_hf_llava(hf_model, backend: str | None = None, *, mean=None, std=None) -> Llava:
-    """A Llava with the weights of an HF LlavaForConditionalGeneration (CLIP vision tower; Llama or Qwen2
-    language model). mean, std: set to take uint8 pixels normalized inside the tower (the HF processor's
+    """A Llava with the weights of an HF LlavaForConditionalGeneration (CLIP or SigLIP vision tower; Llama or
+    Qwen2 language model). mean, std: set to take uint8 pixels normalized inside the tower (the HF processor's
     image_mean / image_std); None takes HF's normalized float pixel_values."""
     hf_config = hf_model.config
     vision = hf_config.vision_config
-    if vision.model_type not in ("clip_vision_model", "clip"):
-        raise ValueError(f"from_hf_llava: the vision tower must be CLIP's, got {vision.model_type!r}")
+    if vision.model_type not in ("clip_vision_model", "clip", "siglip_vision_model"):
+        raise ValueError(f"from_hf_llava: the vision tower must be CLIP's or SigLIP's, got {vision.model_type!r}")
+    activations = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
+    if vision.hidden_act not in activations:
+        raise ValueError(f"from_hf_llava: the tower's hidden_act must be one of {sorted(activations)}, got "
+                         f"{vision.hidden_act!r}")
     if not isinstance(hf_config.vision_feature_layer, int):
         raise ValueError(f"from_hf_llava: one vision feature layer is implemented, got "
                          f"{hf_config.vision_feature_layer!r}")
@@ -289,7 +314,8 @@ def from_hf_llava(hf_model, backend: str | None = None, *, mean=None, std=None) 
                             heads=vision.num_attention_heads, mlp_ratio=vision.intermediate_size / vision.hidden_size,
                             mean=mean, std=std),
         text=llama_config_of_hf(hf_config.text_config, backend),
-        vision_activation="quick_gelu" if vision.hidden_act == "quick_gelu" else "gelu",
+        vision_tower="siglip" if vision.model_type == "siglip_vision_model" else "clip",
+        vision_activation=activations[vision.hidden_act],
         vision_feature_layer=hf_config.vision_feature_layer,
         vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
         projector="mlp2x_gelu", image_token_id=hf_config.image_token_id)
@@ -321,10 +347,13 @@ def to_hf_llava(model: Llava):
         raise ValueError("to_hf_llava: HF's LLaVA attends causally over image tokens; image_attention="
                          f"{config.image_attention!r} would give other outputs")
     vision = config.vision
-    vision_config = transformers.CLIPVisionConfig(
+    siglip = config.vision_tower == "siglip"
+    vision_class = transformers.SiglipVisionConfig if siglip else transformers.CLIPVisionConfig
+    vision_config = vision_class(
         hidden_size=vision.width, intermediate_size=int(vision.width * vision.mlp_ratio),
         num_hidden_layers=vision.layers, num_attention_heads=vision.heads, num_channels=vision.channels,
-        image_size=vision.image_size, patch_size=vision.patch_size, hidden_act=config.vision_activation)
+        image_size=vision.image_size, patch_size=vision.patch_size,
+        hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(config.vision_activation, config.vision_activation))
     hf_config = transformers.LlavaConfig(
         vision_config=vision_config, text_config=hf_config_of(config.text), image_token_id=config.image_token_id,
         vision_feature_layer=config.vision_feature_layer,
