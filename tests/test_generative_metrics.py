@@ -48,5 +48,9 @@ def test_circular_eval_needs_every_rotation():
     assert not circular_eval(always_first, "Which shape is red?", options, 0)  # right only unrotated
     assert option_letters(options) == "A. circle B. square C. star"
     assert [chosen_option(text, 3) for text in ("B", "B. square", "(c) star", "circle", "D.")] == [1, 1, 2, None, None]
+    # with the options: an answer that names one of them picks it ("A red star" is not the letter A)
+    options = ["circle", "star", "square"]
+    assert [chosen_option(text, 3, options) for text in ("A red star.", "circle", "a star or a circle", "cross")] == \
+        [1, 0, None, None]
     with pytest.raises(ValueError, match="answer must index"):
         circular_eval(always_first, "q", options, 3)

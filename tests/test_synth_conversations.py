@@ -1,5 +1,5 @@
 """The bundled LLaVA data: deterministic, answers true to the pictures' metadata (multiple choice too),
-yes/no balanced, the description last and the existence or multiple-choice question first, readable by
+yes/no balanced, the description last and the existence question first, readable by
 mmfast.data.conversations."""
 import json
 import re
@@ -10,7 +10,8 @@ from PIL import Image
 
 from mmfast.data import synth
 from mmfast.data.conversations import read_conversations
-from mmfast.data.synth_conversations import QUESTION_TYPES, conversation, question, write_conversations
+from mmfast.data.synth_conversations import (QUESTION_TYPES, choice_question, conversation, question,
+                                             write_conversations)
 
 
 def test_written_twice_the_same_and_read_back(tmp_path):
@@ -41,19 +42,19 @@ def test_answers_follow_the_metadata_and_existence_is_balanced():
         answers[answer] += 1
         named = f"{meta['color']} {meta['shape']} in"
         assert (answer == "yes") == (named in text)
-        text, letter = question("choice", meta, rng)  # the lettered option is the picture's shape or color
-        options = dict(line.split(". ") for line in re.findall(r"[A-D]\. \w+", text))
-        attribute = "shape" if text.startswith("Which shape") else "color"
-        assert len(options) == 4 and options[letter] == meta[attribute], text
+        for attribute in ("shape", "color"):  # the right option is the picture's shape or color
+            text, options, index = choice_question(attribute, meta[attribute], rng)
+            lettered = dict(line.split(". ") for line in re.findall(r"[A-D]\. \w+", text))
+            assert list(lettered.values()) == options and options[index] == meta[attribute], text
     assert 0.4 < answers["yes"] / 300 < 0.6
-    assert set(QUESTION_TYPES) == {"color", "shape", "count", "position", "exists", "choice", "describe"}
+    assert set(QUESTION_TYPES) == {"color", "shape", "count", "position", "exists", "describe"}
 
 
-def test_no_earlier_answer_gives_the_description_away_and_existence_comes_first():
+def test_the_description_comes_last_and_existence_first():
     rng = np.random.default_rng(1)
     for index in range(200):
         sample = synth.shape_sample(np.random.default_rng([6, index]), 32, "continuous")
         kinds = [item["type"] for item in conversation("k", sample.meta, sample.caption, rng)["questions"]]
         assert "describe" not in kinds[:-1], kinds
-        if "exists" in kinds or "choice" in kinds:
-            assert kinds[0] in ("exists", "choice"), kinds
+        if "exists" in kinds:
+            assert kinds[0] == "exists", kinds

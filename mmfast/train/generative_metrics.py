@@ -88,9 +88,14 @@ def circular_eval(choose: Callable[[str, list[str]], int], question: str, option
     return True
 
 
-def chosen_option(answer: str, count: int) -> int | None:
-    """The index of the option letter a free answer starts with ("B", "B.", "(b) square"), or None."""
-    found = re.match(r"\s*\(?([A-Za-z])[).:\s]|\s*\(?([A-Za-z])\)?\s*$", answer)
-    letter = (found.group(1) or found.group(2)).upper() if found else None
-    index = ord(letter) - ord("A") if letter else None
-    return index if index is not None and 0 <= index < count else None
+def chosen_option(answer: str, count: int, options: Sequence[str] | None = None) -> int | None:
+    """The index of the option an answer picks, or None: its letter ("B", "B.", "(b) square"; a letter
+    followed by a space is a word: "A red star" picks no letter), else, given the options, the one
+    option whose text it names (MMBench's matching of the option's content)."""
+    found = re.match(r"\s*\(?([A-Za-z])(?:[).:]|\s*$)", answer)
+    if found:
+        index = ord(found.group(1).upper()) - ord("A")
+        return index if 0 <= index < count else None
+    words = f" {normalize_answer(answer)} "
+    named = [index for index, option in enumerate(options or ()) if f" {normalize_answer(option)} " in words]
+    return named[0] if len(named) == 1 else None

@@ -367,8 +367,8 @@ class LlavaTask(Task):
 
     def _multiple_choice(self, model, device, folder: str, entries, count: int = 100) -> dict:
         """MMBench's CircularEval on four-option shape questions about held-out pictures: right only if
-        every rotation of the options gets the right letter (`choice_circular`); `choice_single`: the
-        first order alone."""
+        every rotation of the options gets the right option, by letter or by naming it
+        (`choice_circular`); `choice_single`: the first order alone."""
         rng = numpy.random.default_rng(0)  # the same questions at every evaluation
         items = [(entry, *choice_question("shape", entry["meta"]["shape"], rng)[1:]) for entry in entries[:count]]
         rotations = [(entry, {"question": choice_text("shape", options[shift:] + options[:shift])})
@@ -377,10 +377,10 @@ class LlavaTask(Task):
         circular = single = 0
         for entry, options, index in items:
             answers = [next(replies) for _ in options]
-            single += chosen_option(answers[0], len(options)) == index
+            single += chosen_option(answers[0], len(options), options) == index
             pending = iter(answers)
-            circular += circular_eval(lambda question, rotated: chosen_option(next(pending), len(rotated)), "",
-                                      options, index)
+            circular += circular_eval(lambda question, rotated: chosen_option(next(pending), len(rotated), rotated),
+                                      "", options, index)
         return {"choice_circular": circular / max(len(items), 1), "choice_single": single / max(len(items), 1)}
 
     def _generate(self, model, device, folder: str, questions, max_new_tokens: int) -> list[str]:
