@@ -160,6 +160,10 @@ def test_bad_settings_are_named(tmp_path):
     config = _config(tmp_path, "bad-files", "--data.source=files")
     with pytest.raises(ValueError, match="needs data.conversations"):
         train(config, progress=False)
+    config = _config(tmp_path, "anyres", *STAGES["tune"])
+    config.model.image_grid_pinpoints = [[32, 32]]
+    with pytest.raises(ValueError, match="AnyRes.*not yet by task llava"):
+        train(config, progress=False)
     config = _config(tmp_path, "qlora-fsdp2", *STAGES["qlora"], "--engine.name=fsdp2")
     with pytest.raises(ValueError, match="QLoRA.*single and ddp"):
         train(config, progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from mmfast.data.anyres import anyres_tiles, check_pinpoints
 from mmfast.data.conversations import IMAGE_PLACEHOLDER, VICUNA_SYSTEM
 from mmfast.data.preprocess import Preprocess
 
@@ -20,6 +21,7 @@ class LlavaProcessor:
         self.tokenizer, self.config, self.template = tokenizer, config, template
         self.image_processor = Preprocess(config.vision.image_size)
         self.image_tokens = image_tokens(config)
+        self.pinpoints = check_pinpoints(config.image_grid_pinpoints, config.vision.image_size)
         self.pad_token_id = tokenizer.token_to_id("<pad>")
         self.eos_token_id = tokenizer.token_to_id(EOS)
 
@@ -53,24 +55,37 @@ class LlavaProcessor:
                 raise ValueError(f"apply_chat_template: content parts are image or text, got {part!r}")
         return "".join(parts)
 
+    def image_inputs(self, image) -> torch.Tensor:
+        """uint8 [n, 3, H, W]: the tower inputs of one image (one; with AnyRes its overview and tiles)."""
+        if self.pinpoints:
+            from PIL import Image
+
+            return anyres_tiles(image if isinstance(image, Image.Image) else Image.fromarray(image), self.pinpoints,
+                                self.config.vision.image_size)
+        return self.image_processor(image)[None]
+
     def __call__(self, images=None, text=None, return_tensors: str = "pt") -> dict:
         """{"input_ids", "attention_mask"} left-padded (as batched generation needs), and "pixel_values"
-        (uint8 [N, 3, H, W], the model normalizes them) for the `<image>`s of the texts in order."""
+        (uint8 [N, 3, H, W], the model normalizes them) for the `<image>`s of the texts in order (with
+        AnyRes, N counts each image's overview and tiles, and its placeholder expands to all of theirs)."""
         if return_tensors != "pt":
             raise ValueError(f"LlavaProcessor: return_tensors must be 'pt', got {return_tensors!r}")
         texts = [text] if isinstance(text, str) else list(text or [])
         images = [] if images is None else list(images)
-        rows = []
-        for prompt in texts:
-            ids = []
-            for token in self.tokenizer.encode(prompt, add_special_tokens=False).ids:
-                image = token == self.tokenizer.token_to_id(IMAGE_PLACEHOLDER)
-                ids += [self.config.image_token_id] * self.image_tokens if image else [token]
-            rows.append(ids)
-        found = sum(row.count(self.config.image_token_id) for row in rows) // max(self.image_tokens, 1)
+        placeholder = self.tokenizer.token_to_id(IMAGE_PLACEHOLDER)
+        tokens = [self.tokenizer.encode(prompt, add_special_tokens=False).ids for prompt in texts]
+        found = sum(row.count(placeholder) for row in tokens)
         if found != len(images):
             raise ValueError(f"LlavaProcessor: the texts hold {found} '{IMAGE_PLACEHOLDER}' and {len(images)} images "
                              "were given; expected one image per placeholder")
+        inputs = [self.image_inputs(image) for image in images]
+        pending, rows = iter(inputs), []
+        for row in tokens:
+            ids = []
+            for token in row:
+                count = len(next(pending)) * self.image_tokens if token == placeholder else 0
+                ids += [self.config.image_token_id] * count if count else [token]
+            rows.append(ids)
         longest = max((len(row) for row in rows), default=0)
         input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -80,7 +95,7 @@ class LlavaProcessor:
                 attention_mask[index, -len(row):] = 1
         result = {"input_ids": input_ids, "attention_mask": attention_mask}
         if images:
-            result["pixel_values"] = torch.stack([self.image_processor(image) for image in images])
+            result["pixel_values"] = torch.cat(inputs)
         return result
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

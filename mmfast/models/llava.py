@@ -43,6 +43,9 @@ class LlavaConfig:
     projector: str = "mlp2x_gelu"
     image_token_id: int = 0
     image_attention: str = "causal"
+    # AnyRes ([height, width] grids, multiples of the tower's input; mmfast.data.anyres): an image becomes an
+    # overview plus tiles, each a tower input of `image_tokens` tokens; empty: one tower input per image
+    image_grid_pinpoints: list = field(default_factory=list)
 
     def __post_init__(self):
         for name, allowed in (("vision_feature_select_strategy", SELECT_STRATEGIES), ("projector", PROJECTORS),
@@ -114,6 +117,8 @@ class Llava(nn.Module):
     input_ids hold `image_token_id` once per image feature (`image_tokens` per image: the tower's
     patches, plus one with the class token kept), the images in order; pixel_values `[N, C, H, W]`
     (uint8 when the tower's config has a mean and std, else normalized floats, as HF's processor gives).
+    With AnyRes each image is several tower inputs (its overview and tiles, mmfast.data.anyres): N counts
+    those, and the image's tokens are theirs, in order.
     """
 
     def __init__(self, config: LlavaConfig):
@@ -346,6 +351,9 @@ def to_hf_llava(model: Llava):
     if config.image_attention != "causal":
         raise ValueError("to_hf_llava: HF's LLaVA attends causally over image tokens; image_attention="
                          f"{config.image_attention!r} would give other outputs")
+    if config.image_grid_pinpoints:
+        raise ValueError("to_hf_llava: AnyRes tiles (image_grid_pinpoints) are LLaVA-NeXT's; HF's "
+                         "LlavaForConditionalGeneration would see one tower input per image")
     vision = config.vision
     siglip = config.vision_tower == "siglip"
     vision_class = transformers.SiglipVisionConfig if siglip else transformers.CLIPVisionConfig

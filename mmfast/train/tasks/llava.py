@@ -107,6 +107,9 @@ class LlavaTask(Task):
             raise ValueError(f"config: task llava reads LLaVA's JSON (data.source=files, data.conversations) or "
                              f"the bundled conversations (synth), got data.source={config.data.source!r}")
         check_lora(config.model.lora)
+        if config.model.image_grid_pinpoints:
+            raise ValueError("config: model.image_grid_pinpoints (AnyRes) is taken by Llava and LlavaProcessor, not "
+                             "yet by task llava's data (the bundled pictures are the tower's size): leave it empty")
         unknown = sorted(set(config.model.lora.target_modules) - set(LLAMA_LINEARS))
         if config.model.lora.rank and unknown:  # before anything is written into the run directory
             raise ValueError(f"config: model.lora.target_modules names {unknown}, which are not linear layers of the "
