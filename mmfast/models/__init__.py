@@ -1,9 +1,11 @@
 """Single-device model code for the three paradigms (so far: the CLIP / SigLIP dual encoder, a small
-causal language model over captions, and the Llama / Qwen2 decoder the LLaVA-style model builds on)."""
+causal language model over captions, the Llama / Qwen2 decoder the LLaVA-style model builds on, and the
+AST audio encoder)."""
+from mmfast.models.audio import AudioConfig, AudioEncoder, from_hf_ast
 from mmfast.models.caption_lm import CaptionLM, CaptionLMConfig
 from mmfast.models.clip import CLIP, ClipConfig, TextConfig, VisionConfig, clip_config
 from mmfast.models.convert import from_hf_clip, from_open_clip
 from mmfast.models.llama import LlamaConfig, LlamaForCausalLM, from_hf_causal_lm, to_hf_causal_lm
 
-__all__ = ["CLIP", "CaptionLM", "CaptionLMConfig", "ClipConfig", "LlamaConfig", "LlamaForCausalLM", "TextConfig",
-           "VisionConfig", "clip_config", "from_hf_causal_lm", "from_hf_clip", "from_open_clip", "to_hf_causal_lm"]
+__all__ = ["AudioConfig", "AudioEncoder", "CLIP", "CaptionLM", "CaptionLMConfig", "ClipConfig", "LlamaConfig", "LlamaForCausalLM", "TextConfig",
+           "VisionConfig", "clip_config", "from_hf_ast", "from_hf_causal_lm", "from_hf_clip", "from_open_clip", "to_hf_causal_lm"]

@@ -1,0 +1,138 @@
+"""The audio encoder (AST, the Audio Spectrogram Transformer): waveform -> the fused log-mel
+spectrogram with AST's settings (16 kHz, 25 ms windows every 10 ms, 128 mel bins, natural log,
+normalized with AST's mean and std, padded or cut to `max_length` frames) -> `ASTPatchEmbed`
+(overlapping 16 x 16 patches, class and distillation tokens) -> pre-norm transformer blocks on
+`MixedAttention` -> final norm. `from_hf_ast` takes an HF `ASTModel`'s weights (same outputs from the
+same spectrogram). The front end is mmfast's log-mel, not Kaldi's fbank that HF's feature extractor
+computes (no pre-emphasis or per-frame DC removal): a model converted from HF should be fine-tuned on
+it, or fed HF's features as `input_values`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfast.models.clip import Block
+from mmfast.nn.patch_embed import ASTPatchEmbed
+from mmfast.ops.log_mel import log_mel_spectrogram
+
+AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AST's AudioSet statistics of its log-mel features
+
+
+@dataclass(kw_only=True)
+class AudioConfig:
+    sample_rate: int = 16000
+    window_ms: float = 25.0
+    hop_ms: float = 10.0
+    num_mel_bins: int = 128
+    max_length: int = 1024  # frames: 10.24 s at a 10 ms hop
+    mean: float = AST_MEAN
+    std: float = AST_STD
+    patch_size: int = 16
+    frequency_stride: int = 10
+    time_stride: int = 10
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-12
+
+    def __post_init__(self):
+        for name in ("num_mel_bins", "max_length"):
+            if getattr(self, name) < self.patch_size:
+                raise ValueError(f"AudioConfig: {name} must be at least patch_size ({self.patch_size}), got "
+                                 f"{getattr(self, name)}")
+
+
+class AudioEncoder(nn.Module):
+    """`forward(waveform=[B, samples] | input_values=[B, frames, mel bins])` -> hidden states
+    `[B, patches + 2, width]` after the final norm; `pooled(hidden)`: the mean of the class and
+    distillation tokens (HF's pooler_output)."""
+
+    def __init__(self, config: AudioConfig, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.embeddings = ASTPatchEmbed(config.width, config.patch_size, config.frequency_stride, config.time_stride,
+                                        config.num_mel_bins, config.max_length, backend=backend)
+        self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, False, "gelu", backend)
+                                    for _ in range(config.layers))
+        self.layernorm = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = config.layer_norm_eps
+        self.backend = backend
+
+    def features(self, waveform: torch.Tensor) -> torch.Tensor:
+        """`[B, samples]` float waveforms at config.sample_rate -> normalized log-mel `[B, max_length, mel
+        bins]` (frames past the clip: the log-mel of silence, 0 before normalizing, as AST pads)."""
+        if waveform.dim() != 2 or not waveform.is_floating_point():
+            raise ValueError(f"AudioEncoder: waveform must be float [B, samples], got {tuple(waveform.shape)} "
+                             f"{waveform.dtype}")
+        config = self.config
+        window = round(config.sample_rate * config.window_ms / 1000)
+        hop = round(config.sample_rate * config.hop_ms / 1000)
+        mel = log_mel_spectrogram(waveform, sample_rate=config.sample_rate, n_fft=window, hop_length=hop,
+                                  n_mels=config.num_mel_bins, mel_scale="htk", mel_norm=None, log="ln",
+                                  clamp_min=1e-10, backend=self.backend).transpose(1, 2)
+        mel = mel[:, :config.max_length]
+        mel = F.pad(mel, (0, 0, 0, config.max_length - mel.shape[1]))
+        return (mel - config.mean) / (2 * config.std)  # AST's normalization: half a standard deviation
+
+    def forward(self, waveform: torch.Tensor | None = None, *, input_values: torch.Tensor | None = None) -> torch.Tensor:
+        if (waveform is None) == (input_values is None):
+            raise ValueError("AudioEncoder: pass exactly one of waveform and input_values")
+        if input_values is None:
+            input_values = self.features(waveform)
+        expected = (self.config.max_length, self.config.num_mel_bins)
+        if input_values.dim() != 3 or tuple(input_values.shape[1:]) != expected:
+            raise ValueError(f"AudioEncoder: input_values must be [B, {expected[0]} frames, {expected[1]} mel bins], "
+                             f"got {tuple(input_values.shape)}")
+        x = self.embeddings(input_values)
+        for layer in self.layers:
+            x = layer(x)
+        return self.layernorm(x)
+
+    @staticmethod
+    def pooled(hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden[:, 0] + hidden[:, 1]) / 2
+
+
+# HF's ASTModel names, transformers 4 and 5, onto ours
+_AST_RENAMES = [
+    (r"^(?:encoder\.)?layers?\.(\d+)\.", r"layers.\1."),
+    (r"\.attention\.(?:attention\.query|q_proj)\.", ".self_attn.q_proj."),
+    (r"\.attention\.(?:attention\.key|k_proj)\.", ".self_attn.k_proj."),
+    (r"\.attention\.(?:attention\.value|v_proj)\.", ".self_attn.v_proj."),
+    (r"\.attention\.(?:output\.dense|o_proj)\.", ".self_attn.o_proj."),
+    (r"\.layernorm_before\.", ".layer_norm1."),
+    (r"\.layernorm_after\.", ".layer_norm2."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"^(layers\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
+]
+
+
+def audio_config_of_hf(hf_config) -> AudioConfig:
+    if getattr(hf_config, "hidden_act", "gelu") != "gelu":
+        raise ValueError(f"audio_config_of_hf: expected hidden_act 'gelu', got {hf_config.hidden_act!r}")
+    return AudioConfig(num_mel_bins=hf_config.num_mel_bins, max_length=hf_config.max_length,
+                       patch_size=hf_config.patch_size, frequency_stride=hf_config.frequency_stride,
+                       time_stride=hf_config.time_stride, width=hf_config.hidden_size,
+                       layers=hf_config.num_hidden_layers, heads=hf_config.num_attention_heads,
+                       mlp_ratio=hf_config.intermediate_size / hf_config.hidden_size,
+                       layer_norm_eps=hf_config.layer_norm_eps)
+
+
+def from_hf_ast(hf_model, backend: str | None = None) -> AudioEncoder:
+    """An AudioEncoder with an HF ASTModel's weights (ASTForAudioClassification: pass its `.audio_spectrogram_transformer`)."""
+    model = AudioEncoder(audio_config_of_hf(hf_model.config), backend)
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        for pattern, replacement in _AST_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        state[key] = value
+    model.load_state_dict(state, strict=True)
+    return model

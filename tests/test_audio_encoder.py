@@ -1,0 +1,67 @@
+"""mmfast.models.audio: HF ASTModel weights give HF's outputs (hidden states and pooler) from the same
+spectrogram; the waveform front end is the fused log-mel with AST's settings, padded or cut to the
+model's frames and normalized; bad input is named."""
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mmfast.models.audio import AudioConfig, AudioEncoder, from_hf_ast  # noqa: E402
+from mmfast.ops.log_mel import log_mel_spectrogram  # noqa: E402
+
+
+def hf_ast(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    num_mel_bins=32, max_length=48)
+    model = transformers.ASTModel(config).eval()
+    with torch.no_grad():  # HF starts the tokens, positions and biases at zero: make them count
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "token" in name or "position" in name:
+                parameter.normal_(std=0.1)
+    return model
+
+
+def test_hf_weights_give_hf_outputs():
+    hf = hf_ast()
+    ours = from_hf_ast(hf).eval()
+    spectrogram = torch.randn(3, 48, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(spectrogram)
+        hidden = ours(input_values=spectrogram)
+    assert hidden.shape == expected.last_hidden_state.shape == (3, 2 + 2 * 4, 32)  # (32-16)//10+1 x (48-16)//10+1
+    torch.testing.assert_close(hidden, expected.last_hidden_state, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.pooled(hidden), expected.pooler_output, atol=2e-5, rtol=1e-5)
+
+
+def test_the_waveform_becomes_asts_normalized_log_mel():
+    config = AudioConfig(num_mel_bins=32, max_length=48, width=32, layers=1, heads=2)
+    model = AudioEncoder(config).eval()
+    seconds = torch.arange(3200) / 16000  # 0.2 s: 21 frames, padded to 48
+    waveform = torch.stack([torch.sin(2 * math.pi * 440 * seconds), 0.1 * torch.randn(3200)])
+    features = model.features(waveform)
+    mel = log_mel_spectrogram(waveform, sample_rate=16000, n_fft=400, hop_length=160, n_mels=32, mel_scale="htk",
+                              mel_norm=None, log="ln").transpose(1, 2)
+    assert features.shape == (2, 48, 32)
+    torch.testing.assert_close(features[:, :21], (mel - config.mean) / (2 * config.std))
+    torch.testing.assert_close(features[:, 21:], torch.full_like(features[:, 21:], -config.mean / (2 * config.std)))
+    # the 440 Hz tone's energy lies in its mel bin, not in the top bins
+    assert features[0, 5].argmax() < 16
+    long = torch.randn(1, 16000)  # 1 s: 101 frames, cut to 48
+    assert model.features(long).shape == (1, 48, 32)
+    with torch.no_grad():
+        assert model(waveform).shape == (2, 10, 32)
+
+
+def test_bad_input_is_named():
+    model = AudioEncoder(AudioConfig(num_mel_bins=32, max_length=48, width=32, layers=1, heads=2))
+    with pytest.raises(ValueError, match="exactly one of waveform and input_values"):
+        model()
+    with pytest.raises(ValueError, match=r"must be \[B, 48 frames, 32 mel bins\], got \(2, 40, 32\)"):
+        model(input_values=torch.zeros(2, 40, 32))
+    with pytest.raises(ValueError, match="waveform must be float"):
+        model(torch.zeros(2, 100, dtype=torch.int16))
+    with pytest.raises(ValueError, match="num_mel_bins must be at least patch_size"):
+        AudioConfig(num_mel_bins=8)
