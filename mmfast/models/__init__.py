@@ -1,11 +1,13 @@
 """Single-device model code for the three paradigms (so far: the CLIP / SigLIP dual encoder, a small
 causal language model over captions, the Llama / Qwen2 decoder the LLaVA-style model builds on, and the
-AST audio encoder)."""
+AST audio and VideoMAE video encoders)."""
 from mmfast.models.audio import AudioConfig, AudioEncoder, from_hf_ast
 from mmfast.models.caption_lm import CaptionLM, CaptionLMConfig
 from mmfast.models.clip import CLIP, ClipConfig, TextConfig, VisionConfig, clip_config
 from mmfast.models.convert import from_hf_clip, from_open_clip
 from mmfast.models.llama import LlamaConfig, LlamaForCausalLM, from_hf_causal_lm, to_hf_causal_lm
+from mmfast.models.video import VideoConfig, VideoEncoder, from_hf_videomae, sample_frames
 
 __all__ = ["AudioConfig", "AudioEncoder", "CLIP", "CaptionLM", "CaptionLMConfig", "ClipConfig", "LlamaConfig", "LlamaForCausalLM", "TextConfig",
-           "VisionConfig", "clip_config", "from_hf_ast", "from_hf_causal_lm", "from_hf_clip", "from_open_clip", "to_hf_causal_lm"]
+           "VideoConfig", "VideoEncoder", "VisionConfig", "clip_config", "from_hf_ast", "from_hf_causal_lm", "from_hf_clip", "from_hf_videomae", "from_open_clip", "sample_frames",
+           "to_hf_causal_lm"]
