@@ -8,6 +8,7 @@ from mmfast.models.convert import from_hf_clip, from_open_clip
 from mmfast.models.llama import LlamaConfig, LlamaForCausalLM, from_hf_causal_lm, to_hf_causal_lm
 from mmfast.models.video import VideoConfig, VideoEncoder, from_hf_videomae, sample_frames
 
-__all__ = ["AudioConfig", "AudioEncoder", "CLIP", "CaptionLM", "CaptionLMConfig", "ClipConfig", "LlamaConfig", "LlamaForCausalLM", "TextConfig",
-           "VideoConfig", "VideoEncoder", "VisionConfig", "clip_config", "from_hf_ast", "from_hf_causal_lm", "from_hf_clip", "from_hf_videomae", "from_open_clip", "sample_frames",
+__all__ = ["AudioConfig", "AudioEncoder", "CLIP", "CaptionLM", "CaptionLMConfig", "ClipConfig", "LlamaConfig",
+           "LlamaForCausalLM", "TextConfig", "VideoConfig", "VideoEncoder", "VisionConfig", "clip_config",
+           "from_hf_ast", "from_hf_causal_lm", "from_hf_clip", "from_hf_videomae", "from_open_clip", "sample_frames",
            "to_hf_causal_lm"]
