@@ -69,13 +69,20 @@ def _bench(args) -> int:
 
 def _synth(args) -> int:
     _require("data", "data synth")
-    from mmfast.data.synth import write_shards
+    out = args.out or ("data/synth" if args.modality == "image" else f"data/synth-{args.modality}")
+    if args.modality == "image":
+        from mmfast.data.synth import write_shards
 
-    written = write_shards(args.out, train=args.train, held_out=args.held_out, size=args.size, seed=args.seed,
-                           shard_size=args.shard_size, digit_fraction=args.digit_fraction,
-                           geometry=args.geometry)
+        written = write_shards(out, train=args.train, held_out=args.held_out, size=args.size, seed=args.seed,
+                               shard_size=args.shard_size, digit_fraction=args.digit_fraction,
+                               geometry=args.geometry)
+    else:
+        from mmfast.data.synth_media import write_media_shards
+
+        written = write_media_shards(out, args.modality, train=args.train, held_out=args.held_out, seed=args.seed,
+                                     shard_size=args.shard_size)
     for split, paths in written.items():
-        print(f"{split}: {len(paths)} shard(s) in {args.out}")
+        print(f"{split}: {len(paths)} shard(s) in {out}")
     return 0
 
 
@@ -221,8 +228,11 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
     export.set_defaults(run=_export)
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="write the bundled synthetic image-caption shards (webdataset)")
-    synth.add_argument("--out", default="data/synth", help="output folder (default: data/synth)")
+    synth = data.add_parser("synth", help="write the bundled synthetic captioned image, audio or video shards (webdataset)")
+    synth.add_argument("--modality", default="image", choices=["image", "audio", "video"],
+                       help="shapes with captions (image), beeps (audio, 1 s at 16 kHz) or moving shapes (video, "
+                            "8 frames)")
+    synth.add_argument("--out", default=None, help="output folder (default: data/synth, data/synth-audio, ...)")
     synth.add_argument("--train", type=int, default=20000, help="training samples")
     synth.add_argument("--held-out", type=int, default=2000, help="held-out samples")
     synth.add_argument("--size", type=int, default=32, help="image side in pixels")
