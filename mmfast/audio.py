@@ -5,6 +5,9 @@
 - `WhisperFeatureExtractor`: the call of HF's `WhisperFeatureExtractor` (raw speech list or
   array, sampling_rate, padding to 30 s, `input_features` and optionally `attention_mask`),
   on the CPU or a GPU.
+- `griffin_lim(magnitude, ...)`: a waveform whose STFT magnitude is `magnitude` (fast Griffin-Lim,
+  batched, on torch.stft / torch.istft, on any device); `mel_to_linear(mel, filters)`: a mel
+  spectrogram back to a linear one (least squares), the vocoder of a model that generates mels.
 """
 from __future__ import annotations
 
@@ -143,3 +146,61 @@ class WhisperFeatureExtractor:
         except ImportError:
             return output
         return BatchFeature(output)
+
+
+def mel_to_linear(mel: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """`[..., n_mels, frames]` mel power -> `[..., n_fft // 2 + 1, frames]` linear power: the least-squares
+    solution of filters^T x = mel (the minimum-norm one where the filterbank leaves it open, e.g. the
+    bins below the first filter), clamped at zero (librosa's mel_to_stft solves the non-negative
+    problem iteratively instead). filters: `[n_fft // 2 + 1, n_mels]`, as mmfast.ops.log_mel.mel_filters."""
+    if filters.dim() != 2 or mel.shape[-2] != filters.shape[1]:
+        raise ValueError(f"mel_to_linear: expected filters [n_freqs, {mel.shape[-2]}] for a mel of shape "
+                         f"{tuple(mel.shape)}, got {tuple(filters.shape)}")
+    inverse = torch.linalg.pinv(filters.T.to(torch.float64)).to(mel.dtype)  # [n_freqs, n_mels]
+    return (inverse.to(mel.device) @ mel).clamp(min=0)
+
+
+def griffin_lim(magnitude: torch.Tensor, *, n_fft: int, hop_length: int, win_length: int | None = None,
+                iterations: int = 32, momentum: float = 0.99, length: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """A waveform `[..., samples]` whose STFT magnitude (Hann window, centred frames, as
+    torch.stft(center=True) and librosa) approaches `magnitude` `[..., n_fft // 2 + 1, frames]`:
+    phases from random ones refined `iterations` times by projecting onto consistent STFTs, with
+    the fast Griffin-Lim momentum (Perraudin et al. 2013; librosa's default 0.99; 0 is the original).
+    Batched over leading dimensions; runs where `magnitude` lives."""
+    if magnitude.dim() < 2 or magnitude.shape[-2] != n_fft // 2 + 1:
+        raise ValueError(f"griffin_lim: magnitude must be [..., n_fft // 2 + 1 = {n_fft // 2 + 1}, frames], got "
+                         f"{tuple(magnitude.shape)}")
+    if iterations < 1 or not 0 <= momentum < 1:
+        raise ValueError(f"griffin_lim: expected iterations >= 1 and 0 <= momentum < 1, got {iterations}, {momentum}")
+    win_length = win_length or n_fft
+    leading = magnitude.shape[:-2]
+    spectrum = magnitude.reshape(-1, *magnitude.shape[-2:]).to(torch.float32)
+    window = torch.hann_window(win_length, device=spectrum.device)
+    options = dict(n_fft=n_fft, hop_length=hop_length, win_length=win_length, window=window, center=True)
+    phases = torch.rand(spectrum.shape, generator=generator, device="cpu").to(spectrum.device)
+    angles = torch.polar(torch.ones_like(spectrum), 2 * torch.pi * phases)
+    previous = torch.zeros_like(angles)
+    samples = length or (spectrum.shape[-1] - 1) * hop_length
+    for _ in range(iterations):
+        waveform = torch.istft(spectrum * angles, length=samples, **options)
+        rebuilt = torch.stft(waveform, return_complex=True, **options)
+        angles = rebuilt - (momentum / (1 + momentum)) * previous
+        angles = angles / angles.abs().clamp(min=1e-16)
+        previous = rebuilt
+    waveform = torch.istft(spectrum * angles, length=samples, **options)
+    return waveform.reshape(*leading, waveform.shape[-1])
+
+
+def spectral_convergence(magnitude: torch.Tensor, waveform: torch.Tensor, *, n_fft: int, hop_length: int,
+                         win_length: int | None = None) -> torch.Tensor:
+    """|| magnitude - |STFT(waveform)| ||_F / || magnitude ||_F per item: how far a vocoder's waveform is
+    from the magnitude it was given (0: exact)."""
+    win_length = win_length or n_fft
+    window = torch.hann_window(win_length, device=waveform.device)
+    rebuilt = torch.stft(waveform.reshape(-1, waveform.shape[-1]), n_fft=n_fft, hop_length=hop_length,
+                         win_length=win_length, window=window, center=True, return_complex=True).abs()
+    target = magnitude.reshape(rebuilt.shape[0], *magnitude.shape[-2:])
+    frames = min(rebuilt.shape[-1], target.shape[-1])
+    difference = (target[..., :frames] - rebuilt[..., :frames]).flatten(1).norm(dim=1)
+    return (difference / target.flatten(1).norm(dim=1)).reshape(magnitude.shape[:-2])

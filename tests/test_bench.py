@@ -144,6 +144,14 @@ def test_llava_train_suite_compares_the_same_model(tmp_path):
     assert all(r["status"] == "ok" and r["mode"] == "full" and r["tokens_per_s"] > 0 for r in rows)
 
 
+def test_griffin_lim_suite_runs_mmfast_and_librosa(tmp_path):
+    pytest.importorskip("librosa")
+    assert main(["bench", "griffin_lim", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["provider"] for r in rows} == {"mmfast", "librosa"}
+    assert all(r["status"] == "ok" and r["audio_seconds_per_s"] > 0 for r in rows)
+
+
 def test_grad_cache_benchmark_script_runs_a_step():
     import runpy
 

@@ -1,6 +1,6 @@
 """Benchmark suites by name: each maps (profile, device) to a list of cases."""
-from mmfast.bench.suites import (clip_train, contrastive, decode, linear_cross_entropy, llava_train, log_mel,
-                                 mixed_attention, patch_embed)
+from mmfast.bench.suites import (clip_train, contrastive, decode, griffin_lim, linear_cross_entropy, llava_train,
+                                 log_mel, mixed_attention, patch_embed)
 
 SUITES = {
     "contrastive": contrastive.cases,
@@ -11,4 +11,5 @@ SUITES = {
     "linear_cross_entropy": linear_cross_entropy.cases,
     "decode": decode.cases,
     "llava_train": llava_train.cases,
+    "griffin_lim": griffin_lim.cases,
 }
