@@ -86,6 +86,27 @@ def _synth(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    _require("data", "data score")
+    from mmfast.train.curate import score
+
+    report = score(args.model, args.data, args.out, batch_size=args.batch_size)
+    print(f"scored {report['scored']} pairs ({sum(report['skipped'].values())} skipped) into {args.out}; "
+          f"report {args.out}.report.json")
+    return 0
+
+
+def _filter(args) -> int:
+    _require("data", "data filter")
+    from mmfast.train.curate import filter_shards
+
+    report = filter_shards(args.scores, args.data, args.out, threshold=args.threshold, top_fraction=args.top_fraction,
+                           min_words=args.min_words, min_image_size=args.min_image_size, max_aspect=args.max_aspect)
+    print(f"kept {report['kept']} of {report['pairs']} pairs (threshold {report['threshold']:.4f}); removed by rule "
+          f"{report['removed_by_rule']}; shards and report.json in {args.out}")
+    return 0
+
+
 def _train(args, overrides) -> int:
     _require("train", "train")
     from mmfast.train import load_config, train
@@ -242,6 +263,24 @@ def parser() -> argparse.ArgumentParser:
     synth.add_argument("--geometry", default="anchored", choices=["anchored", "continuous"],
                        help="shapes at the named positions and sizes, or anywhere inside them, tilted and outlined")
     synth.set_defaults(run=_synth)
+    scoring = data.add_parser("score", help="each image-caption pair's cosine under a trained CLIP (JSONL)")
+    scoring.add_argument("--model", required=True, help="a CLIP run directory (or its model.pt)")
+    scoring.add_argument("--data", required=True, help="shards: braces, globs, '::' between sources")
+    scoring.add_argument("--out", required=True, help="the scores file (JSONL); a killed run resumes from it")
+    scoring.add_argument("--batch-size", type=int, default=256)
+    scoring.set_defaults(run=_score)
+    keep = data.add_parser("filter", help="the pairs above a CLIP-score threshold (or top fraction) and basic "
+                                          "rules, as new shards")
+    keep.add_argument("--scores", required=True, help="a scores file of mmfast data score")
+    keep.add_argument("--data", required=True, help="the shards that were scored")
+    keep.add_argument("--out", required=True, help="folder for the kept shards and report.json")
+    rule = keep.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--threshold", type=float, help="keep pairs scoring at least this")
+    rule.add_argument("--top-fraction", type=float, help="keep this fraction of pairs, the best scored")
+    keep.add_argument("--min-words", type=int, default=0, help="basic rule: captions of at least this many words")
+    keep.add_argument("--min-image-size", type=int, default=0, help="basic rule: images' shorter side in pixels")
+    keep.add_argument("--max-aspect", type=float, default=None, help="basic rule: longer side / shorter side")
+    keep.set_defaults(run=_filter)
     return main
 
 

@@ -107,14 +107,15 @@ class ShardPairs(IterableDataset):
             read = 0
             try:
                 for key, sample in tar_samples(path):
-                    pair = self._pair(key, sample)
+                    pair = self.decode(key, sample)
                     if pair is not None:
                         read += 1
                         yield pair
             except TruncatedShard as error:
                 self.problems[f"truncated shard {error} after {read} samples"] += 1
 
-    def _pair(self, key: str, sample: dict):
+    def decode(self, key: str, sample: dict):
+        """One tar sample's (image, caption, meta), or None with its problem counted."""
         image_key = next((extension for extension in IMAGE_EXTENSIONS if extension in sample), None)
         if image_key is None or "txt" not in sample:
             self.problems["missing image or caption"] += 1
