@@ -2,7 +2,8 @@
 seed and index; train and held-out splits draw different clips):
 
 - audio: 1 s at 16 kHz of one, two or three beeps, all low (200-300 Hz) or all high (800-1200 Hz),
-  sine or square, at random times and loudness, over noise; captions name the count and pitch and
+  sine or (hard or rounded) square, 0.05-0.3 s long with 2-40 ms attacks and releases, at random
+  times and loudness, over white or low-passed noise; captions name the count and pitch and
   half the time the waveform ("two high beeps", "one low square-wave beep");
 - video: 8 frames of 32 x 32, a colored shape (mmfast.data.synth's colors and shapes, on its
   backgrounds) moving left, right, up or down by a third to a half of the frame; captions name
@@ -30,6 +31,7 @@ PITCHES = {"low": (200.0, 300.0), "high": (800.0, 1200.0)}
 WAVES = ("sine", "square")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 MODALITIES = ("audio", "video")
+AUDIO_FORMAT = 2  # raised whenever the clips change, so old shards are drawn again
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,9 @@ def beep_clip(rng: np.random.Generator, seconds: float = 1.0, sample_rate: int =
     shape = str(rng.choice(WAVES))
     frequency = float(rng.uniform(*PITCHES[pitch]))
     samples = int(seconds * sample_rate)
-    signal = rng.normal(0, rng.uniform(0.003, 0.03), samples)
-    # beeps of 0.1-0.2 s at random times, at least 0.08 s apart (so they count as separate beeps)
-    durations = rng.uniform(0.1, 0.2, count)
+    signal = _background(rng, samples, sample_rate)
+    # beeps of 0.05-0.3 s at random times, at least 0.08 s apart (so they count as separate beeps)
+    durations = rng.uniform(0.05, 0.3 if count < 3 else 0.22, count)
     slack = seconds - durations.sum() - 0.08 * (count + 1)
     gaps = rng.dirichlet(np.ones(count + 1)) * slack + 0.08
     starts, time = [], gaps[0]
@@ -57,9 +59,15 @@ def beep_clip(rng: np.random.Generator, seconds: float = 1.0, sample_rate: int =
     for start, duration in zip(starts, durations):
         begin, length = int(start * sample_rate), int(duration * sample_rate)
         phase = 2 * np.pi * frequency * np.arange(length) / sample_rate
-        tone = np.sin(phase) if shape == "sine" else np.sign(np.sin(phase)) * 0.6  # a square's power ~ a sine's
-        fade = np.minimum(1.0, np.minimum(np.arange(length), np.arange(length)[::-1]) / (0.005 * sample_rate))
-        signal[begin:begin + length] += rng.uniform(0.3, 0.8) * tone * fade
+        if shape == "sine":
+            tone = np.sin(phase)
+        else:  # a hard or a slightly rounded square, its power about a sine's
+            tone = np.tanh(rng.uniform(3, 30) * np.sin(phase)) * 0.7
+        # linear attack and release of 2-40 ms each
+        attack, release = rng.uniform(0.002, 0.04, 2) * sample_rate
+        ramp = np.arange(length)
+        fade = np.clip(np.minimum(ramp / attack, (length - 1 - ramp) / release), 0, 1)
+        signal[begin:begin + length] += rng.uniform(0.3, 0.85) * tone * fade
     words = [synth.COUNT_WORDS[count] if count > 1 or rng.random() < 0.5 else "a", pitch]
     if rng.random() < 0.5:
         words.append(f"{shape}-wave")
@@ -67,6 +75,64 @@ def beep_clip(rng: np.random.Generator, seconds: float = 1.0, sample_rate: int =
     meta = {"kind": "audio", "count": count, "pitch": pitch, "frequency": frequency, "wave": shape,
             "starts": starts, "durations": [float(d) for d in durations], "sample_rate": sample_rate}
     return Clip(np.clip(signal, -1, 1).astype(np.float32), " ".join(words), meta)
+
+
+def _background(rng: np.random.Generator, samples: int, sample_rate: int) -> np.ndarray:
+    """What the beeps sound over: white noise, or noise low-passed by a one-pole filter (a rumble), at
+    a random level."""
+    noise = rng.normal(0, 1, samples)
+    if rng.random() < 0.5:
+        from scipy.signal import lfilter
+
+        pole = np.exp(-2 * np.pi * rng.uniform(30, 400) / sample_rate)
+        noise = lfilter([1 - pole], [1, -pole], noise)
+        noise /= noise.std() + 1e-12
+    return noise * rng.uniform(0.003, 0.03)
+
+
+def other_beep_clip(rng: np.random.Generator, seconds: float = 1.0, sample_rate: int = SAMPLE_RATE) -> Clip:
+    """Beeps made another way, for evaluation only: squares summed from their odd harmonics (band-limited)
+    rather than clipped sines, raised-cosine envelopes rather than linear fades, beeps of 0.06-0.3 s
+    placed by rejection rather than spread gaps, and a 50-60 Hz hum with brown noise under them. Same
+    vocabulary: count, pitch, waveform."""
+    count = int(rng.integers(1, 4))
+    pitch = str(rng.choice(list(PITCHES)))
+    shape = str(rng.choice(WAVES))
+    frequency = float(rng.uniform(*PITCHES[pitch]))
+    samples = int(seconds * sample_rate)
+    time = np.arange(samples) / sample_rate
+    brown = np.cumsum(rng.normal(0, 1, samples))
+    brown = (brown - np.convolve(brown, np.ones(401) / 401, mode="same")) * rng.uniform(0.0005, 0.002)
+    signal = brown + rng.uniform(0.005, 0.03) * np.sin(2 * np.pi * rng.uniform(50, 60) * time)
+    spans: list[tuple[float, float]] = []
+    while len(spans) < count:  # beeps at least 0.1 s apart, placed by rejection (from scratch when stuck)
+        spans, tries = [], 0
+        while len(spans) < count and tries < 200:
+            tries += 1
+            duration = float(rng.uniform(0.06, 0.3 if count < 3 else 0.2))
+            start = float(rng.uniform(0.05, seconds - duration - 0.05))
+            if all(start > end + 0.1 or start + duration < begin - 0.1 for begin, end in spans):
+                spans.append((start, start + duration))
+    spans.sort()
+    for begin, end in spans:
+        inside = (time >= begin) & (time < end)
+        local = time[inside] - begin
+        harmonics = [1] if shape == "sine" else [k for k in range(1, 40, 2) if k * frequency < sample_rate / 2]
+        tone = sum(np.sin(2 * np.pi * k * frequency * local) / k for k in harmonics)
+        tone = tone / np.abs(tone).max()
+        envelope = np.sin(np.pi * local / (end - begin)) ** 0.5  # a raised, rounded envelope
+        signal[inside] += rng.uniform(0.35, 0.8) * tone * envelope
+    meta = {"kind": "audio", "count": count, "pitch": pitch, "frequency": frequency, "wave": shape,
+            "starts": [begin for begin, _ in spans], "durations": [end - begin for begin, end in spans],
+            "sample_rate": sample_rate, "generator": "other"}
+    noun = "beep" if count == 1 else "beeps"
+    return Clip(np.clip(signal, -1, 1).astype(np.float32), f"{synth.COUNT_WORDS[count]} {pitch} {noun}", meta)
+
+
+def other_beeps(count: int = 300, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """The evaluation set of beeps made another way: float32 [count, samples] and their metadata."""
+    clips = [other_beep_clip(np.random.default_rng([seed, 7, index])) for index in range(count)]
+    return np.stack([clip.data for clip in clips]), [clip.meta for clip in clips]
 
 
 def moving_clip(rng: np.random.Generator, frames: int = 8, size: int = 32) -> Clip:

@@ -1,10 +1,12 @@
 """Tasks: what the trainer asks of each training paradigm (see base.Task). `task:` in a recipe names one."""
+from mmfast.train.tasks.audio_contrastive import AudioContrastiveTask
 from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.caption_lm import CaptionLMTask
 from mmfast.train.tasks.contrastive import ContrastiveTask
 from mmfast.train.tasks.llava import LlavaTask
 
-TASKS = {"contrastive": ContrastiveTask, "caption_lm": CaptionLMTask, "llava": LlavaTask}
+TASKS = {"contrastive": ContrastiveTask, "audio_contrastive": AudioContrastiveTask, "caption_lm": CaptionLMTask,
+         "llava": LlavaTask}
 
 
 def build_task(config, placement=None) -> Task:
@@ -13,4 +15,4 @@ def build_task(config, placement=None) -> Task:
     return TASKS[config.task](config, placement)
 
 
-__all__ = ["TASKS", "CaptionLMTask", "ContrastiveTask", "LlavaTask", "Task", "build_task"]
+__all__ = ["TASKS", "AudioContrastiveTask", "CaptionLMTask", "ContrastiveTask", "LlavaTask", "Task", "build_task"]

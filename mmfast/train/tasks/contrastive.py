@@ -151,11 +151,12 @@ class ContrastiveTask(Task):
 
     def loss(self, model, batch) -> torch.Tensor:
         """The encoders in the engine's precision; the loss in float32, outside autocast."""
-        pixels, text = batch
-        output = model(pixels, text)
-        with torch.autocast(pixels.device.type, enabled=False):
+        media, text = batch  # pixels, or waveforms (task audio_contrastive)
+        output = model(media, text)
+        features = output["image_features"] if "image_features" in output else output["audio_features"]
+        with torch.autocast(media.device.type, enabled=False):
             extra = [output["logit_bias"].float()] if "logit_bias" in output else []
-            return self.loss_function(output["image_features"].float(), output["text_features"].float(),
+            return self.loss_function(features.float(), output["text_features"].float(),
                                       output["logit_scale"].float(), *extra)
 
     def forward_backward(self, engine, batch) -> torch.Tensor:
