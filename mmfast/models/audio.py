@@ -9,7 +9,6 @@ it, or fed HF's features as `input_values`.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfast.models.clip import Block
+from mmfast.models.convert import load_renamed
 from mmfast.nn.patch_embed import ASTPatchEmbed
 from mmfast.ops.log_mel import log_mel_spectrogram
 
@@ -128,11 +128,5 @@ def audio_config_of_hf(hf_config) -> AudioConfig:
 
 def from_hf_ast(hf_model, backend: str | None = None) -> AudioEncoder:
     """An AudioEncoder with an HF ASTModel's weights (ASTForAudioClassification: pass its `.audio_spectrogram_transformer`)."""
-    model = AudioEncoder(audio_config_of_hf(hf_model.config), backend)
-    state = {}
-    for key, value in hf_model.state_dict().items():
-        for pattern, replacement in _AST_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        state[key] = value
-    model.load_state_dict(state, strict=True)
-    return model
+    return load_renamed(AudioEncoder(audio_config_of_hf(hf_model.config), backend), hf_model.state_dict(),
+                        _AST_RENAMES)

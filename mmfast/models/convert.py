@@ -12,6 +12,24 @@ import torch
 
 from mmfast.models.clip import CLIP, ClipConfig, TextConfig, VisionConfig
 
+
+def load_renamed(model: torch.nn.Module, state: dict, renames, *, zero_key_bias: bool = False) -> torch.nn.Module:
+    """Loads a peer's state dict into `model` (strict) with each key rewritten by the (pattern,
+    replacement) regexes in order. zero_key_bias: the peer's attention has no key bias (Whisper,
+    VideoMAE): ours gets zeros, which change nothing (a bias on every key shifts all of a query's
+    scores alike, and softmax ignores that)."""
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    if zero_key_bias:
+        for name, parameter in model.named_parameters():
+            if name.endswith("self_attn.k_proj.bias"):
+                renamed.setdefault(name, torch.zeros_like(parameter))
+    model.load_state_dict(renamed, strict=True)
+    return model
+
 _HF_RENAMES = [
     (r"^text_model\.embeddings\.(token|position)_embedding\.", r"text_model.\1_embedding."),
     (r"\.encoder\.layers\.", ".layers."),

@@ -7,7 +7,6 @@ outputs from the same features.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfast.models.clip import Block
+from mmfast.models.convert import load_renamed
 from mmfast.ops.log_mel import log_mel_spectrogram
 
 
@@ -78,7 +78,7 @@ class SpeechEncoder(nn.Module):
         return self.layer_norm(x)
 
 
-# HF's WhisperEncoder names onto ours; its keys have no bias (softmax ignores one): zero
+# HF's WhisperEncoder names onto ours (its keys have no bias: load_renamed zeroes ours)
 _WHISPER_RENAMES = [
     (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."),
     (r"\.self_attn_layer_norm\.", ".layer_norm1."),
@@ -99,12 +99,4 @@ def from_hf_whisper(hf_model, backend: str | None = None) -> SpeechEncoder:
                           heads=hf_config.encoder_attention_heads,
                           mlp_ratio=hf_config.encoder_ffn_dim / hf_config.d_model)
     model = SpeechEncoder(config, backend)
-    state = {}
-    for key, value in encoder.state_dict().items():
-        for pattern, replacement in _WHISPER_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        state[key] = value
-    for index in range(config.layers):
-        state.setdefault(f"layers.{index}.self_attn.k_proj.bias", torch.zeros(config.width))
-    model.load_state_dict(state, strict=True)
-    return model
+    return load_renamed(model, encoder.state_dict(), _WHISPER_RENAMES, zero_key_bias=True)

@@ -6,13 +6,13 @@ gives the model.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mmfast.models.clip import Block
+from mmfast.models.convert import load_renamed
 from mmfast.nn.patch_embed import TubeletEmbed
 
 
@@ -107,8 +107,7 @@ def sample_frames(total: int, count: int, *, mode: str = "uniform", training: bo
     return indices.clamp(max=total - 1)
 
 
-# HF's VideoMAEModel names onto ours; its keys have no bias (a bias on every key shifts all of a
-# query's scores alike, which softmax ignores): zero
+# HF's VideoMAEModel names onto ours (its keys have no bias: load_renamed zeroes ours)
 _VIDEOMAE_RENAMES = [
     (r"^encoder\.layer\.(\d+)\.", r"layers.\1."),
     (r"\.attention\.attention\.query\.", ".self_attn.q_proj."),
@@ -138,13 +137,5 @@ def from_hf_videomae(hf_model, backend: str | None = None, *, mean=None, std=Non
                          layer_norm_eps=hf_config.layer_norm_eps, final_norm=not hf_config.use_mean_pooling,
                          mean=mean, std=std)
     model = VideoEncoder(config, backend)
-    state = {}
-    for key, value in hf_model.state_dict().items():
-        for pattern, replacement in _VIDEOMAE_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        state[key] = value
-    for index in range(config.layers):
-        state.setdefault(f"layers.{index}.self_attn.k_proj.bias", torch.zeros(config.width))
-    model.load_state_dict(state, strict=True)
-    return model
+    return load_renamed(model, hf_model.state_dict(), _VIDEOMAE_RENAMES, zero_key_bias=True)
 
