@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfast.models.audio import AudioConfig, AudioEncoder
-from mmfast.models.clip import TextConfig, TextTransformer, _scalars_as_vectors
+from mmfast.models.clip import DualEncoder, TextConfig
 
 
 @dataclass(kw_only=True)
@@ -26,7 +26,7 @@ class ClapConfig:
     backend: str | None = None
 
 
-class CLAP(nn.Module):
+class CLAP(DualEncoder):
     """`encode_audio(waveform)`, `encode_text(tokens)`, and `forward(waveform, tokens)` returning both
     (normalized) with the exponentiated logit scale (and bias), as CLIP's forward does."""
 
@@ -34,13 +34,10 @@ class CLAP(nn.Module):
         super().__init__()
         self.config = config
         self.audio_model = AudioEncoder(config.audio, config.backend)
-        self.text_model = TextTransformer(config.text, config.activation, config.backend)
+        self.text_model = self._text_model(config)
         self.audio_projection = nn.Linear(config.audio.width, config.embed_dim, bias=False)
         self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.full([1], float(config.init_logit_scale)))
-        self.logit_bias = (nn.Parameter(torch.full([1], float(config.init_logit_bias)))
-                           if config.init_logit_bias is not None else None)
-        self._register_load_state_dict_pre_hook(_scalars_as_vectors)
+        self._logit_parameters(config)
         # AST's tokens and positions start at zero in HF; small random values let a fresh model tell
         # clips apart from the first step
         nn.init.normal_(self.audio_model.embeddings.position_embeddings, std=0.02)
@@ -51,23 +48,12 @@ class CLAP(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return [*self.audio_model.layers, *self.text_model.layers]
 
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=math.log(100.0)).exp()
-
     def encode_audio(self, waveform: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """[B, samples] float waveforms at config.audio.sample_rate -> [B, embed_dim]."""
         features = self.audio_projection(self.audio_model.pooled(self.audio_model(waveform)))
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.text_projection(self.text_model(tokens))
-        return F.normalize(features, dim=-1) if normalize else features
-
     def forward(self, waveform: torch.Tensor, tokens: torch.Tensor) -> dict:
         """{"audio_features", "text_features" (unit length), "logit_scale" (exponentiated, capped),
         "logit_bias" (SigLIP)}."""
-        output = {"audio_features": self.encode_audio(waveform, normalize=True),
-                  "text_features": self.encode_text(tokens, normalize=True), "logit_scale": self.scale()}
-        if self.logit_bias is not None:
-            output["logit_bias"] = self.logit_bias
-        return output
+        return self._output("audio_features", self.encode_audio(waveform, normalize=True), tokens)

@@ -223,25 +223,58 @@ def _scalars_as_vectors(state_dict, prefix, *_):
             state_dict[prefix + name] = value.reshape(1)
 
 
-class CLIP(nn.Module):
-    """`encode_image(pixels)`, `encode_text(tokens)`, and `forward` returning both (normalized) with
-    the exponentiated logit scale (and bias) as open_clip's models do."""
+class DualEncoder(nn.Module):
+    """What CLIP and its audio sibling (mmfast.models.clap.CLAP) share: the text tower and its projection,
+    the learnable logit scale (and SigLIP's bias), and the forward's output. A subclass builds its other
+    tower, the text tower (_text_model), the projections (the other tower's first: the order sets the
+    initial weights and the optimizer's parameter order) and the logit parameters (_logit_parameters)."""
 
-    def __init__(self, config: ClipConfig):
-        super().__init__()
-        self.config = config
+    def _text_model(self, config) -> TextTransformer:
         if config.text.pooling not in ("eot", "mean"):
-            raise ValueError(f"CLIP: text.pooling must be 'eot' or 'mean', got {config.text.pooling!r}")
-        self.vision_model = VisionTransformer(config.vision, config.activation, config.backend)
-        self.text_model = TextTransformer(config.text, config.activation, config.backend)
-        self.visual_projection = nn.Linear(config.vision.width, config.embed_dim, bias=False)
-        self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)
+            raise ValueError(f"{type(self).__name__}: text.pooling must be 'eot' or 'mean', got {config.text.pooling!r}")
+        return TextTransformer(config.text, config.activation, config.backend)
+
+    def _logit_parameters(self, config) -> None:
         # one-element vectors, not 0-dim: FSDP2 and DeepSpeed both refuse 0-dim parameters. The
         # 0-dim entries of HF and open_clip state dicts are reshaped on load (_scalars_as_vectors).
         self.logit_scale = nn.Parameter(torch.full([1], float(config.init_logit_scale)))
         self.logit_bias = (nn.Parameter(torch.full([1], float(config.init_logit_bias)))
                            if config.init_logit_bias is not None else None)
         self._register_load_state_dict_pre_hook(_scalars_as_vectors)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), capped at 100 as CLIP does. The cap is applied here rather than by
+        clamping the parameter after each step, so it holds under every sharding engine (whose
+        optimizers keep their own master copies); past the cap the scale's gradient is zero."""
+        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """[B, T] token ids -> [B, embed_dim] features (unit length with normalize)."""
+        features = self.text_projection(self.text_model(tokens))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def _output(self, name: str, features: torch.Tensor, tokens: torch.Tensor) -> dict:
+        """{name: features, "text_features" (unit length), "logit_scale" [1] (exponentiated, capped),
+        "logit_bias" [1] (SigLIP)}."""
+        output = {name: features, "text_features": self.encode_text(tokens, normalize=True),
+                  "logit_scale": self.scale()}
+        if self.logit_bias is not None:
+            output["logit_bias"] = self.logit_bias
+        return output
+
+
+class CLIP(DualEncoder):
+    """`encode_image(pixels)`, `encode_text(tokens)`, and `forward` returning both (normalized) with
+    the exponentiated logit scale (and bias) as open_clip's models do."""
+
+    def __init__(self, config: ClipConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = VisionTransformer(config.vision, config.activation, config.backend)
+        self.text_model = self._text_model(config)
+        self.visual_projection = nn.Linear(config.vision.width, config.embed_dim, bias=False)
+        self.text_projection = nn.Linear(config.text.width, config.embed_dim, bias=False)
+        self._logit_parameters(config)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing per transformer block (open_clip's and timm's method name)."""
@@ -251,28 +284,12 @@ class CLIP(nn.Module):
         """The transformer blocks of both towers: the units to shard, compile or checkpoint."""
         return [*self.vision_model.layers, *self.text_model.layers]
 
-    def scale(self) -> torch.Tensor:
-        """exp(logit_scale), capped at 100 as CLIP does. The cap is applied here rather than by
-        clamping the parameter after each step, so it holds under every sharding engine (whose
-        optimizers keep their own master copies); past the cap the scale's gradient is zero."""
-        return self.logit_scale.clamp(max=math.log(100.0)).exp()
-
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """[B, C, H, W] pixels -> [B, embed_dim] features (unit length with normalize)."""
         features = self.visual_projection(self.vision_model(pixels))
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """[B, T] token ids -> [B, embed_dim] features (unit length with normalize)."""
-        features = self.text_projection(self.text_model(tokens))
-        return F.normalize(features, dim=-1) if normalize else features
-
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> dict:
         """pixels [B, C, H, W], tokens [B, T] -> {"image_features" [B, D], "text_features" [B, D] (unit
         length), "logit_scale" [1] (exponentiated, capped), "logit_bias" [1] (SigLIP)}."""
-        output = {"image_features": self.encode_image(pixels, normalize=True),
-                  "text_features": self.encode_text(tokens, normalize=True),
-                  "logit_scale": self.scale()}
-        if self.logit_bias is not None:
-            output["logit_bias"] = self.logit_bias
-        return output
+        return self._output("image_features", self.encode_image(pixels, normalize=True), tokens)
