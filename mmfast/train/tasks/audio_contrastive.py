@@ -185,11 +185,17 @@ class AudioContrastiveTask(ContrastiveTask):
         model.eval()
         device = next(model.parameters()).device
         waveforms, captions, metas = self.held_out
+        if getattr(self, "other", None) is None:  # drawn once per run, not at every evaluation
+            other_waveforms, other_metas = synth_media.other_beeps()
+            self.other = torch.from_numpy(other_waveforms), other_metas
+        classes, prompts = class_prompts()
+        flat = [prompt for group in prompts for prompt in group]
+        text = model.encode_text(self.tokenizer(flat).to(device), normalize=True).float().cpu()
+        text = text.reshape(len(classes), len(prompts[0]), -1)
         audio = self._embed(model, waveforms, device)
-        result = self._zero_shot(model, audio, metas, device, "")
-        other_waveforms, other_metas = synth_media.other_beeps()
-        result.update(self._zero_shot(model, self._embed(model, torch.from_numpy(other_waveforms), device),
-                                      other_metas, device, "other_"))
+        result = self._zero_shot(audio, text, classes, metas, "")
+        result.update(self._zero_shot(self._embed(model, self.other[0], device), text, classes, self.other[1],
+                                      "other_"))
         words = model.encode_text(self.tokenizer(captions).to(device), normalize=True).float().cpu()
         similarity, target = audio @ words.T, torch.arange(len(captions))
         for direction, table in (("audio_to_text", similarity), ("text_to_audio", similarity.T)):
@@ -205,11 +211,10 @@ class AudioContrastiveTask(ContrastiveTask):
         return torch.cat([model.encode_audio(waveforms[start:start + 256].to(device), normalize=True).float().cpu()
                           for start in range(0, len(waveforms), 256)])
 
-    def _zero_shot(self, model, audio: torch.Tensor, metas: list[dict], device, prefix: str) -> dict:
-        classes, prompts = class_prompts()
-        flat = [prompt for group in prompts for prompt in group]
-        text = model.encode_text(self.tokenizer(flat).to(device), normalize=True).float().cpu()
-        scores = torch.einsum("nd,cpd->ncp", audio, text.reshape(len(classes), len(prompts[0]), -1)).amax(-1)
+    @staticmethod
+    def _zero_shot(audio: torch.Tensor, text: torch.Tensor, classes, metas: list[dict], prefix: str) -> dict:
+        """Each clip's class by its best-scoring prompt (text: [classes, prompts, D])."""
+        scores = torch.einsum("nd,cpd->ncp", audio, text).amax(-1)
         predicted = [classes[index] for index in scores.argmax(1).tolist()]
         pairs = list(zip(predicted, metas))
         return {f"{prefix}zero_shot_accuracy": float(np.mean([p == (m["count"], m["pitch"]) for p, m in pairs])),
