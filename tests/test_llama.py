@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from mmfast.models import llama  # noqa: E402
 from mmfast.models.llama import (LlamaConfig, LlamaForCausalLM, from_hf_causal_lm, llama_config_of_hf,  # noqa: E402
                                  to_hf_causal_lm)
+from tests.hf_weights import nudge  # noqa: E402
 
 VOCAB = 101
 KINDS = {
@@ -28,11 +29,7 @@ def hf_model(kind: str, seed: int = 0):
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           rope_parameters={"rope_type": "default", "rope_theta": 500.0}, **extra)
     model = model_class(config).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias"):  # HF starts biases at zero: make them count
-                parameter.normal_(std=0.1)
-    return model
+    return nudge(model)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

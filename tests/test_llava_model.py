@@ -10,6 +10,7 @@ from mmfast.models.clip import VisionConfig  # noqa: E402
 from mmfast.models.llama import LlamaConfig  # noqa: E402
 from mmfast.models.llava import Llava, LlavaConfig, from_hf_llava, to_hf_llava  # noqa: E402
 from mmfast.nn import KVCache  # noqa: E402
+from tests.hf_weights import nudge  # noqa: E402
 
 IMAGE = 119
 
@@ -27,11 +28,7 @@ def hf_llava(text: str = "llama", feature_layer: int = -2, strategy: str = "defa
                                       vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
                                       image_seq_length=16 + (tower == "clip") - (strategy == "default"))
     model = transformers.LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(std=0.1)
-    return model
+    return nudge(model)
 
 
 def conversation(length: int, image_at: int | None, tokens: int, seed: int) -> torch.Tensor:

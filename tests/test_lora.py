@@ -10,6 +10,7 @@ pytest.importorskip("peft")
 
 from mmfast.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from mmfast.models.lora import LoraConfig, add_lora, merge_lora  # noqa: E402
+from tests.hf_weights import nudge  # noqa: E402
 
 CONFIG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, attention_bias=True)
@@ -22,10 +23,7 @@ def _model(seed=0):
 
 def _nudge_adapters(model):
     """peft starts B at zero (the adapted model equals the base): give the adapters a value."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.2)
+    nudge(model, lambda name: "lora_B" in name, std=0.2)
 
 
 def _tokens():

@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mmfast.models.speech import SpeechConfig, SpeechEncoder, from_hf_whisper  # noqa: E402
+from tests.hf_weights import nudge  # noqa: E402
 
 
 def hf_whisper(seed: int = 0):
@@ -17,11 +18,7 @@ def hf_whisper(seed: int = 0):
                                         num_mel_bins=80, max_source_positions=50, vocab_size=100, pad_token_id=0,
                                         bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
     model = transformers.WhisperModel(config).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(std=0.1)
-    return model
+    return nudge(model)
 
 
 def test_hf_weights_give_hf_outputs():

@@ -7,6 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mmfast.models.video import VideoConfig, VideoEncoder, from_hf_videomae, sample_frames  # noqa: E402
+from tests.hf_weights import nudge  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -17,11 +18,7 @@ def hf_videomae(mean_pooling: bool = True, seed: int = 0):
                                          num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                          use_mean_pooling=mean_pooling)
     model = transformers.VideoMAEModel(config).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(std=0.1)
-    return model
+    return nudge(model)
 
 
 @pytest.mark.parametrize("mean_pooling", [True, False])
