@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import torch
 from tqdm.auto import tqdm
@@ -71,22 +72,60 @@ def _reader(data, split: str):
     raise ValueError(f"config: data.source must be 'synth', 'shards' or 'files', got {data.source!r}")
 
 
-def load_split(data, split: str):
-    """(uint8 images [N, 3, S, S], captions, metas) of a split, every image resized and centre-cropped
-    to data.image_size; corrupt or missing images are skipped, counted and reported. The split is held
-    in memory (S * S * 3 bytes per image)."""
-    reader, preprocess = _reader(data, split), Preprocess(data.image_size)
+def _read_pairs(reader, image_size: int, label: str, quiet: bool = False):
+    """(uint8 images [N, 3, S, S], captions, metas) of everything `reader` reads, every image resized and
+    centre-cropped to `image_size`; corrupt or missing images are skipped, counted and reported."""
+    preprocess = Preprocess(image_size)
     pairs = ((image, caption, {}) for image, caption in reader.valid()) if isinstance(reader, FilePairs) else reader
     images, captions, metas = [], [], []
-    for image, caption, meta in tqdm(pairs, desc=f"reading {split}", disable=data.source == "synth", leave=False):
+    for image, caption, meta in tqdm(pairs, desc=f"reading {label}", disable=quiet, leave=False):
         images.append(preprocess(image))
         captions.append(caption)
         metas.append(meta)
     if reader.skipped:
-        print(f"mmfast train: skipped {reader.skipped} samples of {split}: {dict(reader.problems)}")
+        print(f"mmfast train: skipped {reader.skipped} samples of {label}: {dict(reader.problems)}")
     if not images:
-        raise ValueError(f"mmfast train: the {split} split has no readable image-caption pairs")
+        raise ValueError(f"mmfast train: {label} has no readable image-caption pairs")
     return torch.stack(images), captions, metas
+
+
+def load_split(data, split: str):
+    """(uint8 images [N, 3, S, S], captions, metas) of a split at data.image_size. The split is held
+    in memory (S * S * 3 bytes per image)."""
+    return _read_pairs(_reader(data, split), data.image_size, f"the {split} split", quiet=data.source == "synth")
+
+
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _source_reader(data, name: str, pattern: str):
+    if not SOURCE_NAME.match(name):
+        raise ValueError(f"config: data.sources names must be letters, digits, '_' or '-' (they name metrics), "
+                         f"got {name!r}")
+    if pattern == "synth":
+        return ShardPairs(shard_paths(data, "train"))
+    if pattern.lower().endswith((".csv", ".tsv", ".jsonl")):
+        if not os.path.exists(pattern):
+            raise ValueError(f"config: data.sources.{name} must be an existing CSV/TSV/JSONL file, got {pattern!r}")
+        return FilePairs(pattern, data.image_key, data.caption_key)
+    shards = expand_shards(pattern)
+    if not shards:
+        raise ValueError(f"config: data.sources.{name} matches no shards, got {pattern!r}")
+    return ShardPairs(shards)
+
+
+def load_sources(data):
+    """The training split of a mixture (data.sources: name -> shards, a CSV/TSV/JSONL file, or "synth"
+    for the bundled train split): the sources' pairs one after another, as load_split gives them, and
+    {name: number of pairs} in that order."""
+    parts, sizes = [], {}
+    for name, pattern in data.sources.items():
+        images, captions, metas = _read_pairs(_source_reader(data, name, pattern), data.image_size,
+                                              f"data.sources.{name}")
+        parts.append((images, captions, metas))
+        sizes[name] = len(captions)
+    images = torch.cat([part[0] for part in parts])
+    return (images, [c for part in parts for c in part[1]], [m for part in parts for m in part[2]]), sizes
 
 
 OTHER_RENDERER_SAMPLES = 648  # 6 colors x 6 shapes x 3 background bands, 6 pictures each

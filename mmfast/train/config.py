@@ -28,6 +28,13 @@ class DataConfig:
     streaming: bool = False  # shards: stream the training split instead of holding it in memory
     workers: int = 2  # streaming: DataLoader worker processes per rank
     shuffle_buffer: int = 1000  # streaming: samples mixed across shards
+    # several training sets mixed (in memory; replaces data.train): name -> shards, a CSV/TSV/JSONL file
+    # or "synth"; each source's share of every batch by weight, by size^(1/T), or by size (the default);
+    # a source capped at max_epochs gives its share to the others once it has given that many
+    sources: dict[str, str] = field(default_factory=dict)
+    mixture: dict[str, float] = field(default_factory=dict)
+    mixture_temperature: float = 0.0
+    max_epochs: dict[str, float] = field(default_factory=dict)
     synth_dir: str = "data/synth"  # the bundled data; written there on first use
     train_samples: int = 20000
     held_out_samples: int = 2000
@@ -268,6 +275,30 @@ def check_config(config: RunConfig) -> None:
             value = value_at(config, key)
             if value is not None and not holds(value, bound):
                 raise ValueError(f"config: {key} must be {sign} {bound}, got {value!r}")
+    _check_sources(config.data, config.task)
+
+
+MIXING_TASKS = ("contrastive", "caption_lm")  # the tasks that read image-caption training sets
+
+
+def _check_sources(data: DataConfig, task: str) -> None:
+    """data.sources excludes data.train and streaming; the mixture keys need sources and valid weights."""
+    from mmfast.data.mixture import mixture_probabilities
+
+    if not data.sources:
+        given = [key for key in ("mixture", "mixture_temperature", "max_epochs") if getattr(data, key)]
+        if given:
+            raise ValueError(f"config: data.{given[0]} needs data.sources (several training sets), got none")
+        return
+    if task not in MIXING_TASKS:
+        raise ValueError(f"config: data.sources mixes image-caption sets for tasks {list(MIXING_TASKS)}, "
+                         f"got task {task!r}")
+    if data.train:
+        raise ValueError(f"config: data.sources replaces data.train; give one of them, got both "
+                         f"(data.train {data.train!r})")
+    if data.streaming:
+        raise ValueError("config: data.sources are mixed in memory; data.streaming must be false, got true")
+    mixture_probabilities(dict.fromkeys(data.sources, 1), data.mixture, data.mixture_temperature)
 
 
 def recipes() -> list[str]:

@@ -15,9 +15,8 @@ from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.caption_lm import CaptionLM, CaptionLMConfig, flops_per_sequence
 from mmfast.models.clip import TextConfig
 from mmfast.train import checkpoint
-from mmfast.data.splits import batch_indices
 from mmfast.train.tasks.base import Task
-from mmfast.train.tasks.captions import prepare_captions
+from mmfast.train.tasks.captions import global_rows, mixture_log, prepare_captions
 
 
 def _model_section() -> CaptionLMConfig:
@@ -65,10 +64,10 @@ class CaptionLMTask(Task):
 
     def batches(self, accumulation: int, start: int):
         """(tokens,) of this rank's share of every global batch, as the contrastive task shares them."""
-        data, seed, placement = self.config.data, self.config.train.seed, self.placement
+        placement = self.placement
         tokens = self.tokenizer(self.train_split[1])
         for step in itertools.count(start):
-            rows = batch_indices(step, len(tokens), data.batch_size, seed)
+            rows = global_rows(self, step, len(tokens))
             yield (tokens[rows.view(accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)],)
 
     def _token_losses(self, model, tokens):
@@ -88,6 +87,9 @@ class CaptionLMTask(Task):
         losses = model(tokens[:, :-1], labels=targets, ignore_index=self.tokenizer.pad_id)
         valid = targets != self.tokenizer.pad_id
         return ((losses * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+
+    def log(self, engine) -> dict:
+        return mixture_log(self)
 
     def flops_per_sample(self) -> float:
         return flops_per_sequence(self.model_config.text, self.model_config.text.context_length - 1)

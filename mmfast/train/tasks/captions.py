@@ -5,19 +5,28 @@ import os
 
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.train import distributed
-from mmfast.data.splits import ensure_synth, load_split, other_split, shard_paths
+from mmfast.data.mixture import Mixture, mixture_probabilities
+from mmfast.data.splits import batch_indices, ensure_synth, load_sources, load_split, other_split, shard_paths
 from mmfast.data.stream import sample_captions
 
 
 def prepare_captions(task, progress: bool, with_other: bool = False, train: bool = True) -> None:
     """Sets task.train_split (None when streamed, or without `train`), task.held_out, task.other (the
-    set drawn another way, rank 0, when `with_other`) and, through task.restore, the tokenizer: trained
-    on the captions (or loaded from data.tokenizer) and written once into the run directory by rank 0."""
+    set drawn another way, rank 0, when `with_other`), task.mixture (data.sources: the sources' batches,
+    else None) and, through task.restore, the tokenizer: trained on the captions (or loaded from
+    data.tokenizer) and written once into the run directory by rank 0."""
     config, placement = task.config, task.placement
     if placement.is_main and config.data.source == "synth":
         ensure_synth(config.data, progress)
     distributed.barrier()
-    task.train_split = None if config.data.streaming or not train else load_split(config.data, "train")
+    task.train_split, task.mixture = None, None
+    if train and config.data.sources:
+        task.train_split, sizes = load_sources(config.data)
+        probabilities = mixture_probabilities(sizes, config.data.mixture, config.data.mixture_temperature)
+        task.mixture = Mixture(sizes, probabilities, config.data.batch_size, config.train.seed,
+                               config.data.max_epochs)
+    elif train and not config.data.streaming:
+        task.train_split = load_split(config.data, "train")
     task.held_out = load_split(config.data, "held_out")
     task.other = other_split(config.data) if with_other and placement.is_main else None
     path = os.path.join(config.run_dir, "tokenizer.json")
@@ -32,3 +41,16 @@ def prepare_captions(task, progress: bool, with_other: bool = False, train: bool
         tokenizer.save(path)
     distributed.barrier()
     task.restore(config.run_dir)
+
+
+def global_rows(task, step: int, size: int):
+    """The rows of the global batch of `step` in task.train_split: the mixture's, or one permutation of
+    the split per epoch."""
+    if task.mixture is not None:
+        return task.mixture.rows(step)
+    return batch_indices(step, size, task.config.data.batch_size, task.config.train.seed)
+
+
+def mixture_log(task) -> dict:
+    """Per source, samples seen and epochs (fractional) so far, when the run mixes sources."""
+    return task.mixture.seen() if getattr(task, "mixture", None) is not None else {}

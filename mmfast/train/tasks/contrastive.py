@@ -15,12 +15,12 @@ from mmfast.data.preprocess import Preprocess
 from mmfast.models import CLIP, ClipConfig
 from mmfast.models.clip import TextConfig, VisionConfig, flops_per_sample, patch_count
 from mmfast.train import checkpoint
-from mmfast.data.splits import batch_indices, shard_paths
+from mmfast.data.splits import shard_paths
 from mmfast.train.evaluate import evaluate
 from mmfast.train.grad_cache import grad_cache_step
 from mmfast.data.stream import stream_batches
 from mmfast.train.tasks.base import Task
-from mmfast.train.tasks.captions import prepare_captions
+from mmfast.train.tasks.captions import global_rows, mixture_log, prepare_captions
 
 CLIP_MEAN, CLIP_STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 
@@ -128,7 +128,7 @@ class ContrastiveTask(Task):
         images, captions, _ = self.train_split
         tokens = tokenizer(captions)
         for step in itertools.count(start):
-            rows = batch_indices(step, len(tokens), data.batch_size, seed)
+            rows = global_rows(self, step, len(tokens))
             # accumulated batch i is the global batch's i-th slice, shared out over the ranks: the same
             # contrastive batches as in one process
             rows = rows.view(accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)
@@ -169,8 +169,9 @@ class ContrastiveTask(Task):
         return super().forward_backward(engine, batch)
 
     def log(self, engine) -> dict:
-        """exp(logit_scale)."""
-        return {"logit_scale": engine.full_value(engine.unwrapped.logit_scale).float().exp().item()}
+        """exp(logit_scale), and each source's samples and epochs when mixing."""
+        return {"logit_scale": engine.full_value(engine.unwrapped.logit_scale).float().exp().item(),
+                **mixture_log(self)}
 
     def flops_per_sample(self) -> float:
         return flops_per_sample(self.model_config)
