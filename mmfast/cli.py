@@ -107,6 +107,17 @@ def _filter(args) -> int:
     return 0
 
 
+def _dedup(args) -> int:
+    _require("data", "data dedup")
+    from mmfast.train.dedup import dedup
+
+    report = dedup(args.data, args.out, exact=args.exact, near=args.near, model=args.model, against=args.against,
+                   against_threshold=args.against_threshold, batch_size=args.batch_size)
+    print(f"kept {report['kept']} of {report['pairs']} samples; removed by rule {report['removed_by_rule']}; "
+          f"shards, removed.jsonl and report.json in {args.out}")
+    return 0
+
+
 def _train(args, overrides) -> int:
     _require("train", "train")
     from mmfast.train import load_config, train
@@ -281,6 +292,19 @@ def parser() -> argparse.ArgumentParser:
     keep.add_argument("--min-image-size", type=int, default=0, help="basic rule: images' shorter side in pixels")
     keep.add_argument("--max-aspect", type=float, default=None, help="basic rule: longer side / shorter side")
     keep.set_defaults(run=_filter)
+    unique = data.add_parser("dedup", help="the shards less exact and near duplicate images, and less copies of an "
+                                           "evaluation split")
+    unique.add_argument("--data", required=True, help="shards: braces, globs, '::' between sources")
+    unique.add_argument("--out", required=True, help="folder for the kept shards, removed.jsonl and report.json")
+    unique.add_argument("--exact", action="store_true", help="remove later copies of the same pixels")
+    unique.add_argument("--near", type=float, default=None,
+                        help="remove images whose embedding cosine with an earlier one is at least this (needs --model)")
+    unique.add_argument("--model", default=None, help="a CLIP run directory whose image tower embeds the images")
+    unique.add_argument("--against", default=None, help="evaluation shards: remove their copies from --data")
+    unique.add_argument("--against-threshold", type=float, default=None,
+                        help="with --model: remove images this close to an evaluation image (default: --near)")
+    unique.add_argument("--batch-size", type=int, default=256)
+    unique.set_defaults(run=_dedup)
     return main
 
 

@@ -70,9 +70,18 @@ def test_filter_keeps_the_best_pairs_and_counts_each_rule(trained, tmp_path):
     assert set(sample) == {"png", "txt", "json"}  # every file of a kept sample, unchanged
     # basic rules: each counted, a pair may fail several; intersection with the threshold
     report = filter_shards(str(scores), data, str(tmp_path / "strict"), threshold=values[-1], min_words=5,
-                           min_image_size=33, progress=False)
-    assert report["kept"] == 0 and report["removed_by_rule"]["image size"] == 64
-    assert 0 < report["removed_by_rule"]["caption words"] < 64
+                           progress=False)
+    assert 0 < report["removed_by_rule"]["caption words"] == 64 - report["kept"]
+    # keeping nothing is an error naming what each rule removed, and leaves no shards behind
+    with pytest.raises(ValueError, match=r"no pair of the 64 in 1 shard\(s\) is kept \(removed by rule: .*'image size': 64"):
+        filter_shards(str(scores), data, str(tmp_path / "none"), threshold=values[-1], min_words=5,
+                      min_image_size=33, progress=False)
+    assert not list((tmp_path / "none").glob("*.tar*"))
+    # a scores file of other shards
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(line.replace("held_out-", "train-") for line in open(scores)))
+    with pytest.raises(ValueError, match="none of the 1 that --data matches .*score these shards first"):
+        filter_shards(str(other), data, str(tmp_path / "o"), threshold=0.1, progress=False)
     # a kill inside a shard: its partial file is redone, finished shards are not
     (tmp_path / "half" / "report.json").unlink()
     (tmp_path / "half" / sorted(p.name for p in (tmp_path / "half").glob("*.tar"))[0]).rename(

@@ -111,6 +111,50 @@ def _read_scores(path: str) -> dict[str, float]:
     return {row["id"]: row["score"] for row in map(json.loads, _completed_lines(path))}
 
 
+def write_kept(shards: list[str], out_dir: str, failed_rules, command: str, progress: bool = True):
+    """Writes each shard's samples for which `failed_rules(shard, key, sample)` names no rule as a shard of
+    the same name in `out_dir` (all of a sample's files, unchanged); returns (totals, removed by rule).
+    Each shard is written under a temporary name and renamed when complete, with its counts beside it,
+    so a restart after a kill redoes only the shard it was in. Keeping nothing is an error that names
+    what each rule removed, and leaves no shards behind."""
+    import webdataset
+
+    os.makedirs(out_dir, exist_ok=True)
+    removed, totals = Counter(), Counter()
+    for shard in tqdm(shards, desc=command, disable=not progress):
+        target = os.path.join(out_dir, os.path.basename(shard))
+        counts_path = target + ".counts.json"
+        if os.path.exists(target) and os.path.exists(counts_path):  # done before a kill
+            done = json.load(open(counts_path))
+            totals.update(done["totals"])
+            removed.update(done["removed"])
+            continue
+        shard_removed, shard_totals = Counter(), Counter()
+        partial = target + ".partial"
+        with webdataset.TarWriter(partial) as sink:
+            for key, sample in tar_samples(shard):
+                shard_totals["pairs"] += 1
+                failed = failed_rules(shard, key, sample)
+                shard_removed.update(failed)
+                if failed:
+                    continue
+                shard_totals["kept"] += 1
+                sink.write({"__key__": key, **sample})
+        os.replace(partial, target)
+        write_atomically(counts_path, json.dumps({"totals": shard_totals, "removed": shard_removed}))
+        totals.update(shard_totals)
+        removed.update(shard_removed)
+    if not totals["kept"]:
+        for shard in shards:
+            for path in (os.path.join(out_dir, os.path.basename(shard)),
+                         os.path.join(out_dir, os.path.basename(shard)) + ".counts.json"):
+                if os.path.exists(path):
+                    os.remove(path)
+        raise ValueError(f"{command}: no pair of the {totals['pairs']} in {len(shards)} shard(s) is kept (removed by "
+                         f"rule: {dict(removed)}); nothing was written to {out_dir}")
+    return totals, removed
+
+
 def filter_shards(scores_path: str, data: str, out_dir: str, *, threshold: float | None = None,
                   top_fraction: float | None = None, min_words: int = 0, min_image_size: int = 0,
                   max_aspect: float | None = None, progress: bool = True) -> dict:
@@ -132,51 +176,35 @@ def filter_shards(scores_path: str, data: str, out_dir: str, *, threshold: float
     shards = expand_shards(data)
     if not shards:
         raise ValueError(f"mmfast data filter: --data matches no shards, got {data!r}")
-    os.makedirs(out_dir, exist_ok=True)
-    import webdataset
+    scored = {identifier.split("/", 1)[0] for identifier in scores}
+    if not scored & {os.path.basename(shard) for shard in shards}:
+        raise ValueError(f"mmfast data filter: the scores file {scores_path} ({len(scores)} pairs) scored shards "
+                         f"{sorted(scored)[:3]}..., none of the {len(shards)} that --data matches "
+                         f"({os.path.basename(shards[0])}, ...): score these shards first")
 
-    removed, totals = Counter(), Counter()
-    for shard in tqdm(shards, desc="mmfast data filter", disable=not progress):
-        target = os.path.join(out_dir, os.path.basename(shard))
-        counts_path = target + ".counts.json"
-        if os.path.exists(target) and os.path.exists(counts_path):  # done before a kill
-            done = json.load(open(counts_path))
-            totals.update(done["totals"])
-            removed.update(done["removed"])
-            continue
-        shard_removed, shard_totals = Counter(), Counter()
-        partial = target + ".partial"
-        with webdataset.TarWriter(partial) as sink:
-            for key, sample in tar_samples(shard):
-                shard_totals["pairs"] += 1
-                failed = []
-                value = scores.get(_sample_id(shard, key))
-                if value is None:
-                    failed.append("no score")
-                elif value < threshold:
-                    failed.append("clip score")
-                caption = sample.get("txt", b"").decode("utf-8", errors="replace")
-                if len(caption.split()) < min_words:
-                    failed.append("caption words")
-                if min_image_size or max_aspect:
-                    image_key = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-                    if image_key is None:
-                        failed.append("no image")
-                    else:
-                        width, height = Image.open(io.BytesIO(sample[image_key])).size  # the header only
-                        if min(width, height) < min_image_size:
-                            failed.append("image size")
-                        if max_aspect and max(width, height) / max(min(width, height), 1) > max_aspect:
-                            failed.append("aspect ratio")
-                shard_removed.update(failed)
-                if failed:
-                    continue
-                shard_totals["kept"] += 1
-                sink.write({"__key__": key, **sample})
-        os.replace(partial, target)
-        write_atomically(counts_path, json.dumps({"totals": shard_totals, "removed": shard_removed}))
-        totals.update(shard_totals)
-        removed.update(shard_removed)
+    def failed_rules(shard: str, key: str, sample: dict) -> list[str]:
+        failed = []
+        value = scores.get(_sample_id(shard, key))
+        if value is None:
+            failed.append("no score")
+        elif value < threshold:
+            failed.append("clip score")
+        caption = sample.get("txt", b"").decode("utf-8", errors="replace")
+        if len(caption.split()) < min_words:
+            failed.append("caption words")
+        if min_image_size or max_aspect:
+            image_key = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if image_key is None:
+                failed.append("no image")
+            else:
+                width, height = Image.open(io.BytesIO(sample[image_key])).size  # the header only
+                if min(width, height) < min_image_size:
+                    failed.append("image size")
+                if max_aspect and max(width, height) / max(min(width, height), 1) > max_aspect:
+                    failed.append("aspect ratio")
+        return failed
+
+    totals, removed = write_kept(shards, out_dir, failed_rules, "mmfast data filter", progress)
     report = {"scores": scores_path, "threshold": threshold, "top_fraction": top_fraction,
               "rules": {"min_words": min_words, "min_image_size": min_image_size, "max_aspect": max_aspect},
               "pairs": totals["pairs"], "kept": totals["kept"], "removed_by_rule": dict(removed)}
