@@ -38,3 +38,15 @@ def nan_poisoned_empty(monkeypatch):
     """Outputs allocated with torch.empty start as NaN, so a tile a kernel forgot shows up."""
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _poisoned(_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poisoned(_empty_like(*a, **k)))
+
+
+@pytest.fixture(scope="session")
+def trained_clip(tmp_path_factory):
+    """A folder with a tiny CLIP run (`run`) trained on the bundled data written under `synth`."""
+    from mmfast.train import train
+    from tests.runs import run_config
+    from tests.test_train import TINY
+
+    root = tmp_path_factory.mktemp("trained-clip")
+    train(run_config(root, "run", TINY), progress=False)
+    return root

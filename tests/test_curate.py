@@ -9,19 +9,14 @@ import torch
 import mmfast
 from mmfast.cli import main
 from mmfast.data.pairs import tar_samples
-from mmfast.train import train
 from mmfast.train.curate import filter_shards, score
-from tests.runs import run_config
-from tests.test_train import TINY
 
 pytest.importorskip("webdataset")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("curate")
-    train(run_config(root, "run", TINY), progress=False)
-    return root
+@pytest.fixture
+def trained(trained_clip):
+    return trained_clip
 
 
 def _rows(path):

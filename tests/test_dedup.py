@@ -14,7 +14,6 @@ from mmfast.cli import main
 from mmfast.data.pairs import tar_samples
 from mmfast.train import dedup as dedup_module
 from mmfast.train.dedup import best_matches, dedup
-from tests.test_curate import trained  # noqa: F401  (the module's trained CLIP)
 
 webdataset = pytest.importorskip("webdataset")
 
@@ -59,12 +58,12 @@ def _nudged(image: Image.Image) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def shards(trained, tmp_path_factory):  # noqa: F811
+def shards(trained_clip, tmp_path_factory):
     """data-000000.tar: 40 pictures of the bundled held-out split, then a re-encoded copy of picture 3
     (other bytes, same pixels), a one-pixel copy of picture 5, a broken image and a picture without a
     caption; eval-000000.tar: a copy of picture 7, a one-pixel copy of 9 and 10 other pictures."""
     root = tmp_path_factory.mktemp("dedup")
-    held_out = sorted((trained / "synth").glob("held_out-*.tar"))[0]
+    held_out = sorted((trained_clip / "synth").glob("held_out-*.tar"))[0]
     pictures = [(key, Image.open(io.BytesIO(sample["png"])).convert("RGB"), sample["txt"].decode())
                 for key, sample in tar_samples(str(held_out))]
     with webdataset.TarWriter(str(root / "data-000000.tar")) as sink:
@@ -86,10 +85,10 @@ def _kept(folder):
     return [key for shard in sorted(folder.glob("*.tar")) for key, _ in tar_samples(str(shard))]
 
 
-def _near_threshold(trained, shards):  # noqa: F811
+def _near_threshold(trained_clip, shards):
     """A cosine between the planted one-pixel copies and the closest distinct pictures (asserted apart)."""
     root, keys = shards
-    model, preprocess, _ = mmfast.load_clip(str(trained / "run"))
+    model, preprocess, _ = mmfast.load_clip(str(trained_clip / "run"))
     images = [Image.open(io.BytesIO(sample["png"])) for _, sample in tar_samples(str(root / "data-000000.tar"))
               if b"PNG" in sample["png"][:8]]
     with torch.no_grad():
@@ -101,7 +100,7 @@ def _near_threshold(trained, shards):  # noqa: F811
     return (planted + distinct) / 2
 
 
-def test_exact_near_and_evaluation_copies_are_removed_and_the_first_kept(trained, shards, tmp_path):  # noqa: F811
+def test_exact_near_and_evaluation_copies_are_removed_and_the_first_kept(trained_clip, shards, tmp_path):
     root, keys = shards
     data = str(root / "data-*.tar")
     report = dedup(data, str(tmp_path / "exact"), exact=True, progress=False)
@@ -113,8 +112,8 @@ def test_exact_near_and_evaluation_copies_are_removed_and_the_first_kept(trained
     removed = [json.loads(line) for line in open(tmp_path / "exact" / "removed.jsonl")]
     assert removed == [{"id": "data-000000.tar/copy-of-3", "rule": "exact duplicate", "of": f"data-000000.tar/{keys[3]}"}]
 
-    threshold = _near_threshold(trained, shards)
-    report = dedup(data, str(tmp_path / "near"), exact=True, near=threshold, model=str(trained / "run"),
+    threshold = _near_threshold(trained_clip, shards)
+    report = dedup(data, str(tmp_path / "near"), exact=True, near=threshold, model=str(trained_clip / "run"),
                    against=str(root / "eval-*.tar"), progress=False)
     assert report["removed_by_rule"] == {"exact duplicate": 1, "near duplicate": 1, "copy of evaluation": 1,
                                          "close to evaluation": 1, "no decodable image": 1}
@@ -128,26 +127,26 @@ def test_exact_near_and_evaluation_copies_are_removed_and_the_first_kept(trained
     assert removed[keys[9]]["rule"] == "close to evaluation"
     # faiss and the blocked product remove the same items
     if dedup_module._faiss() is not None:
-        blocked = dedup(data, str(tmp_path / "blocked"), exact=True, near=threshold, model=str(trained / "run"),
+        blocked = dedup(data, str(tmp_path / "blocked"), exact=True, near=threshold, model=str(trained_clip / "run"),
                         against=str(root / "eval-*.tar"), use_faiss=False, progress=False)
         assert blocked["search"] == "blocked product" and report["search"] == "faiss"
         assert _kept(tmp_path / "blocked") == kept
 
 
-def test_a_killed_run_resumes_from_its_index(trained, shards, tmp_path, monkeypatch):  # noqa: F811
+def test_a_killed_run_resumes_from_its_index(trained_clip, shards, tmp_path, monkeypatch):
     root, _ = shards
     data, out = str(root / "data-*.tar"), tmp_path / "out"
-    first = dedup(data, str(out), exact=True, near=0.9999, model=str(trained / "run"), progress=False)
+    first = dedup(data, str(out), exact=True, near=0.9999, model=str(trained_clip / "run"), progress=False)
     (out / "report.json").unlink()
     (out / "data-000000.tar").rename(out / "data-000000.tar.partial")  # killed while writing
     monkeypatch.setattr(dedup_module, "_index_shard", lambda *a, **k: pytest.fail("the index was made again"))
-    again = dedup(data, str(out), exact=True, near=0.9999, model=str(trained / "run"), progress=False)
+    again = dedup(data, str(out), exact=True, near=0.9999, model=str(trained_clip / "run"), progress=False)
     assert again["kept"] == first["kept"] and _kept(out) and not list(out.glob("*.partial"))
     with pytest.raises(ValueError, match="holds the index of a run with"):
         dedup(data, str(out), exact=True, progress=False)  # no model: another index
 
 
-def test_bad_input_is_named(trained, shards, tmp_path):  # noqa: F811
+def test_bad_input_is_named(trained_clip, shards, tmp_path):
     root, _ = shards
     data = str(root / "data-*.tar")
     with pytest.raises(ValueError, match="give --exact, --near THRESHOLD, --against SHARDS"):
@@ -155,7 +154,7 @@ def test_bad_input_is_named(trained, shards, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="give --model"):
         dedup(data, str(tmp_path / "b"), near=0.9)
     with pytest.raises(ValueError, match=r"--near is a cosine in \[-1, 1\], got 3"):
-        dedup(data, str(tmp_path / "c"), near=3, model=str(trained / "run"))
+        dedup(data, str(tmp_path / "c"), near=3, model=str(trained_clip / "run"))
     with pytest.raises(ValueError, match="--data matches no shards"):
         dedup(str(tmp_path / "none-*.tar"), str(tmp_path / "d"))
     with pytest.raises(ValueError, match="--against matches no shards"):
