@@ -107,6 +107,17 @@ def _filter(args) -> int:
     return 0
 
 
+def _caption(args) -> int:
+    _require("train", "data caption")
+    from mmfast.train.pseudo_captions import caption_shards
+
+    report = caption_shards(args.model, args.data, args.out, prompt=args.prompt, mix=args.mix, seed=args.seed,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    print(f"captioned {report['captioned']} of {report['samples']} samples ({report['had no caption']} had no "
+          f"caption, {report['undecodable image']} undecodable); shards and report.json in {args.out}")
+    return 0
+
+
 def _dedup(args) -> int:
     _require("data", "data dedup")
     from mmfast.train.dedup import dedup
@@ -292,6 +303,20 @@ def parser() -> argparse.ArgumentParser:
     keep.add_argument("--min-image-size", type=int, default=0, help="basic rule: images' shorter side in pixels")
     keep.add_argument("--max-aspect", type=float, default=None, help="basic rule: longer side / shorter side")
     keep.set_defaults(run=_filter)
+    captions = data.add_parser("caption", help="describe every image of the shards with a trained LLaVA "
+                                                "(synthetic.txt beside each sample's own caption)")
+    captions.add_argument("--model", required=True, help="a LLaVA run directory (a multi-stage run: its last stage)")
+    captions.add_argument("--data", required=True, help="shards: braces, globs, '::' between sources")
+    captions.add_argument("--out", required=True, help="folder for the captioned shards and report.json")
+    captions.add_argument("--prompt", default="Describe the image.", help="the question asked about each image")
+    captions.add_argument("--mix", type=float, default=None,
+                          help="also write .txt as the synthetic caption with this probability (original.txt keeps "
+                               "the original); without it .txt is unchanged and training chooses "
+                               "(data.synthetic_captions)")
+    captions.add_argument("--seed", type=int, default=0, help="the seed of --mix's draws")
+    captions.add_argument("--batch-size", type=int, default=32)
+    captions.add_argument("--max-new-tokens", type=int, default=32)
+    captions.set_defaults(run=_caption)
     unique = data.add_parser("dedup", help="the shards less exact and near duplicate images, and less copies of an "
                                            "evaluation split")
     unique.add_argument("--data", required=True, help="shards: braces, globs, '::' between sources")

@@ -24,6 +24,9 @@ def _open_image(data: bytes | str) -> Image.Image:
     return image.convert("RGB")
 
 
+SYNTHETIC_CAPTION = "synthetic.txt"  # a pseudo-caption beside a sample's own (mmfast data caption)
+
+
 class TruncatedShard(Exception):
     """A tar shard that ends before its end-of-archive blocks (a partial download or copy)."""
 
@@ -115,13 +118,17 @@ class ShardPairs(IterableDataset):
                 self.problems[f"truncated shard {error} after {read} samples"] += 1
 
     def decode(self, key: str, sample: dict):
-        """One tar sample's (image, caption, meta), or None with its problem counted."""
+        """One tar sample's (image, caption, meta), or None with its problem counted. The caption is the
+        `.txt`, or the `synthetic.txt` of an image without one; a sample with both has the synthetic
+        one in meta["synthetic_caption"]."""
         image_key = next((extension for extension in IMAGE_EXTENSIONS if extension in sample), None)
-        if image_key is None or "txt" not in sample:
+        caption_key = "txt" if "txt" in sample else SYNTHETIC_CAPTION  # an uncaptioned image, pseudo-captioned
+        if image_key is None or caption_key not in sample:
             self.problems["missing image or caption"] += 1
             return None
         try:
-            caption = sample["txt"].decode("utf-8")
+            caption = sample[caption_key].decode("utf-8")
+            synthetic = sample[SYNTHETIC_CAPTION].decode("utf-8") if SYNTHETIC_CAPTION in sample else None
         except UnicodeDecodeError:
             self.problems["caption not UTF-8"] += 1
             return None
@@ -130,6 +137,8 @@ class ShardPairs(IterableDataset):
         except ValueError:
             self.problems["malformed .json"] += 1
             return None
+        if synthetic is not None and caption_key == "txt":  # both: data.synthetic_captions chooses
+            meta = {**meta, "synthetic_caption": synthetic}
         try:
             image = _open_image(sample[image_key])
         except Exception as error:  # any decoder failure means a corrupt sample

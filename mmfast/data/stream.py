@@ -14,14 +14,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmfast.data import ShardPairs
-from mmfast.data.pairs import TruncatedShard, tar_samples
+from mmfast.data.pairs import SYNTHETIC_CAPTION, TruncatedShard, tar_samples
 from mmfast.data.preprocess import Preprocess
 
 
 class ShardStream(IterableDataset):
     def __init__(self, shards: list[str], rank: int, world_size: int, image_size: int, seed: int,
-                 shuffle_buffer: int):
+                 shuffle_buffer: int, synthetic_captions: float = 0.0):
         self.shards, self.rank, self.world_size = shards, rank, world_size
+        self.synthetic_captions = synthetic_captions
         self.preprocess, self.seed, self.shuffle_buffer = Preprocess(image_size), seed, shuffle_buffer
 
     def _my_shards(self, order: list[str]) -> list[str]:
@@ -39,7 +40,9 @@ class ShardStream(IterableDataset):
             order = sorted(self.shards)
             random.Random(self.seed * 100003 + passes).shuffle(order)
             pairs = ShardPairs(self._my_shards(order))
-            for image, caption, _ in pairs:
+            for image, caption, meta in pairs:
+                if "synthetic_caption" in meta and generator.random() < self.synthetic_captions:
+                    caption = meta["synthetic_caption"]
                 buffer.append((self.preprocess(image), caption))
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(generator.randrange(len(buffer)))
@@ -54,27 +57,27 @@ def _collate(samples):
 
 
 def stream_batches(shards: list[str], batch: int, rank: int, world_size: int, image_size: int, seed: int,
-                   shuffle_buffer: int = 1000, workers: int = 2):
+                   shuffle_buffer: int = 1000, workers: int = 2, synthetic_captions: float = 0.0):
     """An endless iterator of (uint8 images [batch, 3, S, S], captions) for this rank."""
-    dataset = ShardStream(shards, rank, world_size, image_size, seed, shuffle_buffer)
+    dataset = ShardStream(shards, rank, world_size, image_size, seed, shuffle_buffer, synthetic_captions)
     loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=_collate,
                         persistent_workers=workers > 0)
     return iter(loader)
 
 
 def sample_captions(shards: list[str], limit: int) -> list[str]:
-    """Up to `limit` captions read straight from the shards' .txt members (to train the tokenizer)."""
+    """Up to `limit` captions read straight from the shards' .txt and synthetic.txt members (to train
+    the tokenizer)."""
     captions, problems = [], Counter()
     for path in sorted(shards):
         try:
             for _, sample in tar_samples(path):
-                try:
-                    captions.append(sample["txt"].decode("utf-8"))
-                except KeyError:
-                    continue
-                except UnicodeDecodeError:
-                    problems["caption not UTF-8"] += 1
-                    continue
+                for name in ("txt", SYNTHETIC_CAPTION):
+                    if name in sample:
+                        try:
+                            captions.append(sample[name].decode("utf-8"))
+                        except UnicodeDecodeError:
+                            problems["caption not UTF-8"] += 1
                 if len(captions) >= limit:
                     return captions
         except TruncatedShard as error:

@@ -35,6 +35,9 @@ class DataConfig:
     mixture: dict[str, float] = field(default_factory=dict)
     mixture_temperature: float = 0.0
     max_epochs: dict[str, float] = field(default_factory=dict)
+    # where a sample has its own caption and a synthetic one (mmfast data caption), the probability that
+    # a step trains on the synthetic one (drawn per sample and step; Recap-DataComp's mix)
+    synthetic_captions: float = 0.0
     synth_dir: str = "data/synth"  # the bundled data; written there on first use
     train_samples: int = 20000
     held_out_samples: int = 2000
@@ -239,7 +242,7 @@ CHOICES = {
 }
 AT_LEAST = {  # key: smallest allowed value (None values are allowed where the type is optional)
     "data.batch_size": 1, "data.train_samples": 1, "data.held_out_samples": 1, "data.image_size": 1,
-    "data.workers": 0, "data.shuffle_buffer": 1, "data.digit_fraction": 0.0,
+    "data.workers": 0, "data.shuffle_buffer": 1, "data.digit_fraction": 0.0, "data.synthetic_captions": 0.0,
     "model.embed_dim": 1, **{f"model.{tower}.{name}": 1 for tower in ("vision", "text")
                              for name in ("width", "layers", "heads")},
     "model.vision.patch_size": 1, "model.text.vocab_size": 1, "model.text.context_length": 1,
@@ -249,7 +252,7 @@ AT_LEAST = {  # key: smallest allowed value (None values are allowed where the t
     "train.accumulation_steps": 1, "train.micro_batch": 1, "train.stop_after": 1,
 }
 ABOVE = {"optim.lr": 0.0, "optim.eps": 0.0}  # strictly greater
-AT_MOST = {"data.digit_fraction": 1.0}
+AT_MOST = {"data.digit_fraction": 1.0, "data.synthetic_captions": 1.0}
 BELOW = {"optim.beta1": 1.0, "optim.beta2": 1.0}  # strictly smaller
 
 

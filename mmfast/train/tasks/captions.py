@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.train import distributed
 from mmfast.data.mixture import Mixture, mixture_probabilities
@@ -35,7 +37,8 @@ def prepare_captions(task, progress: bool, with_other: bool = False, train: bool
         if config.data.tokenizer:
             tokenizer = CaptionTokenizer.load(config.data.tokenizer, context)
         else:
-            captions = (task.train_split[1] if task.train_split
+            captions = (task.train_split[1] + [meta["synthetic_caption"] for meta in task.train_split[2]
+                                               if "synthetic_caption" in meta] if task.train_split
                         else sample_captions(shard_paths(config.data, "train"), 20000))
             tokenizer = CaptionTokenizer.train(captions, config.model.text.vocab_size, context)
         tokenizer.save(path)
@@ -54,3 +57,23 @@ def global_rows(task, step: int, size: int):
 def mixture_log(task) -> dict:
     """Per source, samples seen and epochs (fractional) so far, when the run mixes sources."""
     return task.mixture.seen() if getattr(task, "mixture", None) is not None else {}
+
+
+class CaptionChoice:
+    """data.synthetic_captions: each step, a row with a synthetic caption beside its own trains on the
+    synthetic one with that probability, drawn from (seed, step) and the row's place in the batch."""
+
+    def __init__(self, tokenizer, captions: list[str], metas: list[dict], probability: float, seed: int):
+        self.tokens = tokenizer(captions)
+        synthetic = [meta.get("synthetic_caption") for meta in metas]
+        self.has_synthetic = torch.tensor([caption is not None for caption in synthetic])
+        self.probability, self.seed = probability, seed
+        self.synthetic = (tokenizer([s if s is not None else c for s, c in zip(synthetic, captions)])
+                          if probability > 0 and self.has_synthetic.any() else None)
+
+    def __call__(self, step: int, rows: torch.Tensor) -> torch.Tensor:
+        if self.synthetic is None:
+            return self.tokens[rows]
+        draws = torch.rand(len(rows), generator=torch.Generator().manual_seed(self.seed * 1000003 + step + 11))
+        chosen = (draws < self.probability) & self.has_synthetic[rows]
+        return torch.where(chosen[:, None], self.synthetic[rows], self.tokens[rows])

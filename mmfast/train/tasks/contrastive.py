@@ -20,7 +20,7 @@ from mmfast.train.evaluate import evaluate
 from mmfast.train.grad_cache import grad_cache_step
 from mmfast.data.stream import stream_batches
 from mmfast.train.tasks.base import Task
-from mmfast.train.tasks.captions import global_rows, mixture_log, prepare_captions
+from mmfast.train.tasks.captions import CaptionChoice, global_rows, mixture_log, prepare_captions
 
 CLIP_MEAN, CLIP_STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 
@@ -121,18 +121,19 @@ class ContrastiveTask(Task):
         if data.streaming:
             stream = stream_batches(shard_paths(data, "train"), data.batch_size // placement.world_size,
                                     placement.rank, placement.world_size, data.image_size, seed + start,
-                                    data.shuffle_buffer, data.workers)
+                                    data.shuffle_buffer, data.workers, data.synthetic_captions)
             for pixels, captions in stream:
                 yield pixels, tokenizer(captions)
             return
-        images, captions, _ = self.train_split
-        tokens = tokenizer(captions)
+        images, captions, metas = self.train_split
+        choose = CaptionChoice(tokenizer, captions, metas, data.synthetic_captions, seed)
         for step in itertools.count(start):
-            rows = global_rows(self, step, len(tokens))
+            rows = global_rows(self, step, len(captions))
+            tokens = choose(step, rows)  # drawn for the global batch: any number of ranks, the same captions
             # accumulated batch i is the global batch's i-th slice, shared out over the ranks: the same
             # contrastive batches as in one process
-            rows = rows.view(accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)
-            yield images[rows], tokens[rows]
+            mine = torch.arange(len(rows)).view(accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)
+            yield images[rows[mine]], tokens[mine]
 
     # --- the step ---------------------------------------------------------------------------------------
 
