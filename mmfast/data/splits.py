@@ -72,7 +72,7 @@ def _reader(data, split: str):
     raise ValueError(f"config: data.source must be 'synth', 'shards' or 'files', got {data.source!r}")
 
 
-def _read_pairs(reader, image_size: int, label: str, quiet: bool = False):
+def _read_pairs(reader, image_size: int, label: str, name: str, quiet: bool = False):
     """(uint8 images [N, 3, S, S], captions, metas) of everything `reader` reads, every image resized and
     centre-cropped to `image_size`; corrupt or missing images are skipped, counted and reported."""
     preprocess = Preprocess(image_size)
@@ -85,14 +85,14 @@ def _read_pairs(reader, image_size: int, label: str, quiet: bool = False):
     if reader.skipped:
         print(f"mmfast train: skipped {reader.skipped} samples of {label}: {dict(reader.problems)}")
     if not images:
-        raise ValueError(f"mmfast train: {label} has no readable image-caption pairs")
+        raise ValueError(f"mmfast train: {name} has no readable image-caption pairs")
     return torch.stack(images), captions, metas
 
 
 def load_split(data, split: str):
     """(uint8 images [N, 3, S, S], captions, metas) of a split at data.image_size. The split is held
     in memory (S * S * 3 bytes per image)."""
-    return _read_pairs(_reader(data, split), data.image_size, f"the {split} split", quiet=data.source == "synth")
+    return _read_pairs(_reader(data, split), data.image_size, split, f"the {split} split", quiet=data.source == "synth")
 
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -120,8 +120,8 @@ def load_sources(data):
     {name: number of pairs} in that order."""
     parts, sizes = [], {}
     for name, pattern in data.sources.items():
-        images, captions, metas = _read_pairs(_source_reader(data, name, pattern), data.image_size,
-                                              f"data.sources.{name}")
+        label = f"data.sources.{name}"
+        images, captions, metas = _read_pairs(_source_reader(data, name, pattern), data.image_size, label, label)
         parts.append((images, captions, metas))
         sizes[name] = len(captions)
     images = torch.cat([part[0] for part in parts])
