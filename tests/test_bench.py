@@ -177,3 +177,29 @@ def test_targets_table_from_recorded_results():
     table = targets.table(rows)
     assert "vs HF padded | >= 1.5x | 1.60x | yes |" in table
     assert "(mmfast / HF <= 0.8) | <= 80 MB | 70 MB | yes |" in table
+
+
+def test_data_score_suite_scores_the_same_pairs(tmp_path):
+    """mmfast (uint8 pixels, normalized in its patch embedding) and the peer (float pixels normalized by
+    its transform) hold the same weights: the same pictures give the same features; each provider's
+    step scores its batch."""
+    from mmfast.bench.suites.clip_train import MEAN, STD
+    from mmfast.bench.suites.data_score import _pair, cases, peer_name
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("torchvision")
+    ours, peer = _pair("tiny", torch.device("cpu"))
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    tokens = torch.randint(1, 999, (3, 16))
+    tokens[:, -1] = 999
+    normalized = (pixels.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        image, words = peer(normalized, tokens)
+        torch.testing.assert_close(ours.encode_image(pixels), image, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.encode_text(tokens), words, rtol=1e-4, atol=1e-4)
+    scores = [case.make()[0]() for case in cases("cpu", torch.device("cpu"))]
+    assert all(score.shape == (8,) and score.abs().max() <= 1 for score in scores)
+    assert main(["bench", "data_score", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["provider"] for r in rows} == {"mmfast", peer_name()}
+    assert all(r["status"] == "ok" and r["pairs_per_s"] > 0 for r in rows)

@@ -66,6 +66,8 @@ TARGETS = (
            "LLaVA ViT-L/14-336 + 1.1B batch 8", "full", "hf sdpa padded", memory_ratio=0.8),
     Target("Griffin-Lim B=16 x 4 s vs librosa", "griffin_lim", "B=16 x 4 s, n_fft 1024", "forward", "librosa",
            speedup=1.0),
+    Target("CLIP ViT-B/16 pair scoring, batch 256, vs open_clip", "data_score", "CLIP ViT-B/16 batch 256", "forward",
+           "open_clip", speedup=2.0),
     Target("decode B=8 S=32768 vs flash_attn_with_kvcache", "decode", "B=8 S=32768 H=32/8 D=128 new=1", "forward",
            "flash_attn", speedup=1.0),
 )

@@ -85,9 +85,11 @@ def _open_clip_blocks(prefix: str, source: dict, target_prefix: str, layers: int
             state[f"{ours}mlp.fc2.{name}"] = source[f"{block}mlp.c_proj.{name}"]
 
 
-def from_open_clip(open_clip_model, *, quick_gelu: bool, backend: str | None = None) -> CLIP:
+def from_open_clip(open_clip_model, *, quick_gelu: bool, backend: str | None = None, mean=None, std=None) -> CLIP:
     """A CLIP with an open_clip `CLIP`'s weights (standard ViT towers; quick_gelu as the model was
-    built, e.g. True for OpenAI's checkpoints)."""
+    built, e.g. True for OpenAI's checkpoints). With `mean` and `std` (open_clip's preprocessing
+    values) it takes uint8 pixels and normalizes them in its patch embedding; without, normalized
+    float pixels as open_clip does."""
     source = open_clip_model.state_dict()
     visual = open_clip_model.visual
     width, patches_plus_one = source["visual.positional_embedding"].shape[1], source["visual.positional_embedding"].shape[0]
@@ -99,7 +101,8 @@ def from_open_clip(open_clip_model, *, quick_gelu: bool, backend: str | None = N
         vision=VisionConfig(image_size=visual.image_size[0], patch_size=visual.patch_size[0],
                             channels=source["visual.conv1.weight"].shape[1], width=width, layers=vision_layers,
                             heads=visual.transformer.resblocks[0].attn.num_heads,
-                            mlp_ratio=source["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width),
+                            mlp_ratio=source["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+                            mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None),
         text=TextConfig(vocab_size=source["token_embedding.weight"].shape[0],
                         context_length=source["positional_embedding"].shape[0], width=text_width, layers=text_layers,
                         heads=open_clip_model.transformer.resblocks[0].attn.num_heads,
