@@ -53,6 +53,28 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
     assert dataset.skipped == 2 and any("corrupt" in reason for reason in dataset.problems)
 
 
+def test_several_shards_are_read_in_parallel_as_in_one_process(tmp_path):
+    """A split of several shards is read one process per core: the same pictures, captions and metadata
+    in the same order as read one after another, with every shard's skipped samples counted."""
+    from mmfast.data.splits import _read_pairs
+
+    written = write_shards(str(tmp_path), train=30, held_out=1, size=16, seed=3, shard_size=10, digit_fraction=0.0,
+                           progress=False)["train"]
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(good, format="PNG")
+    with webdataset.TarWriter(str(tmp_path / "train-000003.tar")) as sink:
+        sink.write({"__key__": "a", "png": good.getvalue(), "txt": "fine"})
+        sink.write({"__key__": "b", "png": good.getvalue()[:20], "txt": "truncated"})
+    shards = [*written, str(tmp_path / "train-000003.tar")]
+    reader = ShardPairs(shards)
+    images, captions, metas = _read_pairs(reader, 16, "train", "the train split", quiet=True)
+    one_by_one = [_read_pairs(ShardPairs([shard]), 16, "train", "the train split", quiet=True) for shard in shards]
+    assert torch.equal(images, torch.cat([part[0] for part in one_by_one])) and images.shape == (31, 3, 16, 16)
+    assert captions == [c for part in one_by_one for c in part[1]] and captions[-1] == "fine"
+    assert metas == [m for part in one_by_one for m in part[2]]
+    assert reader.skipped == 1 and any("corrupt" in reason for reason in reader.problems)
+
+
 def test_file_pairs_skip_missing_and_corrupt(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
