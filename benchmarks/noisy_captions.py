@@ -215,13 +215,14 @@ def main(argv: list[str] | None = None) -> dict:
     }
     lap("three CLIPs")
     results = {"noise": counts, "uncaptioned_shards": uncaptioned, "seed_clip": seed, "captioner": captioner_result,
-               "filter": {**quality, "kept": filtered["kept"], "pairs": filtered["pairs"]},
+               "filter": {**quality, "kept": filtered["kept"], "samples": filtered["pairs"],
+                          "removed_by_rule": filtered["removed_by_rule"]},
                "pseudo_captions": captioned, "runs": runs, "seconds": timings,
                "total_seconds": round(time.perf_counter() - started, 1), "arguments": vars(arguments)}
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=2)
     _plot(results, os.path.join(out, "noisy_captions.png"))
-    print(f"noise {counts}; filter at {threshold:.4f}: kept {filtered['kept']} of {filtered['pairs']}, "
+    print(f"noise {counts}; filter at {threshold:.4f}: kept {filtered['kept']} of {counts['clean'] + counts['swapped']} pairs, "
           f"precision {quality['precision']:.3f}, recall {quality['recall']:.3f} of the swapped captions")
     print("| training data | pairs | held-out zero-shot | image->text R@1 | seconds |\n| --- | --- | --- | --- | --- |")
     sizes = {"(a) noisy": counts["clean"] + counts["swapped"], "(b) filtered": filtered["kept"],

@@ -20,7 +20,8 @@ def test_the_noisy_captions_experiment_runs_end_to_end(tmp_path):
     noise = results["noise"]
     assert sum(noise.values()) == 200 and min(noise.values()) > 0
     assert results["uncaptioned_shards"] == noise["uncaptioned"] == results["pseudo_captions"]["captioned"]
-    assert results["filter"]["pairs"] == noise["clean"] + noise["swapped"]
+    assert results["filter"]["samples"] == 200  # the uncaptioned ones are removed for want of a score
+    assert results["filter"]["removed_by_rule"]["no score"] == noise["uncaptioned"]
     assert results["filter"]["swapped"] == noise["swapped"] and 0 <= results["filter"]["recall"] <= 1
     assert set(results["runs"]) == {"(a) noisy", "(b) filtered", "(c) filtered + pseudo-captions"}
     assert all(0 <= run["zero_shot_accuracy"] <= 1 for run in results["runs"].values())
