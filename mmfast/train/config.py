@@ -232,6 +232,7 @@ CHOICES = {
     "data.synth_geometry": ("anchored", "continuous"),
     "data.template": ("plain", "vicuna_v1", "chat"),
     "model.loss": ("clip", "siglip"),
+    "model.tower": ("tubelets", "frames"),
     "model.activation": ("quick_gelu", "gelu"),
     "model.text.pooling": ("eot", "mean"),
     "optim.name": ("adamw", "adamw8bit"),

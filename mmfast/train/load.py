@@ -61,14 +61,15 @@ def load(path: str, device: str | torch.device = "cpu"):
 
 def load_clip(path: str, device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) from a CLIP run directory or its model.pt (tokenizer.json beside it);
-    an audio-text run (task audio_contrastive) gives its CLAP, whose preprocess takes (waveform, sample rate).
+    an audio-text run (task audio_contrastive) gives its CLAP, whose preprocess takes (waveform, sample rate);
+    a video-text run (task video_contrastive) its VideoCLIP, whose preprocess takes uint8 frames [T, H, W, 3].
 
     model.encode_image(torch.stack([preprocess(image) for image in images])) and
     model.encode_text(tokenizer(texts)) as with open_clip; the model is in eval mode."""
     model_path = _model_file(path, "load_clip")
     saved = load_tensors(model_path)
     name = saved.get("task", "contrastive")
-    if name not in ("contrastive", "audio_contrastive"):
+    if name not in ("contrastive", "audio_contrastive", "video_contrastive"):
         raise ValueError(f"load_clip: {model_path} holds a {name!r} model, not a CLIP; use mmfast.load")
     return TASKS[name].load_file(saved, os.path.dirname(model_path), device)
 

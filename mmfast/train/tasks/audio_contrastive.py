@@ -107,10 +107,10 @@ class AudioContrastiveTask(ContrastiveTask):
         if config.model.loss not in ("clip", "siglip"):
             raise ValueError(f"config: model.loss must be 'clip' or 'siglip', got {config.model.loss!r}")
         if config.data.source != "synth" or config.data.streaming:
-            raise ValueError(f"config: task audio_contrastive reads the bundled audio clips (data.source=synth, not "
+            raise ValueError(f"config: task {self.name} reads the bundled clips (data.source=synth, not "
                              f"streamed), got data.source={config.data.source!r}")
         if config.train.micro_batch:
-            raise ValueError("config: task audio_contrastive has no gradient caching; leave train.micro_batch unset")
+            raise ValueError(f"config: task {self.name} has no gradient caching; leave train.micro_batch unset")
 
     def _ensure_clips(self, progress: bool) -> None:
         data = self.config.data
@@ -129,8 +129,8 @@ class AudioContrastiveTask(ContrastiveTask):
         if placement.is_main:
             self._ensure_clips(progress)
         distributed.barrier()
-        self.train_split = load_audio_split(config.data.synth_dir, "train") if train else None
-        self.held_out = load_audio_split(config.data.synth_dir, "held_out")
+        self.train_split = self._load_split("train") if train else None
+        self.held_out = self._load_split("held_out")
         path = os.path.join(config.run_dir, "tokenizer.json")
         if placement.is_main and not os.path.exists(path):
             captions = (self.train_split or self.held_out)[1]
@@ -140,6 +140,9 @@ class AudioContrastiveTask(ContrastiveTask):
 
     def prepare_evaluation(self, progress: bool) -> None:
         self.prepare(progress, train=False)
+
+    def _load_split(self, split: str):
+        return load_audio_split(self.config.data.synth_dir, split)
 
     def restore(self, run_dir: str) -> None:
         self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))

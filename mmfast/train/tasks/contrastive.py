@@ -152,9 +152,9 @@ class ContrastiveTask(Task):
 
     def loss(self, model, batch) -> torch.Tensor:
         """The encoders in the engine's precision; the loss in float32, outside autocast."""
-        media, text = batch  # pixels, or waveforms (task audio_contrastive)
+        media, text = batch  # pixels, or waveforms (task audio_contrastive), or frames (video_contrastive)
         output = model(media, text)
-        features = output["image_features"] if "image_features" in output else output["audio_features"]
+        features = next(value for key, value in output.items() if key.endswith("_features") and key != "text_features")
         with torch.autocast(media.device.type, enabled=False):
             extra = [output["logit_bias"].float()] if "logit_bias" in output else []
             return self.loss_function(features.float(), output["text_features"].float(),

@@ -1,0 +1,208 @@
+"""The video-text contrastive task: the contrastive task's loop, losses and engines over (frames, caption)
+pairs of the bundled moving shapes (mmfast.data.synth_media: 8 frames of 32 x 32, a colored shape
+moving left, right, up or down), with zero-shot classification of color x shape x direction by prompts
+and retrieval both ways on the held-out clips. `model.tower=frames` trains the frame-pooling baseline
+(mmfast.models.video_clip)."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import io
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mmfast.data import synth, synth_media
+from mmfast.data.pairs import tar_samples
+from mmfast.data.splits import batch_indices
+from mmfast.data.tokenizer import CaptionTokenizer
+from mmfast.models.clip import TextConfig, transformer_flops
+from mmfast.models.video import VideoConfig, sample_frames
+from mmfast.models.video_clip import VideoCLIP, VideoClipConfig
+from mmfast.train import checkpoint
+from mmfast.train.tasks.audio_contrastive import AudioContrastiveTask
+from mmfast.train.tasks.contrastive import CLIP_MEAN, CLIP_STD
+
+VIDEO_FORMAT = 1  # bumped when the bundled clips change
+
+
+@dataclass(kw_only=True)
+class VideoContrastiveModelConfig(VideoClipConfig):
+    """The run's `model:` section: every field of mmfast.models.video_clip.VideoClipConfig, sized for
+    the CPU, and the loss. video.image_size follows data.image_size; text.vocab_size is the tokenizer's
+    target."""
+
+    embed_dim: int = 128
+    video: VideoConfig = field(default_factory=lambda: VideoConfig(
+        image_size=32, patch_size=8, frames=8, tubelet_size=2, width=128, layers=4, heads=4, layer_norm_eps=1e-6,
+        final_norm=True, mean=CLIP_MEAN, std=CLIP_STD))
+    text: TextConfig = field(default_factory=lambda: TextConfig(vocab_size=200, context_length=12, width=128,
+                                                                layers=2, heads=4, pooling="mean"))
+    loss: str = "clip"  # or "siglip"
+
+
+def class_prompts() -> tuple[list[tuple[str, str, str]], list[list[str]]]:
+    """The zero-shot classes (color, shape, direction) and one prompt each, as the captions say it."""
+    classes, prompts = [], []
+    for color in synth.COLORS:
+        article = "an" if color[0] in "aeiou" else "a"
+        for shape in synth.SHAPES:
+            for direction in synth_media.DIRECTIONS:
+                classes.append((color, shape, direction))
+                prompts.append([f"{article} {color} {shape} moving {direction}"])
+    return classes, prompts
+
+
+def load_video_split(folder: str, split: str) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """uint8 frames [N, T, H, W, 3], captions and metadata of a split's shards."""
+    clips, captions, metas = [], [], []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(split + "-") and name.endswith(".tar"):
+            for _, sample in tar_samples(os.path.join(folder, name)):
+                clips.append(np.load(io.BytesIO(sample["npy"]), allow_pickle=False))
+                captions.append(sample["txt"].decode("utf-8"))
+                metas.append(json.loads(sample["json"]))
+    if not clips:
+        raise FileNotFoundError(f"task video_contrastive: no {split} shards in {folder}")
+    return torch.from_numpy(np.stack(clips)), captions, metas
+
+
+class VideoPreprocess:
+    """uint8 frames [T, H, W, 3] (any T, any size) -> uint8 [frames, S, S, 3]: `frames` of them picked by
+    uniform segment sampling (each segment's centre), each resized on its shorter side and centre-cropped
+    to S. Stack them for a batch."""
+
+    def __init__(self, video: VideoConfig):
+        from mmfast.data.preprocess import Preprocess
+
+        self.frames, self.image = video.frames, Preprocess(video.image_size)
+
+    def __call__(self, clip) -> torch.Tensor:
+        array = np.asarray(clip)
+        if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8 or not len(array):
+            raise ValueError(f"preprocess: expected uint8 frames [T, H, W, 3] with T >= 1, got shape {array.shape} "
+                             f"dtype {array.dtype}")
+        chosen = sample_frames(len(array), self.frames)
+        return torch.stack([self.image(array[int(index)]).permute(1, 2, 0) for index in chosen])
+
+
+class VideoContrastiveTask(AudioContrastiveTask):
+    name = "video_contrastive"
+    model_section = VideoContrastiveModelConfig
+    headline = {"zero_shot_accuracy": "zero-shot", "direction_accuracy": "direction",
+                "video_to_text_R@1": "V->T R@1"}
+    plot_metrics = {"zero_shot_accuracy": "zero-shot, held-out", "color_accuracy": "color",
+                    "shape_accuracy": "shape", "direction_accuracy": "direction"}
+
+    def check(self, world_size: int) -> None:
+        super().check(world_size)
+        if self.config.data.image_size != 32:
+            raise ValueError(f"config: task video_contrastive reads the bundled 32 x 32 clips; data.image_size must be "
+                             f"32, got {self.config.data.image_size}")
+
+    def _ensure_clips(self, progress: bool) -> None:
+        data = self.config.data
+        marker = os.path.join(data.synth_dir, "synth.json")
+        wanted = {"modality": "video", "format": VIDEO_FORMAT, "train": data.train_samples,
+                  "held_out": data.held_out_samples, "seed": data.seed}
+        if os.path.exists(marker) and json.load(open(marker)) == wanted:
+            return
+        synth_media.write_media_shards(data.synth_dir, "video", train=data.train_samples,
+                                       held_out=data.held_out_samples, seed=data.seed, progress=progress)
+        with open(marker, "w") as handle:
+            json.dump(wanted, handle)
+
+    def _load_split(self, split: str):
+        return load_video_split(self.config.data.synth_dir, split)
+
+    def restore(self, run_dir: str) -> None:
+        self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
+        section = self.config.model
+        fields = {item.name: getattr(section, item.name) for item in dataclasses.fields(VideoClipConfig)}
+        fields["video"] = dataclasses.replace(section.video, image_size=self.config.data.image_size)
+        fields["text"] = dataclasses.replace(section.text, vocab_size=self.tokenizer.vocab_size,
+                                             eot_token_id=self.tokenizer.eot_id)
+        if section.loss == "siglip" and section.init_logit_bias is None:
+            fields["init_logit_bias"] = -10.0
+        self.model_config = VideoClipConfig(**fields)
+
+    def build_model(self) -> VideoCLIP:
+        return VideoCLIP(self.model_config)
+
+    def batches(self, accumulation: int, start: int):
+        """(frames, tokens) of this rank's share of every global batch from step `start` on."""
+        data, seed, placement = self.config.data, self.config.train.seed, self.placement
+        clips, captions, _ = self.train_split
+        tokens = self.tokenizer(captions)
+        for step in itertools.count(start):
+            rows = batch_indices(step, len(tokens), data.batch_size, seed)
+            rows = rows.view(accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)
+            yield clips[rows], tokens[rows]
+
+    def _media_tokens(self) -> int:
+        video = self.model_config.video
+        patches = (video.image_size // video.patch_size) ** 2
+        if self.model_config.tower == "frames":
+            return video.frames * (patches + 1)
+        return patches * video.frames // video.tubelet_size
+
+    def flops_per_sample(self) -> float:
+        video, text = self.model_config.video, self.model_config.text
+        if self.model_config.tower == "frames":
+            media = video.frames * transformer_flops(self._media_tokens() // video.frames, video.width, video.layers,
+                                                     video.mlp_ratio)
+        else:
+            media = transformer_flops(self._media_tokens(), video.width, video.layers, video.mlp_ratio)
+        return 3.0 * (media + transformer_flops(text.context_length, text.width, text.layers, text.mlp_ratio))
+
+    def tokens_per_sample(self) -> int:
+        return self.model_config.text.context_length + self._media_tokens()
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Zero-shot color x shape x direction (and each attribute alone) and retrieval R@1/5 both ways
+        on the held-out clips."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        clips, captions, metas = self.held_out
+        classes, prompts = class_prompts()
+        text = model.encode_text(self.tokenizer([group[0] for group in prompts]).to(device), normalize=True).float().cpu()
+        video = torch.cat([model.encode_video(clips[start:start + 256].to(device), normalize=True).float().cpu()
+                           for start in range(0, len(clips), 256)])
+        predicted = [classes[index] for index in (video @ text.T).argmax(1).tolist()]
+        truth = [(meta["color"], meta["shape"], meta["direction"]) for meta in metas]
+        result = {"zero_shot_accuracy": float(np.mean([p == t for p, t in zip(predicted, truth)]))}
+        for position, attribute in enumerate(("color", "shape", "direction")):
+            result[f"{attribute}_accuracy"] = float(np.mean([p[position] == t[position]
+                                                             for p, t in zip(predicted, truth)]))
+        words = model.encode_text(self.tokenizer(captions).to(device), normalize=True).float().cpu()
+        similarity, target = video @ words.T, torch.arange(len(captions))
+        for direction, table in (("video_to_text", similarity), ("text_to_video", similarity.T)):
+            rank = (table > table[target, target][:, None]).sum(1)
+            for k in (1, 5):
+                result[f"{direction}_R@{k}"] = (rank < k).float().mean().item()
+        model.train(was_training)
+        return result
+
+    def export(self, run_dir: str, folder: str) -> str:
+        path = os.path.join(run_dir, "model.pt")
+        torch.save({"task": self.name, "video_clip_config": dataclasses.asdict(self.model_config),
+                    "state_dict": checkpoint.consolidate(folder)}, path)
+        return path
+
+    @classmethod
+    def load_file(cls, saved: dict, directory: str, device="cpu"):
+        """(VideoCLIP, preprocess, tokenizer), as mmfast.load_clip gives them for a video run."""
+        fields = dict(saved["video_clip_config"])
+        video = dict(fields["video"])
+        for key in ("mean", "std"):
+            video[key] = tuple(video[key]) if video.get(key) is not None else None
+        fields["video"], fields["text"] = VideoConfig(**video), TextConfig(**fields["text"])
+        model = VideoCLIP(VideoClipConfig(**fields))
+        model.load_state_dict(saved["state_dict"])
+        tokenizer = CaptionTokenizer.load(os.path.join(directory, "tokenizer.json"))
+        return model.to(device).eval(), VideoPreprocess(model.config.video), tokenizer
