@@ -70,3 +70,22 @@ def test_attribute_breakdown_counts_color_and_shape_per_band():
     assert result["other_color_accuracy"] == 2 / 3 and result["other_shape_accuracy"] == 2 / 3
     assert result["other_color_accuracy_light"] == 1 / 2 and result["other_shape_accuracy_light"] == 1.0
     assert result["other_zero_shot_accuracy_dark"] == 0.0 and result["other_color_accuracy_dark"] == 1.0
+
+
+def test_moving_clips_are_deterministic_balanced_and_move_the_named_way():
+    from mmfast.data.other_renderer import DIRECTIONS, other_moving_set
+
+    clips, metas = other_moving_set(seed=5)
+    again, _ = other_moving_set(seed=5)
+    assert clips.shape == (432, 8, 32, 32, 3) and clips.dtype == torch.uint8 and torch.equal(clips, again)
+    classes = {(m["color"], m["shape"], m["direction"], m["background"]) for m in metas}
+    assert len(classes) == 432  # every color x shape x direction x band once
+    for clip, meta in zip(clips[::7], metas[::7]):
+        centers = np.array(meta["centers"])
+        dx, dy = DIRECTIONS[meta["direction"]]
+        moved = centers[-1] - centers[0]
+        assert moved @ np.array([dx, dy]) > 0.25 * 32  # along the named way, a quarter of the frame at least
+        for frame, (cx, cy) in zip(clip.numpy(), centers):  # the shape's color at its centre in every frame
+            pixel = frame[int(cy), int(cx)].astype(float)
+            nearest = min(COLORS, key=lambda name: np.abs(np.array(COLORS[name]) - pixel).sum())
+            assert nearest == meta["color"]

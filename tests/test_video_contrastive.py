@@ -51,7 +51,8 @@ def test_frame_pooling_cannot_see_the_order_of_frames_and_tubelets_can():
 def test_a_run_trains_evaluates_and_loads(tmp_path):
     result = train(_config(tmp_path, "run"), progress=False)
     assert {"zero_shot_accuracy", "color_accuracy", "shape_accuracy", "direction_accuracy", "video_to_text_R@1",
-            "text_to_video_R@5"} <= result.keys()
+            "text_to_video_R@5", "other_zero_shot_accuracy", "other_direction_accuracy",
+            "other_zero_shot_accuracy_light"} <= result.keys()
     # the zero-shot classes are what the captions say: every held-out caption is its clip's class prompt
     classes, prompts = class_prompts()
     _, captions, metas = load_video_split(str(tmp_path / "synth"), "held_out")

@@ -72,6 +72,21 @@ def _background(rng: np.random.Generator, size: int, band: str) -> np.ndarray:
     return np.clip(first + rng.normal(0, 14, (size, size, 1)) + rng.normal(0, 6, (size, size, 3)), 0, 255)
 
 
+def _shade(rng: np.random.Generator, color_name: str) -> np.ndarray:
+    return np.clip(np.array(COLORS[color_name]) * rng.uniform(0.85, 1.1) + rng.integers(-15, 16, 3), 0, 255)
+
+
+def _paint(background: np.ndarray, shape: str, cx: float, cy: float, radius: float, angle: float,
+           shade: np.ndarray) -> np.ndarray:
+    """The shape over `background` (float [S, S, 3]), anti-aliased by pixel coverage (float result)."""
+    size = background.shape[0]
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
+    x, y = xs - cx, ys - cy
+    x, y = x * math.cos(angle) + y * math.sin(angle), -x * math.sin(angle) + y * math.cos(angle)
+    coverage = np.clip(0.5 - signed_distance(shape, x, y, radius), 0, 1)[..., None]  # anti-aliased edge
+    return background * (1 - coverage) + shade * coverage
+
+
 def render(rng: np.random.Generator, size: int, color_name: str, shape: str, band: str):
     """One picture as uint8 [size, size, 3] and its metadata."""
     background = _background(rng, size, band)
@@ -79,12 +94,8 @@ def render(rng: np.random.Generator, size: int, color_name: str, shape: str, ban
     cx, cy = (rng.uniform(radius + 0.5, size - radius - 0.5) for _ in range(2))
     # a tilt, not any rotation: a square turned 45 degrees is the vocabulary's diamond (and 20 nearly one)
     angle = math.radians(rng.uniform(-12, 12))
-    ys, xs = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
-    x, y = xs - cx, ys - cy
-    x, y = x * math.cos(angle) + y * math.sin(angle), -x * math.sin(angle) + y * math.cos(angle)
-    coverage = np.clip(0.5 - signed_distance(shape, x, y, radius), 0, 1)[..., None]  # anti-aliased edge
-    shade = np.clip(np.array(COLORS[color_name]) * rng.uniform(0.85, 1.1) + rng.integers(-15, 16, 3), 0, 255)
-    image = background * (1 - coverage) + shade * coverage
+    shade = _shade(rng, color_name)
+    image = _paint(background, shape, cx, cy, radius, angle, shade)
     meta = {"kind": "shape", "color": color_name, "shape": shape, "background": band,
             "label": class_names().index(f"{color_name} {shape}"), "center": [cx, cy], "radius": radius,
             "angle": angle}
@@ -105,3 +116,49 @@ def other_renderer_set(count: int = 648, size: int = 32, seed: int = 0):
         images.append(torch.from_numpy(image).permute(2, 0, 1))
         metas.append(meta)
     return torch.stack(images), metas
+
+
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # as mmfast.data.synth_media
+
+
+def moving_render(rng: np.random.Generator, frames: int, size: int, color_name: str, shape: str, direction: str,
+                  band: str):
+    """One clip as uint8 [frames, size, size, 3] and its metadata: the shape drawn this way, moving the
+    named way with its own motion (eased: slow, fast, slow; a travel of 30-55 % of the frame; a drift of
+    up to 2 pixels across), where synth_media moves it at a constant speed."""
+    background = _background(rng, size, band)
+    radius = rng.uniform(0.13, 0.22) * size
+    low, high = radius + 0.5, size - radius - 0.5
+    travel = min(rng.uniform(0.3, 0.55) * size, high - low)  # the whole path inside the frame
+    dx, dy = DIRECTIONS[direction]
+    x0 = rng.uniform(low - min(dx, 0) * travel, high - max(dx, 0) * travel)
+    y0 = rng.uniform(low - min(dy, 0) * travel, high - max(dy, 0) * travel)
+    drift = rng.uniform(-2, 2)
+    angle, shade = math.radians(rng.uniform(-12, 12)), _shade(rng, color_name)
+    clip, centers = [], []
+    for frame in range(frames):
+        progress = 0.5 - 0.5 * math.cos(math.pi * frame / (frames - 1))  # eased
+        cx = x0 + dx * travel * progress + abs(dy) * drift * progress
+        cy = y0 + dy * travel * progress + abs(dx) * drift * progress
+        clip.append(np.round(_paint(background, shape, cx, cy, radius, angle, shade)).astype(np.uint8))
+        centers.append([cx, cy])
+    meta = {"kind": "video", "color": color_name, "shape": shape, "direction": direction, "background": band,
+            "centers": centers, "radius": radius}
+    return np.stack(clip), meta
+
+
+def other_moving_set(count: int = 432, frames: int = 8, size: int = 32, seed: int = 0):
+    """(uint8 clips [count, frames, size, size, 3], metas): every color x shape x direction x background
+    band equally often (cycled; 432 is each once), everything else drawn per clip."""
+    names, directions = list(COLORS), list(DIRECTIONS)
+    clips, metas = [], []
+    for index in range(count):
+        rng = np.random.default_rng([seed, 3, index])
+        color_name = names[index % len(names)]
+        shape = SHAPES[(index // len(names)) % len(SHAPES)]
+        direction = directions[(index // (len(names) * len(SHAPES))) % len(directions)]
+        band = list(BACKGROUNDS)[(index // (len(names) * len(SHAPES) * len(directions))) % len(BACKGROUNDS)]
+        clip, meta = moving_render(rng, frames, size, color_name, shape, direction, band)
+        clips.append(torch.from_numpy(clip))
+        metas.append(meta)
+    return torch.stack(clips), metas
