@@ -7,15 +7,16 @@ pseudo-captioning the uncaptioned images with a LLaVA captioner, give a better C
    below is scored on (zero-shot over the 36 color x shape classes).
 2. A noisy copy of the training set: 20 % of the images lose their caption, 40 % of the others get the
    caption of another picture; each sample's JSON says which (`noise`: clean, swapped or uncaptioned).
-3. A seed CLIP on a small clean set (other pictures), and a LLaVA captioner (vicuna template, the
-   bundled conversations about other pictures again, the seed CLIP's tower frozen).
-4. `mmfast data score` of the noisy pairs with the seed CLIP; the threshold is the 5th percentile of the
-   seed CLIP's scores on its own clean held-out pairs (no label of the noisy set is used to choose it);
-   `mmfast data filter` keeps the pairs above it. Precision and recall of the removed pairs against the
-   swapped ones are reported.
-5. `mmfast data caption` of the uncaptioned images with the LLaVA captioner.
-6. The main job's CLIP (fewer steps) trained on (a) the noisy pairs, (b) the filtered ones, (c) the
-   filtered ones plus the pseudo-captioned images (`data.sources`, by size).
+3. A seed CLIP on a small clean set (other pictures).
+4. `mmfast data score` of the noisy pairs with the seed CLIP; the threshold is the 10th percentile
+   (--clean-quantile) of the seed CLIP's scores on its own clean held-out pairs (no label of the noisy
+   set is used to choose it); `mmfast data filter` keeps the pairs above it. Precision and recall of
+   the removed pairs against the swapped ones are reported.
+5. The main job's CLIP (fewer steps) trained on (a) the noisy pairs and (b) the filtered ones.
+6. A LLaVA captioner bootstrapped from (b), as BLIP's CapFilt: (b)'s vision tower frozen, projector and
+   language model taught to answer "Describe the image." with the seed pairs' captions (vicuna template);
+   `mmfast data caption` of the uncaptioned images, and the pseudo-captions through the same filter.
+7. (c): the CLIP trained on the filtered pairs plus the kept pseudo-captioned images (`data.sources`).
 
 Writes `<out>/results.json` and `<out>/noisy_captions.png`; prints the table.
 """
@@ -68,6 +69,27 @@ def noisy_copy(shards: list[str], out_dir: str, swapped: float = 0.4, uncaptione
     return counts
 
 
+def caption_conversations(shards: list[str], out_dir: str, name: str, limit: int | None = None) -> str:
+    """LLaVA's JSON of "Describe the image." -> each pair's caption, with the pictures as PNG files in
+    `out_dir` (for the captioner); returns the JSON's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    entries = []
+    for shard in shards:
+        for key, sample in tar_samples(shard):
+            if limit is not None and len(entries) >= limit:
+                break
+            image = f"{os.path.basename(key)}.png"
+            with open(os.path.join(out_dir, image), "wb") as handle:
+                handle.write(sample["png"])
+            entries.append({"id": key, "image": image, "conversations": [
+                {"from": "human", "value": "<image>\nDescribe the image."},
+                {"from": "gpt", "value": sample["txt"].decode()}]})
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as handle:
+        json.dump(entries, handle)
+    return path
+
+
 def split_uncaptioned(noisy_dir: str, out_dir: str) -> int:
     """The noisy set's uncaptioned images as shards of their own (for `mmfast data caption`)."""
     import webdataset
@@ -99,6 +121,25 @@ def filter_quality(scores_path: str, noisy_dir: str, threshold: float) -> dict:
             removed_swapped += is_swapped and is_removed
     return {"threshold": threshold, "removed": removed, "swapped": swapped,
             "precision": removed_swapped / max(removed, 1), "recall": removed_swapped / max(swapped, 1)}
+
+
+def pseudo_caption_accuracy(captioned_dir: str, scores_path: str, threshold: float) -> dict:
+    """How often the pseudo-captions name the picture's color and shape (all, and those the filter keeps)."""
+    scores = {row["id"]: row["score"] for row in map(json.loads, open(scores_path))}
+    rows = []
+    for shard in sorted(glob.glob(os.path.join(captioned_dir, "*.tar"))):
+        for key, sample in tar_samples(shard):
+            if "synthetic.txt" not in sample:
+                continue
+            meta, words = json.loads(sample["json"]), sample["synthetic.txt"].decode().split()
+            shape_words = {meta["shape"], meta["shape"] + "s", meta["shape"] + "es"}
+            kept = scores.get(f"{os.path.basename(shard)}/{key}", -2) >= threshold
+            rows.append((meta["color"] in words, bool(shape_words & set(words)), kept))
+    table = np.array(rows, dtype=bool).reshape(-1, 3)
+    kept = table[table[:, 2]]
+    return {"color": float(table[:, 0].mean()), "shape": float(table[:, 1].mean()),
+            "kept_color": float(kept[:, 0].mean()) if len(kept) else 0.0,
+            "kept_shape": float(kept[:, 1].mean()) if len(kept) else 0.0}
 
 
 def _clip(out: str, name: str, overrides: list[str], progress: bool) -> dict:
@@ -141,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed-steps", type=int, default=150)
     parser.add_argument("--captioner-steps", type=int, default=600)
     parser.add_argument("--steps", type=int, default=400, help="steps of each compared CLIP")
+    parser.add_argument("--clean-quantile", type=float, default=0.1,
+                        help="the threshold: this quantile of the seed CLIP's scores on its clean held-out pairs")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="toy models and sizes (the test's)")
     arguments = parser.parse_args(argv)
@@ -172,12 +215,40 @@ def main(argv: list[str] | None = None) -> dict:
     from mmfast.train.curate import filter_shards, score
     from mmfast.train.pseudo_captions import caption_shards
 
-    captioner = load_config("llava-tiny", [f"--data.synth_dir={out}/seed-llava", "--data.seed=2",
-                                           f"--data.train_samples={arguments.seed_pairs}", "--data.held_out_samples=100",
+    # the threshold: a low quantile of the seed CLIP's scores on its own clean held-out pairs
+    score(os.path.join(out, "seed-clip"), os.path.join(out, "seed-synth", "held_out-*.tar"),
+          os.path.join(out, "seed-scores.jsonl"), progress=progress)
+    clean = [row["score"] for row in map(json.loads, open(os.path.join(out, "seed-scores.jsonl")))]
+    threshold = float(np.quantile(clean, arguments.clean_quantile))
+    score(os.path.join(out, "seed-clip"), os.path.join(out, "noisy", "*.tar"), os.path.join(out, "scores.jsonl"),
+          progress=progress)
+    filtered = filter_shards(os.path.join(out, "scores.jsonl"), os.path.join(out, "noisy", "*.tar"),
+                             os.path.join(out, "filtered"), threshold=threshold, progress=progress)
+    quality = filter_quality(os.path.join(out, "scores.jsonl"), os.path.join(out, "noisy"), threshold)
+    lap("score and filter")
+
+    held_out = os.path.join(data, "held_out-*.tar")
+    common = ["--data.source=shards", f"--data.held_out={held_out}", f"--data.batch_size={arguments.batch}",
+              f"--train.steps={arguments.steps}", f"--train.eval_every={arguments.steps}",
+              f"--train.checkpoint_every={arguments.steps}", *tiny_clip]
+    runs = {"(a) noisy": _clip(out, "a-noisy", [*common, f"--data.train={out}/noisy/*.tar"], progress),
+            "(b) filtered": _clip(out, "b-filtered", [*common, f"--data.train={out}/filtered/*.tar"], progress)}
+    lap("CLIPs (a) and (b)")
+
+    # the captioner bootstraps from (b), as BLIP's CapFilt from its pretrained model: (b)'s vision tower
+    # (frozen), a projector and language model taught to describe the clean seed pictures with their captions
+    seed_folder = os.path.join(out, "seed-conversations")
+    train_json = caption_conversations(sorted(glob.glob(os.path.join(out, "seed-synth", "train-*.tar"))), seed_folder,
+                                       "train")
+    held_json = caption_conversations(sorted(glob.glob(os.path.join(out, "seed-synth", "held_out-*.tar"))), seed_folder,
+                                      "held_out", limit=100)
+    captioner = load_config("llava-tiny", ["--data.source=files", f"--data.conversations={train_json}",
+                                           f"--data.held_out_conversations={held_json}",
+                                           f"--data.image_folder={seed_folder}",
                                            "--data.template=vicuna_v1", f"--train.steps={arguments.captioner_steps}",
                                            f"--train.eval_every={arguments.captioner_steps}",
                                            f"--train.checkpoint_every={arguments.captioner_steps}",
-                                           f"--train.init_from={out}/seed-clip",
+                                           f"--train.init_from={out}/b-filtered",
                                            "--train.trainable=[model.multi_modal_projector,model.language_model,lm_head]",
                                            *(["--model.text.hidden_size=32", "--model.text.intermediate_size=64",
                                               "--model.text.num_hidden_layers=1", "--model.vision.width=32",
@@ -186,34 +257,25 @@ def main(argv: list[str] | None = None) -> dict:
     captioner.stages, captioner.run_dir = [], os.path.join(out, "captioner")
     captioner_result = train(captioner, progress=progress)
     lap("LLaVA captioner")
-
-    # the threshold: the seed CLIP's 5th percentile on its own clean held-out pairs
-    score(os.path.join(out, "seed-clip"), os.path.join(out, "seed-synth", "held_out-*.tar"),
-          os.path.join(out, "seed-scores.jsonl"), progress=progress)
-    clean = [row["score"] for row in map(json.loads, open(os.path.join(out, "seed-scores.jsonl")))]
-    threshold = float(np.quantile(clean, 0.05))
-    score(os.path.join(out, "seed-clip"), os.path.join(out, "noisy", "*.tar"), os.path.join(out, "scores.jsonl"),
-          progress=progress)
-    filtered = filter_shards(os.path.join(out, "scores.jsonl"), os.path.join(out, "noisy", "*.tar"),
-                             os.path.join(out, "filtered"), threshold=threshold, progress=progress)
-    quality = filter_quality(os.path.join(out, "scores.jsonl"), os.path.join(out, "noisy"), threshold)
-    lap("score and filter")
     captioned = caption_shards(os.path.join(out, "captioner"), os.path.join(out, "uncaptioned", "*.tar"),
                                os.path.join(out, "captioned"), batch_size=64, max_new_tokens=16, progress=progress)
+    # and the pseudo-captions pass the same filter as the web captions (CapFilt's "Filt")
+    score(os.path.join(out, "seed-clip"), os.path.join(out, "captioned", "*.tar"),
+          os.path.join(out, "captioned-scores.jsonl"), progress=progress)
+    try:
+        captioned_kept = filter_shards(os.path.join(out, "captioned-scores.jsonl"),
+                                       os.path.join(out, "captioned", "*.tar"), os.path.join(out, "captioned-kept"),
+                                       threshold=threshold, progress=progress)
+    except ValueError as error:  # none passes: (c) is (b)'s data again, and the table says so
+        print(error)
+        captioned_kept = {"kept": 0}
+    captioned["kept"], captioned["correct"] = captioned_kept["kept"], pseudo_caption_accuracy(
+        os.path.join(out, "captioned"), os.path.join(out, "captioned-scores.jsonl"), threshold)
     lap("pseudo-captions")
-
-    held_out = os.path.join(data, "held_out-*.tar")
-    common = ["--data.source=shards", f"--data.held_out={held_out}", f"--data.batch_size={arguments.batch}",
-              f"--train.steps={arguments.steps}", f"--train.eval_every={arguments.steps}",
-              f"--train.checkpoint_every={arguments.steps}", *tiny_clip]
-    runs = {
-        "(a) noisy": _clip(out, "a-noisy", [*common, f"--data.train={out}/noisy/*.tar"], progress),
-        "(b) filtered": _clip(out, "b-filtered", [*common, f"--data.train={out}/filtered/*.tar"], progress),
-        "(c) filtered + pseudo-captions": _clip(out, "c-captioned", [
-            *common, f"--data.sources={{filtered: '{out}/filtered/*.tar', captioned: '{out}/captioned/*.tar'}}"],
-            progress),
-    }
-    lap("three CLIPs")
+    sources = f"{{filtered: '{out}/filtered/*.tar'" + (f", captioned: '{out}/captioned-kept/*.tar'}}"
+                                                       if captioned["kept"] else "}")
+    runs["(c) filtered + pseudo-captions"] = _clip(out, "c-captioned", [*common, f"--data.sources={sources}"], progress)
+    lap("CLIP (c)")
     results = {"noise": counts, "uncaptioned_shards": uncaptioned, "seed_clip": seed, "captioner": captioner_result,
                "filter": {**quality, "kept": filtered["kept"], "samples": filtered["pairs"],
                           "removed_by_rule": filtered["removed_by_rule"]},
@@ -224,9 +286,13 @@ def main(argv: list[str] | None = None) -> dict:
     _plot(results, os.path.join(out, "noisy_captions.png"))
     print(f"noise {counts}; filter at {threshold:.4f}: kept {filtered['kept']} of {counts['clean'] + counts['swapped']} pairs, "
           f"precision {quality['precision']:.3f}, recall {quality['recall']:.3f} of the swapped captions")
+    correct = captioned["correct"]
+    print(f"pseudo-captions: {captioned['captioned']} written, {captioned['kept']} kept by the filter; color right in "
+          f"{correct['color']:.3f} and shape in {correct['shape']:.3f} of all, {correct['kept_color']:.3f} / "
+          f"{correct['kept_shape']:.3f} of the kept")
     print("| training data | pairs | held-out zero-shot | image->text R@1 | seconds |\n| --- | --- | --- | --- | --- |")
     sizes = {"(a) noisy": counts["clean"] + counts["swapped"], "(b) filtered": filtered["kept"],
-             "(c) filtered + pseudo-captions": filtered["kept"] + captioned["captioned"]}
+             "(c) filtered + pseudo-captions": filtered["kept"] + captioned["kept"]}
     for name, result in runs.items():
         print(f"| {name} | {sizes[name]} | {result['zero_shot_accuracy']:.3f} | {result['image_to_text_R@1']:.3f} | "
               f"{result['seconds']:.0f} |")

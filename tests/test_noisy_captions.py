@@ -19,7 +19,9 @@ def test_the_noisy_captions_experiment_runs_end_to_end(tmp_path):
                               "--batch", "16"])
     noise = results["noise"]
     assert sum(noise.values()) == 200 and min(noise.values()) > 0
-    assert results["uncaptioned_shards"] == noise["uncaptioned"] == results["pseudo_captions"]["captioned"]
+    captions = results["pseudo_captions"]
+    assert results["uncaptioned_shards"] == noise["uncaptioned"] == captions["captioned"] >= captions["kept"]
+    assert 0 <= captions["correct"]["color"] <= 1 and 0 <= captions["correct"]["shape"] <= 1
     assert results["filter"]["samples"] == 200  # the uncaptioned ones are removed for want of a score
     assert results["filter"]["removed_by_rule"]["no score"] == noise["uncaptioned"]
     assert results["filter"]["swapped"] == noise["swapped"] and 0 <= results["filter"]["recall"] <= 1
