@@ -131,7 +131,8 @@ def pseudo_caption_accuracy(captioned_dir: str, scores_path: str, threshold: flo
         for key, sample in tar_samples(shard):
             if "synthetic.txt" not in sample:
                 continue
-            meta, words = json.loads(sample["json"]), sample["synthetic.txt"].decode().split()
+            meta = json.loads(sample["json"])
+            words = sample["synthetic.txt"].decode().replace(".", " ").replace(",", " ").split()
             shape_words = {meta["shape"], meta["shape"] + "s", meta["shape"] + "es"}
             kept = scores.get(f"{os.path.basename(shard)}/{key}", -2) >= threshold
             rows.append((meta["color"] in words, bool(shape_words & set(words)), kept))
@@ -161,7 +162,7 @@ def _plot(results: dict, path: str) -> None:
     names = list(results["runs"])
     values = [results["runs"][name]["zero_shot_accuracy"] for name in names]
     figure, axis = plt.subplots(figsize=(6, 3.2))
-    bars = axis.bar(names, values, color=["#c44", "#48c", "#4a4"][:len(names)])
+    bars = axis.bar([name.replace(" + ", "\n+ ") for name in names], values, color=["#c44", "#48c", "#4a4"][:len(names)])
     axis.bar_label(bars, fmt="%.3f")
     axis.set_ylabel("held-out zero-shot accuracy (36 classes)")
     axis.set_ylim(0, 1)
