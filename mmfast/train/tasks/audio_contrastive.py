@@ -144,28 +144,35 @@ class AudioContrastiveTask(ContrastiveTask):
     def _load_split(self, split: str):
         return load_audio_split(self.config.data.synth_dir, split)
 
+    config_class, config_key = ClapConfig, "clap_config"  # the model's config, and its key in model.pt
+
     def restore(self, run_dir: str) -> None:
         self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
         section = self.config.model
-        fields = {item.name: getattr(section, item.name) for item in dataclasses.fields(ClapConfig)}
+        fields = {item.name: getattr(section, item.name) for item in dataclasses.fields(self.config_class)}
         fields["text"] = dataclasses.replace(section.text, vocab_size=self.tokenizer.vocab_size,
                                              eot_token_id=self.tokenizer.eot_id)
         if section.loss == "siglip" and section.init_logit_bias is None:
             fields["init_logit_bias"] = -10.0
-        self.model_config = ClapConfig(**fields)
+        self.model_config = self.config_class(**self._media_fields(fields))
+
+    def _media_fields(self, fields: dict) -> dict:
+        """The model fields the data decides (none for the audio clips)."""
+        return fields
 
     def build_model(self) -> CLAP:
         return CLAP(self.model_config)
 
     def batches(self, accumulation: int, start: int):
-        """(waveforms, tokens) of this rank's share of every global batch from step `start` on."""
+        """(clips: waveforms, or frames for task video_contrastive, tokens) of this rank's share of every
+        global batch from step `start` on."""
         data, seed, placement = self.config.data, self.config.train.seed, self.placement
-        waveforms, captions, _ = self.train_split
+        clips, captions, _ = self.train_split
         tokens = self.tokenizer(captions)
         for step in itertools.count(start):
             rows = batch_indices(step, len(tokens), data.batch_size, seed)
             rows = rows.view(accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)
-            yield waveforms[rows], tokens[rows]
+            yield clips[rows], tokens[rows]
 
     def flops_per_sample(self) -> float:
         audio, text = self.model_config.audio, self.model_config.text
@@ -226,7 +233,7 @@ class AudioContrastiveTask(ContrastiveTask):
 
     def export(self, run_dir: str, folder: str) -> str:
         path = os.path.join(run_dir, "model.pt")
-        torch.save({"task": self.name, "clap_config": dataclasses.asdict(self.model_config),
+        torch.save({"task": self.name, self.config_key: dataclasses.asdict(self.model_config),
                     "state_dict": checkpoint.consolidate(folder)}, path)
         return path
 

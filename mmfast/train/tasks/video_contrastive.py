@@ -6,7 +6,6 @@ and retrieval both ways on the held-out clips. `model.tower=frames` trains the f
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import io
 import json
 import os
@@ -18,12 +17,10 @@ import torch
 from mmfast.data import synth, synth_media
 from mmfast.data.other_renderer import other_moving_set
 from mmfast.data.pairs import tar_samples
-from mmfast.data.splits import batch_indices
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.clip import TextConfig, transformer_flops
 from mmfast.models.video import VideoConfig, sample_frames
 from mmfast.models.video_clip import VideoCLIP, VideoClipConfig
-from mmfast.train import checkpoint
 from mmfast.train.tasks.audio_contrastive import AudioContrastiveTask
 from mmfast.train.tasks.contrastive import CLIP_MEAN, CLIP_STD
 
@@ -130,29 +127,13 @@ class VideoContrastiveTask(AudioContrastiveTask):
     def _load_split(self, split: str):
         return load_video_split(self.config.data.synth_dir, split)
 
-    def restore(self, run_dir: str) -> None:
-        self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
-        section = self.config.model
-        fields = {item.name: getattr(section, item.name) for item in dataclasses.fields(VideoClipConfig)}
-        fields["video"] = dataclasses.replace(section.video, image_size=self.config.data.image_size)
-        fields["text"] = dataclasses.replace(section.text, vocab_size=self.tokenizer.vocab_size,
-                                             eot_token_id=self.tokenizer.eot_id)
-        if section.loss == "siglip" and section.init_logit_bias is None:
-            fields["init_logit_bias"] = -10.0
-        self.model_config = VideoClipConfig(**fields)
+    config_class, config_key = VideoClipConfig, "video_clip_config"
+
+    def _media_fields(self, fields: dict) -> dict:
+        return {**fields, "video": dataclasses.replace(fields["video"], image_size=self.config.data.image_size)}
 
     def build_model(self) -> VideoCLIP:
         return VideoCLIP(self.model_config)
-
-    def batches(self, accumulation: int, start: int):
-        """(frames, tokens) of this rank's share of every global batch from step `start` on."""
-        data, seed, placement = self.config.data, self.config.train.seed, self.placement
-        clips, captions, _ = self.train_split
-        tokens = self.tokenizer(captions)
-        for step in itertools.count(start):
-            rows = batch_indices(step, len(tokens), data.batch_size, seed)
-            rows = rows.view(accumulation, placement.world_size, -1)[:, placement.rank].reshape(-1)
-            yield clips[rows], tokens[rows]
 
     def _media_tokens(self) -> int:
         video = self.model_config.video
@@ -207,12 +188,6 @@ class VideoContrastiveTask(AudioContrastiveTask):
     def _embed(model, clips: torch.Tensor, device) -> torch.Tensor:
         return torch.cat([model.encode_video(clips[start:start + 256].to(device), normalize=True).float().cpu()
                           for start in range(0, len(clips), 256)])
-
-    def export(self, run_dir: str, folder: str) -> str:
-        path = os.path.join(run_dir, "model.pt")
-        torch.save({"task": self.name, "video_clip_config": dataclasses.asdict(self.model_config),
-                    "state_dict": checkpoint.consolidate(folder)}, path)
-        return path
 
     @classmethod
     def load_file(cls, saved: dict, directory: str, device="cpu"):
