@@ -78,5 +78,5 @@ def test_bad_settings_are_named(tmp_path):
         train(_config(tmp_path, "a", "--data.image_size=16"), progress=False)
     with pytest.raises(ValueError, match=r"model.tower must be one of \['tubelets', 'frames'\]"):
         train(_config(tmp_path, "b", "--model.tower=pixels"), progress=False)
-    with pytest.raises(ValueError, match="reads the bundled clips"):
+    with pytest.raises(ValueError, match="reads the bundled video clips"):
         train(_config(tmp_path, "c", "--data.source=shards", "--data.train=x.tar"), progress=False)

@@ -107,7 +107,7 @@ class AudioContrastiveTask(ContrastiveTask):
         if config.model.loss not in ("clip", "siglip"):
             raise ValueError(f"config: model.loss must be 'clip' or 'siglip', got {config.model.loss!r}")
         if config.data.source != "synth" or config.data.streaming:
-            raise ValueError(f"config: task {self.name} reads the bundled clips (data.source=synth, not "
+            raise ValueError(f"config: task {self.name} reads the bundled {self.modality} clips (data.source=synth, not "
                              f"streamed), got data.source={config.data.source!r}")
         if config.train.micro_batch:
             raise ValueError(f"config: task {self.name} has no gradient caching; leave train.micro_batch unset")
@@ -145,6 +145,7 @@ class AudioContrastiveTask(ContrastiveTask):
         return load_audio_split(self.config.data.synth_dir, split)
 
     config_class, config_key = ClapConfig, "clap_config"  # the model's config, and its key in model.pt
+    modality = "audio"
 
     def restore(self, run_dir: str) -> None:
         self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))

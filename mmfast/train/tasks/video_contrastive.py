@@ -128,6 +128,7 @@ class VideoContrastiveTask(AudioContrastiveTask):
         return load_video_split(self.config.data.synth_dir, split)
 
     config_class, config_key = VideoClipConfig, "video_clip_config"
+    modality = "video"
 
     def _media_fields(self, fields: dict) -> dict:
         return {**fields, "video": dataclasses.replace(fields["video"], image_size=self.config.data.image_size)}
