@@ -10,7 +10,8 @@ from mmfast.models.video import VideoConfig
 from mmfast.models.video_clip import VideoCLIP, VideoClipConfig
 from mmfast.models.clip import TextConfig
 from mmfast.train import load_config, train
-from mmfast.train.tasks.video_contrastive import class_prompts, load_video_split
+from mmfast.data.synth_media import load_media_split
+from mmfast.train.tasks.video_contrastive import class_prompts
 
 pytest.importorskip("webdataset")
 TINY = ["--data.train_samples=64", "--data.held_out_samples=32", "--data.batch_size=16", "--model.embed_dim=16",
@@ -55,7 +56,7 @@ def test_a_run_trains_evaluates_and_loads(tmp_path):
             "other_zero_shot_accuracy_light"} <= result.keys()
     # the zero-shot classes are what the captions say: every held-out caption is its clip's class prompt
     classes, prompts = class_prompts()
-    _, captions, metas = load_video_split(str(tmp_path / "synth"), "held_out")
+    _, captions, metas = load_media_split(str(tmp_path / "synth"), "held_out")
     lookup = dict(zip(classes, (group[0] for group in prompts)))
     assert len(classes) == 144 and all(lookup[(m["color"], m["shape"], m["direction"])] == c
                                        for c, m in zip(captions, metas))

@@ -27,6 +27,11 @@ def _open_image(data: bytes | str) -> Image.Image:
 SYNTHETIC_CAPTION = "synthetic.txt"  # a pseudo-caption beside a sample's own (mmfast data caption)
 
 
+def image_member(sample: dict) -> str | None:
+    """The extension of a tar sample's image (the first of IMAGE_EXTENSIONS it has), or None."""
+    return next((extension for extension in IMAGE_EXTENSIONS if extension in sample), None)
+
+
 class TruncatedShard(Exception):
     """A tar shard that ends before its end-of-archive blocks (a partial download or copy)."""
 
@@ -121,7 +126,7 @@ class ShardPairs(IterableDataset):
         """One tar sample's (image, caption, meta), or None with its problem counted. The caption is the
         `.txt`, or the `synthetic.txt` of an image without one; a sample with both has the synthetic
         one in meta["synthetic_caption"]."""
-        image_key = next((extension for extension in IMAGE_EXTENSIONS if extension in sample), None)
+        image_key = image_member(sample)
         caption_key = "txt" if "txt" in sample else SYNTHETIC_CAPTION  # an uncaptioned image, pseudo-captioned
         if image_key is None or caption_key not in sample:
             self.problems["missing image or caption"] += 1

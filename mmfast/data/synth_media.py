@@ -21,10 +21,12 @@ import wave
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from mmfast.data import synth
+from mmfast.data.pairs import tar_samples
 
 SAMPLE_RATE = 16000
 PITCHES = {"low": (200.0, 300.0), "high": (800.0, 1200.0)}
@@ -224,3 +226,19 @@ def write_media_shards(out_dir: str, modality: str, *, train: int = 4000, held_o
             written[split].append(path)
     bar.close()
     return written
+
+
+def load_media_split(folder: str, split: str) -> tuple[torch.Tensor, list[str], list[dict]]:
+    """A split of bundled clips written by write_media_shards: float32 waveforms [N, samples] (`wav`) or
+    uint8 frames [N, T, H, W, 3] (`npy`), captions and metadata."""
+    clips, captions, metas = [], [], []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(split + "-") and name.endswith(".tar"):
+            for _, sample in tar_samples(os.path.join(folder, name)):
+                clips.append(read_wav(sample["wav"])[0] if "wav" in sample
+                             else np.load(io.BytesIO(sample["npy"]), allow_pickle=False))
+                captions.append(sample["txt"].decode("utf-8"))
+                metas.append(json.loads(sample["json"]))
+    if not clips:
+        raise FileNotFoundError(f"synth media: no {split} shards in {folder}")
+    return torch.from_numpy(np.stack(clips)), captions, metas

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmfast.data.pairs import IMAGE_EXTENSIONS, ShardPairs, TruncatedShard, tar_samples
+from mmfast.data.pairs import ShardPairs, TruncatedShard, image_member, tar_samples
 from mmfast.data.splits import expand_shards
 from mmfast.train.files import write_atomically
 
@@ -193,7 +193,7 @@ def filter_shards(scores_path: str, data: str, out_dir: str, *, threshold: float
         if len(caption.split()) < min_words:
             failed.append("caption words")
         if min_image_size or max_aspect:
-            image_key = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            image_key = image_member(sample)
             if image_key is None:
                 failed.append("no image")
             else:

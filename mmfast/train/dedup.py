@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmfast.data.pairs import IMAGE_EXTENSIONS, TruncatedShard, _open_image, tar_samples
+from mmfast.data.pairs import TruncatedShard, _open_image, image_member, tar_samples
 from mmfast.data.splits import expand_shards
 from mmfast.train.curate import _sample_id, write_kept
 from mmfast.train.files import write_atomically
@@ -48,7 +48,7 @@ def _index_shard(shard: str, encoder, batch_size: int, problems: dict) -> dict:
     read = 0
     try:
         for key, sample in tar_samples(shard):
-            image_key = next((extension for extension in IMAGE_EXTENSIONS if extension in sample), None)
+            image_key = image_member(sample)
             if image_key is None:
                 problems["no image"] = problems.get("no image", 0) + 1
                 continue
@@ -255,13 +255,14 @@ def dedup(data: str, out_dir: str, *, exact: bool = True, near: float | None = N
             if position not in exact_copies:
                 remove(position, "near duplicate", ids[match[position]], cosine[position])
 
+    known = set(ids)
+
     def failed_rules(shard: str, key: str, sample: dict) -> list[str]:
         identifier = _sample_id(shard, key)
         if identifier not in removed:
             return [] if identifier in known else ["no decodable image"]
         return [record["rule"] for record in removed[identifier]]
 
-    known = set(ids)
     totals, by_rule = write_kept(shards, out_dir, failed_rules, "mmfast data dedup: write", progress)
     write_atomically(os.path.join(out_dir, "removed.jsonl"),
                      "".join(json.dumps(record) + "\n" for records in removed.values() for record in records))

@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
-from mmfast.data.pairs import IMAGE_EXTENSIONS, SYNTHETIC_CAPTION, _open_image, tar_samples
+from mmfast.data.pairs import SYNTHETIC_CAPTION, _open_image, image_member, tar_samples
 from mmfast.data.splits import expand_shards
 from mmfast.train.files import write_atomically
 
@@ -99,7 +99,7 @@ def caption_shards(run: str, data: str, out_dir: str, *, prompt: str = PROMPT, m
         partial = target + ".partial"
         with webdataset.TarWriter(partial) as sink:
             for key, sample in tar_samples(shard):
-                image_key = next((extension for extension in IMAGE_EXTENSIONS if extension in sample), None)
+                image_key = image_member(sample)
                 try:
                     image = _open_image(sample[image_key]) if image_key else None
                 except Exception:  # any decoder failure means a corrupt image: copied, counted

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from mmfast.data import synth_media
-from mmfast.data.pairs import tar_samples
 from mmfast.data.splits import batch_indices
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.audio import AudioConfig
@@ -51,20 +50,6 @@ def class_prompts() -> tuple[list[tuple[int, str]], list[list[str]]]:
             classes.append((count, pitch))
             prompts.append((group * 2)[:6])  # as many prompts per class
     return classes, prompts
-
-
-def load_audio_split(folder: str, split: str) -> tuple[torch.Tensor, list[str], list[dict]]:
-    """float32 waveforms [N, samples], captions and metadata of a split's shards."""
-    waveforms, captions, metas = [], [], []
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(split + "-") and name.endswith(".tar"):
-            for _, sample in tar_samples(os.path.join(folder, name)):
-                waveforms.append(synth_media.read_wav(sample["wav"])[0])
-                captions.append(sample["txt"].decode("utf-8"))
-                metas.append(json.loads(sample["json"]))
-    if not waveforms:
-        raise FileNotFoundError(f"task audio_contrastive: no {split} shards in {folder}")
-    return torch.from_numpy(np.stack(waveforms)), captions, metas
 
 
 class AudioPreprocess:
@@ -129,8 +114,8 @@ class AudioContrastiveTask(ContrastiveTask):
         if placement.is_main:
             self._ensure_clips(progress)
         distributed.barrier()
-        self.train_split = self._load_split("train") if train else None
-        self.held_out = self._load_split("held_out")
+        self.train_split = synth_media.load_media_split(config.data.synth_dir, "train") if train else None
+        self.held_out = synth_media.load_media_split(config.data.synth_dir, "held_out")
         path = os.path.join(config.run_dir, "tokenizer.json")
         if placement.is_main and not os.path.exists(path):
             captions = (self.train_split or self.held_out)[1]
@@ -140,9 +125,6 @@ class AudioContrastiveTask(ContrastiveTask):
 
     def prepare_evaluation(self, progress: bool) -> None:
         self.prepare(progress, train=False)
-
-    def _load_split(self, split: str):
-        return load_audio_split(self.config.data.synth_dir, split)
 
     config_class, config_key = ClapConfig, "clap_config"  # the model's config, and its key in model.pt
     modality = "audio"

@@ -6,7 +6,6 @@ and retrieval both ways on the held-out clips. `model.tower=frames` trains the f
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,7 +15,6 @@ import torch
 
 from mmfast.data import synth, synth_media
 from mmfast.data.other_renderer import other_moving_set
-from mmfast.data.pairs import tar_samples
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.clip import TextConfig, transformer_flops
 from mmfast.models.video import VideoConfig, sample_frames
@@ -52,20 +50,6 @@ def class_prompts() -> tuple[list[tuple[str, str, str]], list[list[str]]]:
                 classes.append((color, shape, direction))
                 prompts.append([f"{article} {color} {shape} moving {direction}"])
     return classes, prompts
-
-
-def load_video_split(folder: str, split: str) -> tuple[torch.Tensor, list[str], list[dict]]:
-    """uint8 frames [N, T, H, W, 3], captions and metadata of a split's shards."""
-    clips, captions, metas = [], [], []
-    for name in sorted(os.listdir(folder)):
-        if name.startswith(split + "-") and name.endswith(".tar"):
-            for _, sample in tar_samples(os.path.join(folder, name)):
-                clips.append(np.load(io.BytesIO(sample["npy"]), allow_pickle=False))
-                captions.append(sample["txt"].decode("utf-8"))
-                metas.append(json.loads(sample["json"]))
-    if not clips:
-        raise FileNotFoundError(f"task video_contrastive: no {split} shards in {folder}")
-    return torch.from_numpy(np.stack(clips)), captions, metas
 
 
 def _zero_shot(video: torch.Tensor, text: torch.Tensor, classes, metas: list[dict], prefix: str) -> dict:
@@ -124,8 +108,6 @@ class VideoContrastiveTask(AudioContrastiveTask):
         with open(marker, "w") as handle:
             json.dump(wanted, handle)
 
-    def _load_split(self, split: str):
-        return load_video_split(self.config.data.synth_dir, split)
 
     config_class, config_key = VideoClipConfig, "video_clip_config"
     modality = "video"
