@@ -83,7 +83,7 @@ def reference_call(inputs, dtype):
     rows = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
     in_scale = 1 / 255 if pixels.dtype == torch.uint8 else 1.0
     return reference.forward(view, weight, bias, rows(kwargs.get("pos_embed")), rows(kwargs.get("cls_token")),
-                             mean, 1 / std, in_scale, geometry, dtype=dtype)
+                             mean, 1 / std, in_scale, geometry, dtype=dtype, keep=kwargs.get("keep"))
 
 
 def check_against_reference(inputs, backend, dtype, label):
@@ -149,6 +149,71 @@ def test_bf16_through_interpreter():
 @pytest.mark.parametrize("case", IMAGE_CASES)
 def test_bf16_on_gpu(case):
     check_against_reference(make_case(**case, dtype=torch.bfloat16), "triton", torch.bfloat16, "gpu bf16")
+
+
+# --- kept patches (masked autoencoders) --------------------------------------------------------------
+
+KEEP_CASES = [
+    pytest.param(dict(shape=(3, 56, 42), patch=14, channels=3, embed=40, prefix=1, pos="all"), 3, id="image-cls"),
+    pytest.param(dict(shape=(2, 40, 60), patch=16, channels=1, embed=24, stride=10, prefix=2, pos="all",
+                      uint8=False), 5, id="ast-overlap-float"),
+    pytest.param(dict(shape=(2, 4, 32, 48), patch=16, channels=3, embed=40, video=True), 2, id="video-tubelets"),
+]
+
+
+def _random_keep(batch: int, patches: int, kept: int, seed: int = 3) -> torch.Tensor:
+    """MAE's draw: each sample's own random subset, in random order."""
+    noise = torch.rand(batch, patches, generator=_generator(seed))
+    return noise.argsort(dim=1)[:, :kept].to(DEVICE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case, kept", KEEP_CASES)
+def test_kept_patches_match_reference_forward_and_backward(case, kept, backend):
+    pixels, weight, bias, kwargs = make_case(**case)
+    full = mmfast.ops.patch_embed(pixels, weight, bias, backend="reference", **kwargs)
+    prefix = 0 if kwargs.get("cls_token") is None else kwargs["cls_token"].shape[1]
+    kwargs["keep"] = _random_keep(pixels.shape[0], full.shape[1] - prefix, kept)
+    check_against_reference((pixels, weight, bias, kwargs), backend, torch.float32, f"{backend} keep")
+    # the kept rows are the full embedding's rows at those places, in keep's order
+    out = mmfast.ops.patch_embed(pixels, weight, bias, backend=backend, **kwargs)
+    assert out.shape == (pixels.shape[0], prefix + kept, weight.shape[0])
+    index = (kwargs["keep"] + prefix)[..., None].expand(-1, -1, full.shape[2])
+    torch.testing.assert_close(out[:, prefix:], full.gather(1, index), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[:, :prefix], full[:, :prefix])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_patches_are_never_read(backend):
+    """NaN in every masked patch: nothing of it reaches the output or any gradient."""
+    pixels, weight, bias, kwargs = make_case((2, 42, 56), 14, 3, 24, uint8=False, prefix=1, pos="all")
+    keep = _random_keep(2, 12, 4)
+    poisoned = pixels.detach().clone()
+    for sample in range(2):
+        for patch in set(range(12)) - set(keep[sample].tolist()):
+            row, column = divmod(patch, 4)
+            poisoned[sample, :, row * 14:(row + 1) * 14, column * 14:(column + 1) * 14] = float("nan")
+    poisoned.requires_grad_()
+    out = mmfast.ops.patch_embed(poisoned, weight, bias, keep=keep, backend=backend, **kwargs)
+    clean = mmfast.ops.patch_embed(pixels.detach(), weight, bias, keep=keep, backend=backend, **kwargs)
+    torch.testing.assert_close(out, clean)
+    grads = torch.autograd.grad(out.square().sum(), [poisoned, weight, kwargs["pos_embed"]])
+    assert all(bool(grad.isfinite().all()) for grad in grads)
+    assert float(grads[2][0, 1:][keep[0].cpu()].abs().sum()) > 0  # kept places get their positions' gradient
+
+
+def test_bad_keep_raises_clear_errors():
+    pixels = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    weight = torch.randn(8, 3, 14, 14)
+    call = mmfast.ops.patch_embed
+    with pytest.raises(TypeError, match="keep must be an int32 or int64 tensor of patch indices, got torch.float32"):
+        call(pixels, weight, keep=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"keep must be \[B=2, K\] with 1 <= K <= 4 .* got shape \(3, 2\)"):
+        call(pixels, weight, keep=torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"keep must be \[B=2, K\] .* got shape \(2, 5\)"):
+        call(pixels, weight, keep=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"keep indices must lie in \[0, 4\), got values from 0 to 4"):
+        call(pixels, weight, keep=torch.tensor([[0, 1], [2, 4]]))
 
 
 # --- bad inputs --------------------------------------------------------------------------------------

@@ -220,6 +220,10 @@ def _patch_embed_cases():
                                       backend="triton")
                     _backward(out, weight, bias, prefix, positions)
                     _backward(patch_embed(pixels, weight, stride=stride, backend="triton"), weight)
+                    patches = full.shape[1] - 1  # a masked autoencoder's quarter of them
+                    keep = torch.randperm(patches)[:max(1, patches // 4)].expand(pixel_shape[0], -1)
+                    _backward(patch_embed(pixels, weight, bias, pos_embed=positions, cls_token=prefix, stride=stride,
+                                          keep=keep, backend="triton"), weight, positions)
 
                 yield f"patch_embed {dtype} {label} pixels {pixel_dtype}", run
 

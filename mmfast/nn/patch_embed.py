@@ -233,8 +233,10 @@ class _HFVisionEmbeddings(nn.Module):
         patches = self._positions.get(table[prefix:], (side, side), grid)
         return torch.cat([table[:prefix], patches]) if prefix else patches
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """pixel_values [B, C, H, W] (uint8, normalized with mean/std, or float) -> [B, (1 +) N, hidden]."""
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values [B, C, H, W] (uint8, normalized with mean/std, or float) -> [B, (1 +) N, hidden];
+        keep (mmfast's, for masked autoencoders): [B, K] patch indices, only those embedded -> [B, (1 +) K, hidden]."""
         height, width = pixel_values.shape[-2:]
         if not interpolate_pos_encoding and (height != self.image_size or width != self.image_size):
             raise ValueError(f"Input image size ({height}*{width}) doesn't match model "
@@ -242,7 +244,7 @@ class _HFVisionEmbeddings(nn.Module):
         return patch_embed(pixel_values, self.patch_embedding.weight, self.patch_embedding.bias,
                            pos_embed=self._position_table(height, width, interpolate_pos_encoding),
                            cls_token=self.class_embedding if self.class_token else None, stride=self.patch_stride,
-                           mean=self.mean, std=self.std, backend=self.backend)
+                           mean=self.mean, std=self.std, keep=keep, backend=self.backend)
 
 
 class CLIPVisionEmbeddings(_HFVisionEmbeddings):

@@ -105,8 +105,8 @@ def _rows(name: str, tensor, embed_dim: int, device, dtype=None):
 def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 stride=None, pos_embed: torch.Tensor | None = None, cls_token: torch.Tensor | None = None,
                 mean=None, std=None, channels_last: bool = False, dynamic_pad: bool = False,
-                backend: str | None = None) -> torch.Tensor:
-    """Patch embedding in one pass. Returns `[B, P + N, E]` in weight's dtype.
+                keep: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Patch embedding in one pass. Returns `[B, P + N, E]` in weight's dtype (`[B, P + K, E]` with keep).
 
     pixels: images `[B, C, H, W]` (`[B, H, W, C]` with channels_last) or video `[B, C, T, H, W]`
         (`[B, T, H, W, C]`), uint8 (scaled by 1/255) or float; any strides, so transposed views
@@ -122,6 +122,9 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         sequences or tensors of C values (or one value for all).
     dynamic_pad: zero-pad (after normalization) the end of each dimension so every pixel falls in a
         patch, as timm's `dynamic_img_pad`; otherwise leftover pixels are dropped as a Conv does.
+    keep: integer `[B, K]`, the patches each sample keeps (indices into the row-major (t, h, w) grid,
+        in the order they are written), as masked autoencoders keep a random share: only those are
+        gathered, normalized and projected, each with its own position. None keeps all N.
     Gradients flow to weight, bias, pos_embed, cls_token and float pixels. Under `torch.autocast`
     a float32 weight (and bias, positions, prefix) is cast to autocast's dtype, as nn.Conv2d's is.
     """
@@ -166,6 +169,7 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         expected = f"{geometry.num_patches}" + (f" or {geometry.num_patches + prefix_count}" if prefix_count else "")
         raise ValueError(f"{OP}: pos_embed must have {expected} rows for a {grid} patch grid, "
                          f"got {positions.shape[0]} (interpolate it for this input size)")
+    keep = _kept_patches(keep, view.shape[0], geometry.num_patches, view.device)
     mean_vector = _channel_vector("mean", mean, channels, view.device, 0.0)
     inv_std = 1.0 / _channel_vector("std", std, channels, view.device, 1.0)
     in_scale = 1.0 / 255.0 if pixels.dtype == torch.uint8 else 1.0
@@ -176,17 +180,38 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         dtype = torch.get_autocast_dtype(device_type)
         weight, bias, positions, prefix = (None if t is None else t.to(dtype) for t in (weight, bias, positions, prefix))
         with torch.autocast(device_type, enabled=False):
-            return _dispatch(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry, backend)
-    return _dispatch(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry, backend)
+            return _dispatch(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry, keep,
+                             backend)
+    return _dispatch(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry, keep, backend)
 
 
-def _dispatch(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry, backend):
+def _kept_patches(keep, batch: int, num_patches: int, device) -> torch.Tensor | None:
+    if keep is None:
+        return None
+    if not isinstance(keep, torch.Tensor) or keep.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{OP}: keep must be an int32 or int64 tensor of patch indices, got "
+                        f"{getattr(keep, 'dtype', type(keep).__name__)}")
+    if keep.dim() != 2 or keep.shape[0] != batch or not 1 <= keep.shape[1] <= num_patches:
+        raise ValueError(f"{OP}: keep must be [B={batch}, K] with 1 <= K <= {num_patches} (the patches per "
+                         f"sample), got shape {tuple(keep.shape)}")
+    if keep.device != device:
+        raise ValueError(f"{OP}: keep must be on the pixels' device {device}, got {keep.device}")
+    # out-of-range indices would read outside the image (checked where it costs no GPU synchronization;
+    # the kernels write zero rows for them)
+    if keep.device.type == "cpu" and not bool(((keep >= 0) & (keep < num_patches)).all()):
+        raise ValueError(f"{OP}: keep indices must lie in [0, {num_patches}), got values from "
+                         f"{int(keep.min())} to {int(keep.max())}")
+    return keep.to(torch.int64).contiguous()
+
+
+def _dispatch(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry, keep, backend):
     if resolve_backend(OP, backend, view.device, _IMPLEMENTED) == "triton":
         from mmfast.ops.patch_embed.function import PatchEmbedFunction
 
         return PatchEmbedFunction.apply(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale,
-                                        geometry)
+                                        geometry, keep)
     from mmfast.ops.patch_embed import reference
 
-    out = reference.forward(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry)
+    out = reference.forward(view, weight, bias, positions, prefix, mean_vector, inv_std, in_scale, geometry,
+                            keep=keep)
     return out.to(weight.dtype)

@@ -1,5 +1,5 @@
-"""Plain PyTorch patch embedding: normalize -> pad -> Conv2d/Conv3d -> flatten -> + position ->
-prefix tokens. The test oracle and the CPU path; autograd gives every gradient."""
+"""Plain PyTorch patch embedding: normalize -> pad -> Conv2d/Conv3d (or, keeping some patches, their
+pixels gathered and one matrix product) -> flatten -> + position -> prefix tokens. The test oracle and the CPU path; autograd gives every gradient."""
 from __future__ import annotations
 
 import torch
@@ -16,10 +16,14 @@ def normalized_pixels(pixels, mean, inv_std, in_scale, geometry, dtype=torch.flo
     return x
 
 
-def forward(pixels, weight, bias, pos_embed, prefix, mean, inv_std, in_scale, geometry, dtype=torch.float32):
-    """pixels [B, C, T, H, W]; weight in its conv layout; returns [B, P + N, E] in `dtype`."""
+def forward(pixels, weight, bias, pos_embed, prefix, mean, inv_std, in_scale, geometry, dtype=torch.float32,
+            keep=None):
+    """pixels [B, C, T, H, W]; weight in its conv layout; keep [B, K] patch indices or None; returns
+    [B, P + N (or K), E] in `dtype`."""
     x = normalized_pixels(pixels, mean, inv_std, in_scale, geometry, dtype)
     bias = None if bias is None else bias.to(dtype)
+    if keep is not None:
+        return _kept_forward(x, weight.to(dtype), bias, pos_embed, prefix, geometry, keep, dtype)
     if geometry.video:
         y = F.conv3d(x, weight.to(dtype), bias, stride=geometry.stride)
     else:
@@ -27,12 +31,32 @@ def forward(pixels, weight, bias, pos_embed, prefix, mean, inv_std, in_scale, ge
                      bias, stride=geometry.stride[1:])
     tokens = y.flatten(2).transpose(1, 2)
     N = tokens.shape[1]
-    P = 0 if prefix is None else prefix.shape[0]
     if pos_embed is not None:
         tokens = tokens + pos_embed[-N:].to(dtype)
-    if P:
-        prefix_rows = prefix.to(dtype)
-        if pos_embed is not None and pos_embed.shape[0] == N + P:
-            prefix_rows = prefix_rows + pos_embed[:P].to(dtype)
-        tokens = torch.cat([prefix_rows.expand(tokens.shape[0], P, -1), tokens], dim=1)
-    return tokens
+    return _with_prefix(tokens, prefix, pos_embed, N, dtype)
+
+
+def _kept_forward(x, weight, bias, pos_embed, prefix, geometry, keep, dtype):
+    """Only the kept patches projected: their pixels gathered from the unfolded grid (so a masked
+    patch's values reach neither the output nor a gradient), then one matrix product."""
+    (kt, kh, kw), (st, sh, sw) = geometry.kernel, geometry.stride
+    grid = x.unfold(2, kt, st).unfold(3, kh, sh).unfold(4, kw, sw)  # [B, C, GT, GH, GW, kt, kh, kw]
+    grid = grid.permute(0, 2, 3, 4, 1, 5, 6, 7).flatten(1, 3).flatten(2)  # [B, N, K]
+    kept = grid.gather(1, keep[..., None].expand(-1, -1, grid.shape[2]))
+    tokens = kept @ weight.reshape(weight.shape[0], -1).T
+    if bias is not None:
+        tokens = tokens + bias
+    N = geometry.num_patches
+    if pos_embed is not None:
+        tokens = tokens + pos_embed[-N:].to(dtype)[keep]
+    return _with_prefix(tokens, prefix, pos_embed, N, dtype)
+
+
+def _with_prefix(tokens, prefix, pos_embed, num_patches, dtype):
+    if prefix is None:
+        return tokens
+    P = prefix.shape[0]
+    prefix_rows = prefix.to(dtype)
+    if pos_embed is not None and pos_embed.shape[0] == num_patches + P:
+        prefix_rows = prefix_rows + pos_embed[:P].to(dtype)
+    return torch.cat([prefix_rows.expand(tokens.shape[0], P, -1), tokens], dim=1)

@@ -10,6 +10,8 @@ is ever written.
 Weight gradient: programs own a [BK, BE] tile of dW and a share of the patches (split
 over M for parallelism); they gather the same normalized patches and multiply with the
 output gradient. Partial sums are added by torch (deterministic).
+Kept patches (masked autoencoders): rows are (sample, slot) pairs and each slot's patch index
+is read from `keep`; the masked patches are never loaded.
 """
 from __future__ import annotations
 
@@ -50,10 +52,27 @@ def _gather_patches(p_ptr, mean_ptr, inv_std_ptr, o_m, o_k, M, K, T, H, W, GT, G
 
 
 @triton.jit
-def _fwd_kernel(p_ptr, w_ptr, bias_ptr, pos_ptr, mean_ptr, inv_std_ptr, out_ptr,
-                M, K, E, N, T, H, W, GT, GH, GW, KT, KH, KW, ST, SH, SW, s_b, s_c, s_t, s_h, s_w, in_scale,
+def _row_patches(keep_ptr, o_m, M, R, N, HAS_KEEP: tl.constexpr):
+    """Output rows o_m (R per sample) -> (their patches' ids in the whole batch's grid, their grid
+    index n, valid). Rows past M, and kept indices outside [0, N), map to patch B * N, which loads
+    nothing. int32 throughout (int64 index math spills registers)."""
+    m_m = o_m < M
+    if HAS_KEEP:
+        n = tl.load(keep_ptr + o_m, mask=m_m, other=0).to(tl.int32)
+        valid = m_m & (n >= 0) & (n < N)
+        patch = tl.where(valid, (o_m // R) * N + n, (M // R) * N)
+    else:
+        n = o_m % N
+        valid = m_m
+        patch = o_m
+    return patch, n, valid
+
+
+@triton.jit
+def _fwd_kernel(p_ptr, w_ptr, bias_ptr, pos_ptr, mean_ptr, inv_std_ptr, keep_ptr, out_ptr,
+                M, R, K, E, N, T, H, W, GT, GH, GW, KT, KH, KW, ST, SH, SW, s_b, s_c, s_t, s_h, s_w, in_scale,
                 PREFIX: tl.constexpr, POS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-                BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                HAS_KEEP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr):
     i_m = tl.program_id(0)
     i_e = tl.program_id(1)
@@ -61,33 +80,34 @@ def _fwd_kernel(p_ptr, w_ptr, bias_ptr, pos_ptr, mean_ptr, inv_std_ptr, out_ptr,
     o_e = i_e * BE + tl.arange(0, BE)
     m_m = o_m < M
     m_e = o_e < E
+    patch, n, valid = _row_patches(keep_ptr, o_m, M, R, N, HAS_KEEP)
     acc = tl.zeros((BM, BE), tl.float32)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
-        b_x = _gather_patches(p_ptr, mean_ptr, inv_std_ptr, o_m, o_k, M, K, T, H, W, GT, GH, GW, KT, KH, KW,
-                              ST, SH, SW, s_b, s_c, s_t, s_h, s_w, in_scale)
+        b_x = _gather_patches(p_ptr, mean_ptr, inv_std_ptr, patch, o_k, (M // R) * N, K, T, H, W, GT, GH, GW,
+                              KT, KH, KW, ST, SH, SW, s_b, s_c, s_t, s_h, s_w, in_scale)
         b_w = tl.load(w_ptr + o_e[None, :] * K + o_k[:, None], mask=(o_k < K)[:, None] & m_e[None, :], other=0.0)
         if UPCAST:
             acc = tl.dot(b_x, b_w.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(b_x.to(b_w.dtype), b_w, acc, input_precision=PRECISION)
-    n = o_m % N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o_e, mask=m_e, other=0.0).to(tl.float32)[None, :]
     if HAS_POS:
         acc += tl.load(pos_ptr + (n + POS_OFFSET)[:, None] * E + o_e[None, :],
-                       mask=m_m[:, None] & m_e[None, :], other=0.0).to(tl.float32)
-    row = (o_m // N).to(tl.int64) * (N + PREFIX) + PREFIX + n
+                       mask=valid[:, None] & m_e[None, :], other=0.0).to(tl.float32)
+    acc = tl.where(valid[:, None], acc, 0.0)
+    row = (o_m // R).to(tl.int64) * (R + PREFIX) + PREFIX + o_m % R
     tl.store(out_ptr + row[:, None] * E + o_e[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_m[:, None] & m_e[None, :])
 
 
 @triton.jit
-def _weight_grad_kernel(p_ptr, g_ptr, mean_ptr, inv_std_ptr, dw_ptr,
-                        M, K, E, N, T, H, W, GT, GH, GW, KT, KH, KW, ST, SH, SW, s_b, s_c, s_t, s_h, s_w,
+def _weight_grad_kernel(p_ptr, g_ptr, mean_ptr, inv_std_ptr, keep_ptr, dw_ptr,
+                        M, R, K, E, N, T, H, W, GT, GH, GW, KT, KH, KW, ST, SH, SW, s_b, s_c, s_t, s_h, s_w,
                         in_scale, splits,
-                        PREFIX: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        PREFIX: tl.constexpr, HAS_KEEP: tl.constexpr, BM: tl.constexpr, BE: tl.constexpr,
+                        BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     i_k = tl.program_id(0)
     i_e = tl.program_id(1)
     i_s = tl.program_id(2)
@@ -97,9 +117,10 @@ def _weight_grad_kernel(p_ptr, g_ptr, mean_ptr, inv_std_ptr, dw_ptr,
     acc = tl.zeros((BK, BE), tl.float32)
     for m0 in range(i_s * BM, M, splits * BM):
         o_m = m0 + tl.arange(0, BM)
-        b_x = _gather_patches(p_ptr, mean_ptr, inv_std_ptr, o_m, o_k, M, K, T, H, W, GT, GH, GW, KT, KH, KW,
-                              ST, SH, SW, s_b, s_c, s_t, s_h, s_w, in_scale)
-        row = (o_m // N).to(tl.int64) * (N + PREFIX) + PREFIX + o_m % N
+        patch, n, valid = _row_patches(keep_ptr, o_m, M, R, N, HAS_KEEP)
+        b_x = _gather_patches(p_ptr, mean_ptr, inv_std_ptr, patch, o_k, (M // R) * N, K, T, H, W, GT, GH, GW,
+                              KT, KH, KW, ST, SH, SW, s_b, s_c, s_t, s_h, s_w, in_scale)
+        row = (o_m // R).to(tl.int64) * (R + PREFIX) + PREFIX + o_m % R
         b_g = tl.load(g_ptr + row[:, None] * E + o_e[None, :], mask=(o_m < M)[:, None] & m_e[None, :], other=0.0)
         if UPCAST:
             acc = tl.dot(tl.trans(b_x), b_g.to(tl.float32), acc, input_precision=PRECISION)
@@ -109,7 +130,7 @@ def _weight_grad_kernel(p_ptr, g_ptr, mean_ptr, inv_std_ptr, dw_ptr,
              mask=(o_k < K)[:, None] & m_e[None, :])
 
 
-def _config(dtype: torch.dtype, device: torch.device) -> dict:
+def _config(dtype: torch.dtype, device: torch.device, keep: bool = False) -> dict:
     interpreting = not plans_for_gpu(device)
     precision = "ieee" if dtype == torch.float32 else "tf32"
     if interpreting:
@@ -117,7 +138,9 @@ def _config(dtype: torch.dtype, device: torch.device) -> dict:
                     num_stages=1)
     # 128 x 64 output tiles: ptxas compiles every variant of both kernels without spilling for sm_80
     # and sm_90 (128 x 128 spilled up to 236 bytes per thread; `mmfast bench compile`).
-    return dict(BM=128, BE=64, BK=32, UPCAST=False, PRECISION=precision, num_warps=8, num_stages=3)
+    # kept patches: the row -> patch indices stay live across the K loop; 64-row tiles fit them without
+    # spilling where 128 rows spilled up to 92 bytes per thread on sm_90
+    return dict(BM=64 if keep else 128, BE=64, BK=32, UPCAST=False, PRECISION=precision, num_warps=8, num_stages=3)
 
 
 def _geometry_args(pixels, geometry):
@@ -125,40 +148,43 @@ def _geometry_args(pixels, geometry):
     return (T, H, W, *geometry.grid, *geometry.kernel, *geometry.stride, *pixels.stride())
 
 
-def forward(pixels, weight, bias, pos_embed, prefix, mean, inv_std, in_scale, geometry):
-    """pixels: [B, C, T, H, W] view (any strides); weight [E, K] contiguous; returns [B, P + N, E]."""
+def forward(pixels, weight, bias, pos_embed, prefix, mean, inv_std, in_scale, geometry, keep=None):
+    """pixels: [B, C, T, H, W] view (any strides); weight [E, K] contiguous; keep: int64 [B, R] patch
+    indices or None (R = N); returns [B, P + R, E]."""
     B = pixels.shape[0]
     E, K = weight.shape
     N = geometry.num_patches
+    R = N if keep is None else keep.shape[1]
     P = 0 if prefix is None else prefix.shape[0]
-    out = torch.empty((B, P + N, E), device=pixels.device, dtype=weight.dtype)
+    out = torch.empty((B, P + R, E), device=pixels.device, dtype=weight.dtype)
     if P:
         prefix_rows = prefix.to(torch.float32)
         if pos_embed is not None and pos_embed.shape[0] == N + P:
             prefix_rows = prefix_rows + pos_embed[:P].to(torch.float32)
         out[:, :P] = prefix_rows.to(out.dtype)
-    c = _config(weight.dtype, pixels.device)
-    M = B * N
+    c = _config(weight.dtype, pixels.device, keep is not None)
+    M = B * R
     dummy = weight
     _fwd_kernel[(triton.cdiv(M, c["BM"]), triton.cdiv(E, c["BE"]))](
         pixels, weight, bias if bias is not None else dummy, pos_embed if pos_embed is not None else dummy,
-        mean, inv_std, out, M, K, E, N, *_geometry_args(pixels, geometry), in_scale,
-        PREFIX=P, POS_OFFSET=(pos_embed.shape[0] - N) if pos_embed is not None else 0,
-        HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
+        mean, inv_std, keep if keep is not None else mean, out, M, R, K, E, N, *_geometry_args(pixels, geometry),
+        in_scale, PREFIX=P, POS_OFFSET=(pos_embed.shape[0] - N) if pos_embed is not None else 0,
+        HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, HAS_KEEP=keep is not None,
         BM=c["BM"], BE=c["BE"], BK=c["BK"], UPCAST=c["UPCAST"], PRECISION=c["PRECISION"],
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return out
 
 
-def weight_grad(pixels, grad_out, mean, inv_std, in_scale, geometry, prefix_count):
-    """dLoss/dWeight as fp32 [E, K] from the output gradient [B, P + N, E]."""
+def weight_grad(pixels, grad_out, mean, inv_std, in_scale, geometry, prefix_count, keep=None):
+    """dLoss/dWeight as fp32 [E, K] from the output gradient [B, P + R, E] (R = N, or keep's K)."""
     B = pixels.shape[0]
     E = grad_out.shape[2]
     K = geometry.patch_size
     N = geometry.num_patches
-    M = B * N
-    c = _config(grad_out.dtype, pixels.device)
+    R = N if keep is None else keep.shape[1]
+    M = B * R
+    c = _config(grad_out.dtype, pixels.device, keep is not None)
     tiles = triton.cdiv(K, c["BK"]) * triton.cdiv(E, c["BE"])
     if plans_for_gpu(pixels.device):
         programs = 4 * multiprocessor_count(pixels.device)
@@ -167,8 +193,9 @@ def weight_grad(pixels, grad_out, mean, inv_std, in_scale, geometry, prefix_coun
         splits = 2  # exercises the split reduction in the interpreter
     partial = torch.empty((splits, K, E), device=pixels.device, dtype=torch.float32)
     _weight_grad_kernel[(triton.cdiv(K, c["BK"]), triton.cdiv(E, c["BE"]), splits)](
-        pixels, grad_out, mean, inv_std, partial, M, K, E, N, *_geometry_args(pixels, geometry), in_scale, splits,
-        PREFIX=prefix_count, BM=c["BM"], BE=c["BE"], BK=c["BK"], UPCAST=c["UPCAST"], PRECISION=c["PRECISION"],
+        pixels, grad_out, mean, inv_std, keep if keep is not None else mean, partial, M, R, K, E, N,
+        *_geometry_args(pixels, geometry), in_scale, splits, PREFIX=prefix_count, HAS_KEEP=keep is not None,
+        BM=c["BM"], BE=c["BE"], BK=c["BK"], UPCAST=c["UPCAST"], PRECISION=c["PRECISION"],
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     return partial.sum(0).T
