@@ -73,7 +73,9 @@ def test_pytest_benchmark_front(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/test_contrastive.py", "--benchmark-only", "-q", "-p", "no:cacheprovider",
          "-k", "256", f"--benchmark-json={output}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        # under pytest -n, xdist's worker variables would make pytest-benchmark disable itself in the child
+        env={key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST")})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     benchmarks = json.loads(output.read_text())["benchmarks"]
     assert len(benchmarks) == 6  # clip N=256: two providers x three modes
@@ -90,8 +92,10 @@ def test_mmfast_info_json(capsys):
 def test_patch_embed_suite_reports_bandwidth(tmp_path):
     assert main(["bench", "patch_embed", "--out", str(tmp_path), "--modes", "forward"]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert {r["provider"] for r in rows} == {"mmfast", "eager"}
+    assert {r["provider"] for r in rows} == {"mmfast", "eager", "embed+gather"}
     assert all(r["status"] == "ok" and r["gbps"] > 0 and r["tflops"] > 0 for r in rows)
+    masked = {r["provider"] for r in rows if "masked" in r["group"]}
+    assert masked == {"mmfast", "embed+gather"}  # the kept-patch embedding against embedding all, then a gather
 
 
 def test_mixed_attention_suite_counts_only_unmasked_pairs(tmp_path):

@@ -42,6 +42,8 @@ TARGETS = (
            "forward", "compiled eager", speedup=3.0),
     Target("patch embedding 224/14/1024 uint8 fwd+bwd vs eager", "patch_embed", "image 224/14/1024 from uint8",
            "full", "eager", speedup=2.0),
+    Target("MAE kept-patch embedding ViT-B/16 224, B=256, 75 % masked, fwd+bwd vs timm + gather", "patch_embed",
+           "image 224/16/768, 75 % masked from uint8", "full", "embed+gather", speedup=3.0),
     Target("video tubelets 2x16x16 forward vs eager Conv3d", "patch_embed", "video 16x224x224/2x16x16 from uint8",
            "forward", "eager", speedup=5.0),
     Target("clip N=32768 D=768 fwd+bwd vs materialized", "contrastive", "clip N=32768 D=768", "full", "eager",

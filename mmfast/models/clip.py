@@ -177,9 +177,14 @@ class VisionTransformer(nn.Module):
     def forward(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """[B, C, H, W] pixels (uint8, normalized with config.mean/std, or float) -> the class token's state
         [B, width]."""
-        x = self.pre_layrnorm(self.embeddings(pixels, interpolate_pos_encoding))
-        x = run_blocks(self.layers, x, self.grad_checkpointing)
-        return self.post_layernorm(x[:, 0])
+        return self.post_layernorm(self.token_states(pixels, interpolate_pos_encoding)[:, 0])
+
+    def token_states(self, pixels: torch.Tensor, interpolate_pos_encoding: bool = False,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's states of the class token and every patch `[B, 1 + N, width]` (before the
+        final norm); keep `[B, K]`: only those patches embedded and attended (masked autoencoders)."""
+        x = self.pre_layrnorm(self.embeddings(pixels, interpolate_pos_encoding, keep=keep))
+        return run_blocks(self.layers, x, self.grad_checkpointing)
 
 
 class TextTransformer(nn.Module):

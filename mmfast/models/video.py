@@ -69,12 +69,15 @@ class VideoEncoder(nn.Module):
                 module.eps = config.layer_norm_eps
         self.layernorm = nn.LayerNorm(config.width, eps=config.layer_norm_eps) if config.final_norm else nn.Identity()
 
-    def forward(self, frames: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
+    def forward(self, frames: torch.Tensor, *, channels_last: bool = False,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep: [B, K] tubelet indices, only those embedded and attended (masked autoencoders)."""
         count = frames.shape[1] if frames.dim() == 5 else None
         if count != self.config.frames:
             raise ValueError(f"VideoEncoder: expected [B, {self.config.frames} frames, ...], got shape "
                              f"{tuple(frames.shape)} (sample_frames picks a clip's frames)")
-        x = self.embeddings(frames, self.position_embeddings.to(frames.device), channels_last=channels_last)
+        x = self.embeddings(frames, self.position_embeddings.to(frames.device), channels_last=channels_last,
+                            keep=keep)
         for layer in self.layers:
             x = layer(x)
         return self.layernorm(x)

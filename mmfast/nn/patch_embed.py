@@ -287,7 +287,8 @@ class TubeletEmbed(nn.Module):
                                              "num_patches", "projection"))
 
     def forward(self, pixel_values: torch.Tensor, position_embeddings: torch.Tensor | None = None, *,
-                channels_last: bool = False) -> torch.Tensor:
+                channels_last: bool = False, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep (mmfast's, for masked autoencoders): [B, K] tubelet indices, only those embedded."""
         if pixel_values.dim() != 5:
             raise ValueError(f"TubeletEmbed: pixel_values must be [B, T, C, H, W], got {tuple(pixel_values.shape)}")
         video = pixel_values.permute(0, 4, 1, 2, 3) if channels_last else pixel_values.permute(0, 2, 1, 3, 4)
@@ -298,7 +299,7 @@ class TubeletEmbed(nn.Module):
             raise ValueError(f"TubeletEmbed: input image size {tuple(video.shape[-2:])} doesn't match model "
                              f"{tuple(self.image_size)}")
         return patch_embed(video, self.projection.weight, self.projection.bias, pos_embed=position_embeddings,
-                           mean=self.mean, std=self.std, backend=self.backend)
+                           mean=self.mean, std=self.std, keep=keep, backend=self.backend)
 
 
 class _ASTProjection(nn.Module):

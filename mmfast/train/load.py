@@ -50,7 +50,7 @@ def _model_file(path: str, caller: str) -> str:
 def load(path: str, device: str | torch.device = "cpu"):
     """The model of a run directory or of its model.pt (the files beside it, e.g. tokenizer.json, too),
     in eval mode, as its task gives it: for contrastive runs (model, preprocess, tokenizer) as
-    load_clip; for caption_lm runs (model, tokenizer)."""
+    load_clip; for caption_lm runs (model, tokenizer); for mae and videomae runs (model, preprocess)."""
     model_path = _model_file(path, "load")
     saved = load_tensors(model_path)
     name = saved.get("task", "contrastive")  # model.pt files of CLIP runs before 2026-11-27 name none

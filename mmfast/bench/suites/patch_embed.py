@@ -1,5 +1,7 @@
 """Patch embedding: mmfast's fused op against eager Conv2d/Conv3d (timm / HF style), unfold + linear,
-and torch.compile of each, from uint8 pixels (normalization included) and from float pixels.
+and torch.compile of each, from uint8 pixels (normalization included) and from float pixels; and the
+masked-autoencoder case: mmfast embedding only the kept quarter of the patches (`keep=`) against the
+whole embedding followed by a gather of the kept tokens (timm's PatchEmbed, then MAE's gather).
 
 FLOPs: forward 2 * B * N * K * E (K = C * patch volume); the backward computes the weight gradient
 (another 2 B N K E; pixels need none). Bytes: pixels read + tokens written, the floor of the op.
@@ -90,13 +92,55 @@ def _case(name, batch, pixel_shape, kernel, embed, stride, provider, uint8, devi
     )
 
 
+def embed_then_gather(pixels, weight, bias, pos, stride, keep):
+    """MAE's way on timm's PatchEmbed: every patch embedded, the kept tokens gathered."""
+    tokens = eager_conv(pixels, weight, bias, pos, stride)
+    return tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[2]))
+
+
+def _masked_case(name, batch, pixel_shape, patch, embed, provider, device, dtype=torch.bfloat16, ratio=0.75):
+    channels = pixel_shape[0]
+    patches = (pixel_shape[1] // patch) * (pixel_shape[2] // patch)
+    kept = int(patches * (1 - ratio))
+
+    def make():
+        generator = torch.Generator(device=device).manual_seed(0)
+        pixels = torch.randint(0, 256, (batch, *pixel_shape), device=device, dtype=torch.uint8, generator=generator)
+        weight = (torch.randn(embed, channels, patch, patch, device=device, generator=generator) * 0.02).to(dtype)
+        bias = torch.zeros(embed, device=device, dtype=dtype)
+        pos = (torch.randn(patches, embed, device=device, generator=generator) * 0.02).to(dtype)
+        keep = torch.rand(batch, patches, device=device, generator=generator).argsort(dim=1)[:, :kept]
+        leaves = [t.requires_grad_() for t in (weight, bias, pos)]
+        if provider == "mmfast":
+            step = lambda: mmfast.ops.patch_embed(pixels, weight, bias, pos_embed=pos, keep=keep, mean=MEAN,  # noqa: E731
+                                                  std=STD).float().sum()
+        else:
+            function = _compiled(embed_then_gather) if provider.startswith("compiled") else embed_then_gather
+            step = lambda: function(pixels, weight, bias, pos, (patch, patch), keep).float().sum()  # noqa: E731
+        return step, leaves
+
+    flops = 2.0 * batch * kept * channels * patch * patch * embed  # the kept patches' work
+    pixel_bytes = batch * torch.Size(pixel_shape).numel() * kept // patches
+    token_bytes = batch * kept * embed * 2
+    return Case(
+        suite="patch_embed", group=f"{name} from uint8", provider=provider,
+        params={"B": batch, "shape": "x".join(map(str, pixel_shape)), "kernel": f"{patch}x{patch}",
+                "kept": f"{kept} of {patches}", "E": embed, "dtype": str(dtype).removeprefix("torch.")},
+        make=make, flops=lambda mode: flops * {"forward": 1, "backward": 1, "full": 2}[mode],
+        bytes=lambda mode: (pixel_bytes + token_bytes) * (1 if mode == "forward" else 2),
+        modes=("forward", "full"), is_mmfast=provider == "mmfast",
+    )
+
+
 def cases(profile: str, device: torch.device):
     if profile == "cpu":
         settings = [("image 56/14/64", 4, (3, 56, 56), (14, 14), 64, (14, 14), True),
                     ("video 4x32x32/2x16x16", 2, (3, 4, 32, 32), (2, 16, 16), 64, (2, 16, 16), True),
                     ("ast 64x96/16 stride 10", 2, (1, 64, 96), (16, 16), 64, (10, 10), False)]
         providers = ("mmfast", "eager")
-        return [_case(*s[:6], p, s[6], device, torch.float32) for s in settings for p in providers]
+        return ([_case(*s[:6], p, s[6], device, torch.float32) for s in settings for p in providers]
+                + [_masked_case("image 56/14/64, 75 % masked", 4, (3, 56, 56), 14, 64, p, device, torch.float32)
+                   for p in ("mmfast", "embed+gather")])
     images = [("image 224/14/1024", 256, (3, 224, 224), (14, 14), 1024, (14, 14)),
               ("image 224/16/768", 256, (3, 224, 224), (16, 16), 768, (16, 16)),
               ("image 336/14/1024", 256, (3, 336, 336), (14, 14), 1024, (14, 14))]
@@ -109,4 +153,7 @@ def cases(profile: str, device: torch.device):
         plan = [(setting, uint8, everything) for setting in images for uint8 in (True, False)]
         plan += [(video, True, ("mmfast", "eager", "compiled eager")), (video, False, ("mmfast", "eager")),
                  (ast, False, ("mmfast", "eager", "unfold+linear", "compiled eager"))]
-    return [_case(*setting, provider, uint8, device) for setting, uint8, providers in plan for provider in providers]
+    masked = [_masked_case("image 224/16/768, 75 % masked", 256, (3, 224, 224), 16, 768, provider, device)
+              for provider in ("mmfast", "embed+gather", "compiled embed+gather")]
+    return [_case(*setting, provider, uint8, device) for setting, uint8, providers in plan
+            for provider in providers] + masked

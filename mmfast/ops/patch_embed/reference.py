@@ -36,12 +36,19 @@ def forward(pixels, weight, bias, pos_embed, prefix, mean, inv_std, in_scale, ge
     return _with_prefix(tokens, prefix, pos_embed, N, dtype)
 
 
+def unfolded_patches(x: torch.Tensor, kernel, stride) -> torch.Tensor:
+    """Every patch of `x` [B, C, T, H, W] as a row `[B, N, C * kt * kh * kw]`: patches in the row-major
+    (t, h, w) grid order and each patch's values in the Conv weight's (C, kt, kh, kw) order, so row n
+    times the flattened weight is token n (masked autoencoders' targets use the same rows)."""
+    (kt, kh, kw), (st, sh, sw) = kernel, stride
+    grid = x.unfold(2, kt, st).unfold(3, kh, sh).unfold(4, kw, sw)  # [B, C, GT, GH, GW, kt, kh, kw]
+    return grid.permute(0, 2, 3, 4, 1, 5, 6, 7).flatten(1, 3).flatten(2)
+
+
 def _kept_forward(x, weight, bias, pos_embed, prefix, geometry, keep, dtype):
     """Only the kept patches projected: their pixels gathered from the unfolded grid (so a masked
     patch's values reach neither the output nor a gradient), then one matrix product."""
-    (kt, kh, kw), (st, sh, sw) = geometry.kernel, geometry.stride
-    grid = x.unfold(2, kt, st).unfold(3, kh, sh).unfold(4, kw, sw)  # [B, C, GT, GH, GW, kt, kh, kw]
-    grid = grid.permute(0, 2, 3, 4, 1, 5, 6, 7).flatten(1, 3).flatten(2)  # [B, N, K]
+    grid = unfolded_patches(x, geometry.kernel, geometry.stride)
     kept = grid.gather(1, keep[..., None].expand(-1, -1, grid.shape[2]))
     tokens = kept @ weight.reshape(weight.shape[0], -1).T
     if bias is not None:

@@ -21,6 +21,7 @@ from mmfast.train.grad_cache import grad_cache_step
 from mmfast.data.stream import stream_batches
 from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.captions import CaptionChoice, global_rows, mixture_log, prepare_captions
+from mmfast.train.tasks.towers import check_tower, tower_weights
 
 CLIP_MEAN, CLIP_STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 
@@ -114,6 +115,18 @@ class ContrastiveTask(Task):
 
     def build_model(self) -> CLIP:
         return CLIP(self.model_config)
+
+    def initial_weights(self, model, saved: dict) -> None:
+        """train.init_from: a CLIP's model.pt, or a masked autoencoder's (task mae): its image tower, the
+        text tower left as initialized."""
+        if saved.get("task") != "mae":
+            return super().initial_weights(model, saved)
+        tower = saved["mae_config"]
+        check_tower(tower["vision"], self.model_config.vision, self.model_config.vision.layers, "train.init_from")
+        if tower["activation"] != self.model_config.activation:
+            raise ValueError(f"config: train.init_from's vision tower uses {tower['activation']!r}, model.activation "
+                             f"is {self.model_config.activation!r}")
+        model.load_state_dict(tower_weights(saved), strict=False)
 
     def batches(self, accumulation: int, start: int):
         """(uint8 pixels, tokens) of this rank's share of every global batch from step `start` on."""

@@ -31,6 +31,7 @@ from mmfast.train import checkpoint, distributed
 from mmfast.train.caption_metrics import bleu, cider_d
 from mmfast.train.generative_metrics import chosen_option, circular_eval, pope_metrics, vqa_accuracy
 from mmfast.train.tasks.base import Task
+from mmfast.train.tasks.towers import check_tower, saved_tower
 
 EOS = "</s>"
 VQA_TYPES = ("color", "shape", "count", "position")
@@ -62,19 +63,6 @@ def _clip_file(path: str) -> dict:
     if saved.get("task", "contrastive") != "contrastive":
         raise ValueError(f"config: model.vision_from must be a CLIP run's model.pt, got a {saved['task']!r} model")
     return saved
-
-
-def _check_tower(clip: dict, vision: VisionConfig, depth: int, source: str) -> None:
-    """A CLIP's vision tower (its saved config's `vision`) against the tower the LLaVA model builds: the
-    differences named, rather than a size mismatch deep inside load_state_dict."""
-    shape = ("image_size", "patch_size", "patch_stride", "channels", "width", "heads", "mlp_ratio")
-    different = [f"{key} {clip.get(key)!r} (the model's: {getattr(vision, key)!r})" for key in shape
-                 if clip.get(key) != getattr(vision, key)]
-    if clip.get("layers", 0) < depth:
-        different.append(f"layers {clip.get('layers')!r} (the model's features come from block {depth})")
-    if different:
-        raise ValueError(f"config: {source}'s CLIP vision tower does not fit the model's (model.vision, "
-                         f"data.image_size): {', '.join(different)}")
 
 
 def _tower_state(saved: dict, depth: int) -> dict:
@@ -237,14 +225,14 @@ class LlavaTask(Task):
         return model
 
     def initial_weights(self, model, saved: dict) -> None:
-        """train.init_from: a llava model.pt (strict), or a CLIP's (its vision tower: how a recipe's
-        contrastive stage hands its tower on)."""
-        if saved.get("task") == "contrastive":
-            _check_tower(saved["clip_config"]["vision"], self.model_config.vision, self.model_config.feature_depth,
-                         "train.init_from")
-            activation = saved["clip_config"]["activation"]
+        """train.init_from: a llava model.pt (strict), or a CLIP's or masked autoencoder's (its vision tower:
+        how a recipe's contrastive stage hands its tower on)."""
+        tower = saved_tower(saved)
+        if tower is not None:
+            check_tower(tower["vision"], self.model_config.vision, self.model_config.feature_depth, "train.init_from")
+            activation = tower["activation"]
             if activation != self.model_config.vision_activation:
-                raise ValueError(f"config: train.init_from's CLIP tower uses {activation!r}, model.vision_activation "
+                raise ValueError(f"config: train.init_from's vision tower uses {activation!r}, model.vision_activation "
                                  f"is {self.model_config.vision_activation!r}")
             missing, unexpected = model.load_state_dict(_tower_state(saved, self.model_config.feature_depth),
                                                         strict=False)

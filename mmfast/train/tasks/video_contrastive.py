@@ -40,6 +40,19 @@ class VideoContrastiveModelConfig(VideoClipConfig):
     loss: str = "clip"  # or "siglip"
 
 
+def ensure_video_clips(data, progress: bool) -> None:
+    """Writes the bundled clips into data.synth_dir unless the same ones are there (call on one rank)."""
+    marker = os.path.join(data.synth_dir, "synth.json")
+    wanted = {"modality": "video", "format": VIDEO_FORMAT, "train": data.train_samples,
+              "held_out": data.held_out_samples, "seed": data.seed}
+    if os.path.exists(marker) and json.load(open(marker)) == wanted:
+        return
+    synth_media.write_media_shards(data.synth_dir, "video", train=data.train_samples,
+                                   held_out=data.held_out_samples, seed=data.seed, progress=progress)
+    with open(marker, "w") as handle:
+        json.dump(wanted, handle)
+
+
 def class_prompts() -> tuple[list[tuple[str, str, str]], list[list[str]]]:
     """The zero-shot classes (color, shape, direction) and one prompt each, as the captions say it."""
     classes, prompts = [], []
@@ -97,17 +110,7 @@ class VideoContrastiveTask(AudioContrastiveTask):
                              f"32, got {self.config.data.image_size}")
 
     def _ensure_clips(self, progress: bool) -> None:
-        data = self.config.data
-        marker = os.path.join(data.synth_dir, "synth.json")
-        wanted = {"modality": "video", "format": VIDEO_FORMAT, "train": data.train_samples,
-                  "held_out": data.held_out_samples, "seed": data.seed}
-        if os.path.exists(marker) and json.load(open(marker)) == wanted:
-            return
-        synth_media.write_media_shards(data.synth_dir, "video", train=data.train_samples,
-                                       held_out=data.held_out_samples, seed=data.seed, progress=progress)
-        with open(marker, "w") as handle:
-            json.dump(wanted, handle)
-
+        ensure_video_clips(self.config.data, progress)
 
     config_class, config_key = VideoClipConfig, "video_clip_config"
     modality = "video"
@@ -117,6 +120,23 @@ class VideoContrastiveTask(AudioContrastiveTask):
 
     def build_model(self) -> VideoCLIP:
         return VideoCLIP(self.model_config)
+
+    def initial_weights(self, model, saved: dict) -> None:
+        """train.init_from: a video CLIP's model.pt, or a VideoMAE's (task videomae): its video tower, the
+        text tower left as initialized."""
+        if saved.get("task") != "videomae":
+            return super().initial_weights(model, saved)
+        if self.model_config.tower != "tubelets":
+            raise ValueError("config: train.init_from of a videomae run needs model.tower=tubelets")
+        mine, theirs = dataclasses.asdict(self.model_config.video), saved["videomae_config"]["video"]
+        shape = ("image_size", "patch_size", "channels", "frames", "tubelet_size", "width", "layers", "heads",
+                 "mlp_ratio", "final_norm")
+        different = [f"{key} {theirs.get(key)!r} (the model's: {mine[key]!r})" for key in shape
+                     if theirs.get(key) != mine[key]]
+        if different:
+            raise ValueError(f"config: train.init_from's video tower does not fit model.video: {', '.join(different)}")
+        model.load_state_dict({key: value for key, value in saved["state_dict"].items()
+                               if key.startswith("video_model.")}, strict=False)
 
     def _media_tokens(self) -> int:
         video = self.model_config.video

@@ -1,0 +1,32 @@
+"""A vision tower handed from one run to another (train.init_from, model.vision_from): a CLIP's or a
+masked autoencoder's `vision_model.*` weights, checked against the tower the new model builds."""
+from __future__ import annotations
+
+from mmfast.models.clip import VisionConfig
+
+# model.pt's task -> the key of its model config, which holds the tower's `vision` and `activation`
+TOWER_CONFIGS = {"contrastive": "clip_config", "mae": "mae_config"}
+
+
+def saved_tower(saved: dict) -> dict | None:
+    """The model config of a model.pt whose `vision_model.*` is an image tower (a CLIP's, an MAE's), else None."""
+    key = TOWER_CONFIGS.get(saved.get("task"))
+    return None if key is None else saved[key]
+
+
+def check_tower(saved_vision: dict, vision: VisionConfig, depth: int, source: str) -> None:
+    """A saved tower (its config's `vision`) against the tower the new model builds: the differences
+    named, rather than a size mismatch deep inside load_state_dict."""
+    shape = ("image_size", "patch_size", "patch_stride", "channels", "width", "heads", "mlp_ratio")
+    different = [f"{key} {saved_vision.get(key)!r} (the model's: {getattr(vision, key)!r})" for key in shape
+                 if saved_vision.get(key) != getattr(vision, key)]
+    if saved_vision.get("layers", 0) < depth:
+        different.append(f"layers {saved_vision.get('layers')!r} (the model's features come from block {depth})")
+    if different:
+        raise ValueError(f"config: {source}'s vision tower does not fit the model's (model.vision, "
+                         f"data.image_size): {', '.join(different)}")
+
+
+def tower_weights(saved: dict) -> dict:
+    """The `vision_model.*` entries of a model.pt's state dict."""
+    return {key: value for key, value in saved["state_dict"].items() if key.startswith("vision_model.")}
