@@ -1,7 +1,8 @@
-"""Masked-autoencoder pretraining (tasks mae and videomae): the encoder sees only the kept patches (tube
-masking for video), the loss counts the hidden ones against per-patch normalized pixels, batches hide
-the same patches after a resume, two processes follow one, the probe measures what it should, and the
-towers carry over to a contrastive, a LLaVA and a video-text run."""
+"""Masked-autoencoder pretraining (tasks mae, videomae and audiomae): the encoder sees only the kept
+patches (tube masking for video, spectrogram patches for audio), the loss counts the hidden ones
+against per-patch normalized targets, batches hide the same patches after a resume, two processes
+follow one, the probe measures what it should, and the towers carry over to a contrastive, a LLaVA,
+a video-text and an audio-text run."""
 import os
 
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 import mmfast
+from mmfast.models.audio import AudioConfig
 from mmfast.models.clip import VisionConfig
-from mmfast.models.mae import (MaeConfig, MaskedAutoencoder, VideoMaeConfig, VideoMaskedAutoencoder, patch_pixels,
-                               random_keep)
+from mmfast.models.mae import (AudioMaeConfig, AudioMaskedAutoencoder, MaeConfig, MaskedAutoencoder, VideoMaeConfig,
+                               VideoMaskedAutoencoder, patch_pixels, random_keep)
 from mmfast.models.video import VideoConfig
 from mmfast.ops import patch_embed
 from mmfast.train import load_config, train
@@ -242,4 +244,62 @@ def test_a_videomae_run_probes_direction_loads_and_hands_its_tower_to_a_video_cl
                                             f"--train.init_from={tmp_path / 'videomae'}"])
     wrong.run_dir = str(tmp_path / "wrong")
     with pytest.raises(ValueError, match=r"video tower does not fit model.video: width 32 \(the model's: 48\)"):
+        train(wrong, progress=False)
+
+
+# --- audio: spectrogram patches -------------------------------------------------------------------------
+
+AUDIO_TOWER = ["--model.audio.num_mel_bins=32", "--model.audio.max_length=48", "--model.audio.patch_size=8",
+               "--model.audio.frequency_stride=8", "--model.audio.time_stride=8", "--model.audio.width=32",
+               "--model.audio.layers=1", "--model.audio.heads=2"]
+
+
+def test_audio_targets_are_the_spectrogram_patches_the_encoder_embeds():
+    torch.manual_seed(0)
+    audio = AudioConfig(num_mel_bins=32, max_length=40, patch_size=8, frequency_stride=8, time_stride=8, width=32,
+                        layers=1, heads=2)
+    model = AudioMaskedAutoencoder(AudioMaeConfig(audio=audio, decoder_width=16, decoder_layers=1,
+                                                  decoder_heads=2)).eval()
+    assert (model.num_patches, model.num_kept) == (20, 3)  # 4 frequency x 5 time patches, 80 % hidden
+    waveforms = torch.randn(2, 6400, generator=torch.Generator().manual_seed(1))
+    spectrogram = model.audio_model.features(waveforms)
+    projection = model.audio_model.embeddings.patch_embeddings.projection
+    tokens = patch_embed(spectrogram.unsqueeze(1).transpose(2, 3), projection.weight, stride=8, backend="reference")
+    torch.testing.assert_close(model.patch_targets(waveforms) @ projection.weight.flatten(1).T, tokens,
+                               rtol=1e-4, atol=1e-4)
+    keep = model.config.draw_keep(2, torch.Generator().manual_seed(2))
+    output = model(waveforms, keep)
+    assert int(output["hidden"].sum()) == 2 * 17 and output["loss"].item() > 0
+    with pytest.raises(ValueError, match="mask_ratio must leave at least one patch visible and one hidden of the 20"):
+        AudioMaeConfig(audio=audio, mask_ratio=0.99)
+
+
+def test_an_audiomae_run_probes_count_and_pitch_and_hands_its_tower_to_a_clap(tmp_path):
+    config = load_config("audiomae-tiny", ["--data.train_samples=48", "--data.held_out_samples=16",
+                                           "--data.batch_size=16", *AUDIO_TOWER, "--model.decoder_width=16",
+                                           "--model.decoder_layers=1", "--model.decoder_heads=2", "--train.steps=2",
+                                           "--train.eval_every=2", "--train.checkpoint_every=2",
+                                           f"--data.synth_dir={tmp_path / 'synth'}"])
+    config.run_dir = str(tmp_path / "audiomae")
+    result = train(config, progress=False)
+    assert {"held_out_loss", "probe_accuracy", "other_probe_accuracy", "random_probe_accuracy"} <= result.keys()
+    model, preprocess = mmfast.load(str(tmp_path / "audiomae"))
+    waveform = preprocess((np.zeros(22050, dtype=np.float32), 44100))  # any rate: resampled to 16 kHz
+    assert model.features(waveform[None]).shape == (1, 32)
+    tower = {key: value for key, value in torch.load(tmp_path / "audiomae" / "model.pt", weights_only=False)[
+        "state_dict"].items() if key.startswith("audio_model.")}
+    clap_overrides = [*AUDIO_TOWER, "--model.text.width=32", "--model.text.layers=1", "--model.text.heads=2",
+                      "--model.embed_dim=16", "--data.train_samples=48", "--data.held_out_samples=16",
+                      "--data.batch_size=16", "--train.steps=1", "--train.eval_every=1", "--train.checkpoint_every=1",
+                      "--train.trainable=[text_model,text_projection]", f"--data.synth_dir={tmp_path / 'synth'}"]
+    clap = load_config("clap-tiny", [*clap_overrides, f"--train.init_from={tmp_path / 'audiomae'}"])
+    clap.run_dir = str(tmp_path / "clap")
+    train(clap, progress=False)
+    saved = torch.load(tmp_path / "clap" / "model.pt", weights_only=False)["state_dict"]
+    for key, value in tower.items():
+        torch.testing.assert_close(saved[key], value, msg=key)
+    wrong = load_config("clap-tiny", [*clap_overrides, "--model.audio.time_stride=4",
+                                      f"--train.init_from={tmp_path / 'audiomae'}"])
+    wrong.run_dir = str(tmp_path / "wrong")
+    with pytest.raises(ValueError, match=r"audio tower does not fit model.audio: time_stride 8 \(the model's: 4\)"):
         train(wrong, progress=False)

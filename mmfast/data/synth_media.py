@@ -228,6 +228,20 @@ def write_media_shards(out_dir: str, modality: str, *, train: int = 4000, held_o
     return written
 
 
+def ensure_media_shards(data, modality: str, version: int, progress: bool = True) -> None:
+    """Writes the bundled `modality` clips (data.train_samples and data.held_out_samples, data.seed) into
+    data.synth_dir unless the same ones (format `version`) are there; call on one rank."""
+    marker = os.path.join(data.synth_dir, "synth.json")
+    wanted = {"modality": modality, "format": version, "train": data.train_samples,
+              "held_out": data.held_out_samples, "seed": data.seed}
+    if os.path.exists(marker) and json.load(open(marker)) == wanted:
+        return
+    write_media_shards(data.synth_dir, modality, train=data.train_samples, held_out=data.held_out_samples,
+                       seed=data.seed, progress=progress)
+    with open(marker, "w") as handle:
+        json.dump(wanted, handle)
+
+
 def load_media_split(folder: str, split: str) -> tuple[torch.Tensor, list[str], list[dict]]:
     """A split of bundled clips written by write_media_shards: float32 waveforms [N, samples] (`wav`) or
     uint8 frames [N, T, H, W, 3] (`npy`), captions and metadata."""

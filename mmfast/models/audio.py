@@ -82,7 +82,9 @@ class AudioEncoder(nn.Module):
         mel = F.pad(mel, (0, 0, 0, config.max_length - mel.shape[1]))
         return (mel - config.mean) / (2 * config.std)  # AST's normalization: half a standard deviation
 
-    def forward(self, waveform: torch.Tensor | None = None, *, input_values: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, waveform: torch.Tensor | None = None, *, input_values: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep: [B, K] spectrogram patch indices, only those embedded and attended (masked autoencoders)."""
         if (waveform is None) == (input_values is None):
             raise ValueError("AudioEncoder: pass exactly one of waveform and input_values")
         if input_values is None:
@@ -91,7 +93,7 @@ class AudioEncoder(nn.Module):
         if input_values.dim() != 3 or tuple(input_values.shape[1:]) != expected:
             raise ValueError(f"AudioEncoder: input_values must be [B, {expected[0]} frames, {expected[1]} mel bins], "
                              f"got {tuple(input_values.shape)}")
-        x = self.embeddings(input_values)
+        x = self.embeddings(input_values, keep=keep)
         for layer in self.layers:
             x = layer(x)
         return self.layernorm(x)

@@ -9,6 +9,9 @@ normalized by their own mean and variance (`norm_pix_loss`).
 - `VideoMaskedAutoencoder` (VideoMAE, Tong et al. 2022): clips, tube masking (the same 90 % of the
   spatial places hidden in every frame, so a hidden patch cannot be copied from its neighbour in
   time); the encoder is mmfast's VideoEncoder (a video_contrastive run's tower).
+- `AudioMaskedAutoencoder` (AudioMAE, Huang et al. 2022): waveforms -> the fused log-mel -> 80 % of
+  the spectrogram patches hidden at random; the encoder is mmfast's AST AudioEncoder (an
+  audio_contrastive run's tower).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmfast.models.audio import AudioConfig, AudioEncoder
 from mmfast.models.clip import Block, VisionConfig, VisionTransformer, patch_count, run_blocks, transformer_flops
 from mmfast.models.video import VideoConfig, VideoEncoder
 from mmfast.ops.patch_embed.reference import unfolded_patches
@@ -87,6 +91,30 @@ class VideoMaeConfig:
         times, places = tube_grid(self.video)
         spatial = random_keep(batch, places, kept_count(places, self.mask_ratio), generator)
         return (torch.arange(times)[None, :, None] * places + spatial[:, None, :]).flatten(1)
+
+
+@dataclass(kw_only=True)
+class AudioMaeConfig:
+    audio: AudioConfig = field(default_factory=AudioConfig)  # the encoder (non-overlapping patches: strides = patch)
+    mask_ratio: float = 0.8
+    decoder_width: int = 512
+    decoder_layers: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+    backend: str | None = None
+
+    def __post_init__(self):
+        _check_ratio("AudioMaeConfig", audio_patch_count(self.audio), self.mask_ratio)
+
+    def draw_keep(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The kept spectrogram patches `[batch, K]`: each clip its own random ones."""
+        patches = audio_patch_count(self.audio)
+        return random_keep(batch, patches, kept_count(patches, self.mask_ratio), generator)
+
+
+def audio_patch_count(audio: AudioConfig) -> int:
+    return (((audio.num_mel_bins - audio.patch_size) // audio.frequency_stride + 1)
+            * ((audio.max_length - audio.patch_size) // audio.time_stride + 1))
 
 
 def tube_grid(video: VideoConfig) -> tuple[int, int]:
@@ -217,6 +245,42 @@ class VideoMaskedAutoencoder(_MaskedAutoencoder):
     @torch.no_grad()
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         return self.video_model(frames, channels_last=True).mean(1)
+
+
+class AudioMaskedAutoencoder(_MaskedAutoencoder):
+    """Waveforms: `forward(waveforms, keep)` (float `[B, samples]` at config.audio.sample_rate, keep from
+    config.draw_keep); the targets are the normalized log-mel's patches; `features(waveforms)`: the
+    encoder's mean token state over the whole clip, for probes."""
+
+    prefix = 2  # AST's class and distillation tokens
+
+    def __init__(self, config: AudioMaeConfig):
+        super().__init__()
+        audio = config.audio
+        self.audio_model = AudioEncoder(audio, config.backend)  # an audio_contrastive run's names
+        nn.init.normal_(self.audio_model.embeddings.position_embeddings, std=0.02)  # as CLAP's: zeros tell no place
+        patches = audio_patch_count(audio)
+        self._build_decoder(audio.width, patches, kept_count(patches, config.mask_ratio), audio.patch_size ** 2,
+                            config, "gelu", audio.mlp_ratio)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        pass  # the audio encoder runs its blocks plainly
+
+    def encoder_blocks(self) -> list[nn.Module]:
+        return list(self.audio_model.layers)
+
+    def encode_visible(self, waveforms: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.audio_model(waveforms, keep=keep)
+
+    def patch_targets(self, waveforms: torch.Tensor) -> torch.Tensor:
+        audio = self.config.audio
+        spectrogram = self.audio_model.features(waveforms.float()).transpose(1, 2)[:, None, None]  # [B, 1, 1, F, T]
+        return unfolded_patches(spectrogram, (1, audio.patch_size, audio.patch_size),
+                                (1, audio.frequency_stride, audio.time_stride))
+
+    @torch.no_grad()
+    def features(self, waveforms: torch.Tensor) -> torch.Tensor:
+        return self.audio_model(waveforms).mean(1)
 
 
 def mae_flops_per_sample(encoder_tokens: int, encoder_width: int, encoder_layers: int, decoder_tokens: int,

@@ -339,12 +339,13 @@ class ASTPatchEmbed(nn.Module):
         return _wrapping(cls, peer, extras, ("cls_token", "distillation_token", "patch_embeddings",
                                              "position_embeddings", "dropout"), normalizes=False)
 
-    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """keep (mmfast's, for masked autoencoders): [B, K] patch indices, only those embedded."""
         if input_values.dim() != 3:
             raise ValueError(f"ASTPatchEmbed: input_values must be [B, time, mel bins], got {tuple(input_values.shape)}")
         spectrogram = input_values.unsqueeze(1).transpose(2, 3)  # [B, 1, mel bins, time], a view
         projection = self.patch_embeddings.projection
         prefix = torch.cat([self.cls_token, self.distillation_token], dim=1)
         tokens = patch_embed(spectrogram, projection.weight, projection.bias, stride=projection.stride,
-                             pos_embed=self.position_embeddings, cls_token=prefix, backend=self.backend)
+                             pos_embed=self.position_embeddings, cls_token=prefix, keep=keep, backend=self.backend)
         return self.dropout(tokens)

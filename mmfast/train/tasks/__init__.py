@@ -4,13 +4,14 @@ from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.caption_lm import CaptionLMTask
 from mmfast.train.tasks.contrastive import ContrastiveTask
 from mmfast.train.tasks.llava import LlavaTask
+from mmfast.train.tasks.masked_audio import MaskedAudioTask
 from mmfast.train.tasks.masked_image import MaskedImageTask
 from mmfast.train.tasks.masked_video import MaskedVideoTask
 from mmfast.train.tasks.video_contrastive import VideoContrastiveTask
 
 TASKS = {"contrastive": ContrastiveTask, "audio_contrastive": AudioContrastiveTask, "caption_lm": CaptionLMTask,
          "llava": LlavaTask, "mae": MaskedImageTask, "video_contrastive": VideoContrastiveTask,
-         "videomae": MaskedVideoTask}
+         "videomae": MaskedVideoTask, "audiomae": MaskedAudioTask}
 
 
 def build_task(config, placement=None) -> Task:
@@ -19,5 +20,5 @@ def build_task(config, placement=None) -> Task:
     return TASKS[config.task](config, placement)
 
 
-__all__ = ["TASKS", "AudioContrastiveTask", "CaptionLMTask", "ContrastiveTask", "LlavaTask", "MaskedImageTask",
-           "MaskedVideoTask", "Task", "VideoContrastiveTask", "build_task"]
+__all__ = ["TASKS", "AudioContrastiveTask", "CaptionLMTask", "ContrastiveTask", "LlavaTask", "MaskedAudioTask",
+           "MaskedImageTask", "MaskedVideoTask", "Task", "VideoContrastiveTask", "build_task"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from mmfast.models.clap import CLAP, ClapConfig
 from mmfast.models.clip import TextConfig, transformer_flops
 from mmfast.train import checkpoint, distributed
 from mmfast.train.tasks.contrastive import ContrastiveTask
+from mmfast.train.tasks.towers import load_media_tower
 
 COUNT_WORDS = {1: ("one", "a"), 2: ("two",), 3: ("three",)}
 
@@ -98,16 +98,7 @@ class AudioContrastiveTask(ContrastiveTask):
             raise ValueError(f"config: task {self.name} has no gradient caching; leave train.micro_batch unset")
 
     def _ensure_clips(self, progress: bool) -> None:
-        data = self.config.data
-        marker = os.path.join(data.synth_dir, "synth.json")
-        wanted = {"modality": "audio", "format": synth_media.AUDIO_FORMAT, "train": data.train_samples,
-                  "held_out": data.held_out_samples, "seed": data.seed}
-        if os.path.exists(marker) and json.load(open(marker)) == wanted:
-            return
-        synth_media.write_media_shards(data.synth_dir, "audio", train=data.train_samples,
-                                       held_out=data.held_out_samples, seed=data.seed, progress=progress)
-        with open(marker, "w") as handle:
-            json.dump(wanted, handle)
+        synth_media.ensure_media_shards(self.config.data, "audio", synth_media.AUDIO_FORMAT, progress)
 
     def prepare(self, progress: bool, train: bool = True) -> None:
         config, placement = self.config, self.placement
@@ -125,6 +116,15 @@ class AudioContrastiveTask(ContrastiveTask):
 
     def prepare_evaluation(self, progress: bool) -> None:
         self.prepare(progress, train=False)
+
+    def initial_weights(self, model, saved: dict) -> None:
+        """train.init_from: a CLAP's model.pt, or an AudioMAE's (task audiomae): its audio tower, the text
+        tower left as initialized."""
+        if saved.get("task") != "audiomae":
+            return super().initial_weights(model, saved)
+        load_media_tower(model, saved, "audio", "audiomae_config", self.model_config.audio,
+                         ("sample_rate", "window_ms", "hop_ms", "num_mel_bins", "max_length", "patch_size",
+                          "frequency_stride", "time_stride", "width", "layers", "heads", "mlp_ratio"))
 
     config_class, config_key = ClapConfig, "clap_config"  # the model's config, and its key in model.pt
     modality = "audio"

@@ -13,7 +13,7 @@ from mmfast.data.other_renderer import other_moving_set
 from mmfast.models.mae import VideoMaeConfig, VideoMaskedAutoencoder, kept_count, mae_flops_per_sample, tube_grid
 from mmfast.models.video import VideoConfig
 from mmfast.train.tasks.masked_image import CLIP_MEAN, CLIP_STD, MaskedImageTask
-from mmfast.train.tasks.video_contrastive import VideoPreprocess, ensure_video_clips
+from mmfast.train.tasks.video_contrastive import VIDEO_FORMAT, VideoPreprocess
 
 
 @dataclass(kw_only=True)
@@ -42,7 +42,7 @@ class MaskedVideoTask(MaskedImageTask):
                              f"got {self.config.data.image_size}")
 
     def _ensure_data(self, progress: bool) -> None:
-        ensure_video_clips(self.config.data, progress)
+        synth_media.ensure_media_shards(self.config.data, "video", VIDEO_FORMAT, progress)
 
     def _split(self, name: str):
         return synth_media.load_media_split(self.config.data.synth_dir, name)

@@ -2,6 +2,8 @@
 masked autoencoder's `vision_model.*` weights, checked against the tower the new model builds."""
 from __future__ import annotations
 
+import dataclasses
+
 from mmfast.models.clip import VisionConfig
 
 # model.pt's task -> the key of its model config, which holds the tower's `vision` and `activation`
@@ -30,3 +32,16 @@ def check_tower(saved_vision: dict, vision: VisionConfig, depth: int, source: st
 def tower_weights(saved: dict) -> dict:
     """The `vision_model.*` entries of a model.pt's state dict."""
     return {key: value for key, value in saved["state_dict"].items() if key.startswith("vision_model.")}
+
+
+def load_media_tower(model, saved: dict, media: str, config_key: str, config, fields: tuple[str, ...]) -> None:
+    """train.init_from of a masked-pretraining run into a contrastive run of the same modality: its
+    `<media>_model.*` weights into `model`, after the tower's shape (`fields` of the saved
+    `config_key`'s `media` section against `config`, the model's) is checked, differences named."""
+    mine, theirs = dataclasses.asdict(config), saved[config_key][media]
+    different = [f"{key} {theirs.get(key)!r} (the model's: {mine[key]!r})" for key in fields
+                 if theirs.get(key) != mine[key]]
+    if different:
+        raise ValueError(f"config: train.init_from's {media} tower does not fit model.{media}: {', '.join(different)}")
+    model.load_state_dict({key: value for key, value in saved["state_dict"].items()
+                           if key.startswith(f"{media}_model.")}, strict=False)

@@ -6,7 +6,6 @@ and retrieval both ways on the held-out clips. `model.tower=frames` trains the f
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from mmfast.models.video import VideoConfig, sample_frames
 from mmfast.models.video_clip import VideoCLIP, VideoClipConfig
 from mmfast.train.tasks.audio_contrastive import AudioContrastiveTask
 from mmfast.train.tasks.contrastive import CLIP_MEAN, CLIP_STD
+from mmfast.train.tasks.towers import load_media_tower
 
 VIDEO_FORMAT = 1  # bumped when the bundled clips change
 
@@ -38,19 +38,6 @@ class VideoContrastiveModelConfig(VideoClipConfig):
     text: TextConfig = field(default_factory=lambda: TextConfig(vocab_size=200, context_length=12, width=128,
                                                                 layers=2, heads=4, pooling="mean"))
     loss: str = "clip"  # or "siglip"
-
-
-def ensure_video_clips(data, progress: bool) -> None:
-    """Writes the bundled clips into data.synth_dir unless the same ones are there (call on one rank)."""
-    marker = os.path.join(data.synth_dir, "synth.json")
-    wanted = {"modality": "video", "format": VIDEO_FORMAT, "train": data.train_samples,
-              "held_out": data.held_out_samples, "seed": data.seed}
-    if os.path.exists(marker) and json.load(open(marker)) == wanted:
-        return
-    synth_media.write_media_shards(data.synth_dir, "video", train=data.train_samples,
-                                   held_out=data.held_out_samples, seed=data.seed, progress=progress)
-    with open(marker, "w") as handle:
-        json.dump(wanted, handle)
 
 
 def class_prompts() -> tuple[list[tuple[str, str, str]], list[list[str]]]:
@@ -110,7 +97,7 @@ class VideoContrastiveTask(AudioContrastiveTask):
                              f"32, got {self.config.data.image_size}")
 
     def _ensure_clips(self, progress: bool) -> None:
-        ensure_video_clips(self.config.data, progress)
+        synth_media.ensure_media_shards(self.config.data, "video", VIDEO_FORMAT, progress)
 
     config_class, config_key = VideoClipConfig, "video_clip_config"
     modality = "video"
@@ -128,15 +115,9 @@ class VideoContrastiveTask(AudioContrastiveTask):
             return super().initial_weights(model, saved)
         if self.model_config.tower != "tubelets":
             raise ValueError("config: train.init_from of a videomae run needs model.tower=tubelets")
-        mine, theirs = dataclasses.asdict(self.model_config.video), saved["videomae_config"]["video"]
-        shape = ("image_size", "patch_size", "channels", "frames", "tubelet_size", "width", "layers", "heads",
-                 "mlp_ratio", "final_norm")
-        different = [f"{key} {theirs.get(key)!r} (the model's: {mine[key]!r})" for key in shape
-                     if theirs.get(key) != mine[key]]
-        if different:
-            raise ValueError(f"config: train.init_from's video tower does not fit model.video: {', '.join(different)}")
-        model.load_state_dict({key: value for key, value in saved["state_dict"].items()
-                               if key.startswith("video_model.")}, strict=False)
+        load_media_tower(model, saved, "video", "videomae_config", self.model_config.video,
+                         ("image_size", "patch_size", "channels", "frames", "tubelet_size", "width", "layers", "heads",
+                          "mlp_ratio", "final_norm"))
 
     def _media_tokens(self) -> int:
         video = self.model_config.video
