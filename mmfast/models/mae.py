@@ -53,9 +53,10 @@ def normalized(pixels: torch.Tensor, mean, std, channel_dim: int = 1) -> torch.T
 
 
 @dataclass(kw_only=True)
-class MaeConfig:
-    vision: VisionConfig = field(default_factory=VisionConfig)  # the encoder
-    activation: str = "gelu"
+class MaskingConfig:
+    """What every masked autoencoder takes besides its encoder: the hidden share, the decoder, the targets.
+    A subclass names its encoder's config and `places()`, the count masking draws from."""
+
     mask_ratio: float = 0.75
     decoder_width: int = 512
     decoder_layers: int = 8
@@ -63,27 +64,37 @@ class MaeConfig:
     norm_pix_loss: bool = True
     backend: str | None = None
 
+    def places(self) -> int:
+        raise NotImplementedError
+
     def __post_init__(self):
-        _check_ratio("MaeConfig", patch_count(self.vision), self.mask_ratio)
+        _check_ratio(type(self).__name__, self.places(), self.mask_ratio)
 
     def draw_keep(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """The kept patches `[batch, K]`: each sample its own random ones."""
-        patches = patch_count(self.vision)
-        return random_keep(batch, patches, kept_count(patches, self.mask_ratio), generator)
+        places = self.places()
+        return random_keep(batch, places, kept_count(places, self.mask_ratio), generator)
 
 
 @dataclass(kw_only=True)
-class VideoMaeConfig:
+class MaeConfig(MaskingConfig):
+    vision: VisionConfig = field(default_factory=VisionConfig)  # the encoder
+    activation: str = "gelu"
+
+    def places(self) -> int:
+        return patch_count(self.vision)
+
+
+@dataclass(kw_only=True)
+class VideoMaeConfig(MaskingConfig):
     video: VideoConfig = field(default_factory=VideoConfig)  # the encoder
     mask_ratio: float = 0.9
     decoder_width: int = 384
     decoder_layers: int = 4
     decoder_heads: int = 6
-    norm_pix_loss: bool = True
-    backend: str | None = None
 
-    def __post_init__(self):
-        _check_ratio("VideoMaeConfig", tube_grid(self.video)[1], self.mask_ratio)
+    def places(self) -> int:
+        return tube_grid(self.video)[1]  # spatial places: each is hidden in every time step or in none
 
     def draw_keep(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Tube masking: each sample keeps its own random spatial places, the same in every time step;
@@ -94,22 +105,12 @@ class VideoMaeConfig:
 
 
 @dataclass(kw_only=True)
-class AudioMaeConfig:
+class AudioMaeConfig(MaskingConfig):
     audio: AudioConfig = field(default_factory=AudioConfig)  # the encoder (non-overlapping patches: strides = patch)
     mask_ratio: float = 0.8
-    decoder_width: int = 512
-    decoder_layers: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True
-    backend: str | None = None
 
-    def __post_init__(self):
-        _check_ratio("AudioMaeConfig", audio_patch_count(self.audio), self.mask_ratio)
-
-    def draw_keep(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The kept spectrogram patches `[batch, K]`: each clip its own random ones."""
-        patches = audio_patch_count(self.audio)
-        return random_keep(batch, patches, kept_count(patches, self.mask_ratio), generator)
+    def places(self) -> int:
+        return audio_patch_count(self.audio)
 
 
 def audio_patch_count(audio: AudioConfig) -> int:

@@ -18,7 +18,8 @@ from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.audio import AudioConfig
 from mmfast.models.clap import CLAP, ClapConfig
 from mmfast.models.clip import TextConfig, transformer_flops
-from mmfast.train import checkpoint, distributed
+from mmfast.train import distributed
+from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.contrastive import ContrastiveTask
 from mmfast.train.tasks.towers import load_media_tower
 
@@ -127,6 +128,7 @@ class AudioContrastiveTask(ContrastiveTask):
                           "frequency_stride", "time_stride", "width", "layers", "heads", "mlp_ratio"))
 
     config_class, config_key = ClapConfig, "clap_config"  # the model's config, and its key in model.pt
+    export = Task.export  # model.pt under config_key (not the image CLIP's layout)
     modality = "audio"
 
     def restore(self, run_dir: str) -> None:
@@ -213,12 +215,6 @@ class AudioContrastiveTask(ContrastiveTask):
         return {f"{prefix}zero_shot_accuracy": float(np.mean([p == (m["count"], m["pitch"]) for p, m in pairs])),
                 f"{prefix}count_accuracy": float(np.mean([p[0] == m["count"] for p, m in pairs])),
                 f"{prefix}pitch_accuracy": float(np.mean([p[1] == m["pitch"] for p, m in pairs]))}
-
-    def export(self, run_dir: str, folder: str) -> str:
-        path = os.path.join(run_dir, "model.pt")
-        torch.save({"task": self.name, self.config_key: dataclasses.asdict(self.model_config),
-                    "state_dict": checkpoint.consolidate(folder)}, path)
-        return path
 
     @classmethod
     def load_file(cls, saved: dict, directory: str, device="cpu"):

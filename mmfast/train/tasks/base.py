@@ -4,9 +4,13 @@ owns everything paradigm-specific: its checks, data and tokenizer, the model, on
 the loss, what it logs, its FLOPs, evaluation and export."""
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Iterator
 
 import torch
+
+from mmfast.train import checkpoint
 
 
 class Task:
@@ -93,6 +97,13 @@ class Task:
         """What evaluate() needs of the data, for a finished run (`mmfast eval`); by default prepare()."""
         self.prepare(progress)
 
+    config_key = ""  # where export writes the model's config in model.pt
+
     def export(self, run_dir: str, folder: str) -> str:
-        """Writes the finished model of checkpoint `folder` into run_dir (e.g. model.pt); returns its path."""
-        raise NotImplementedError
+        """Writes the finished model of checkpoint `folder` into run_dir; returns its path. By default
+        <run_dir>/model.pt: the task's name, its model config (self.model_config, under config_key) and
+        the consolidated fp32 weights."""
+        path = os.path.join(run_dir, "model.pt")
+        torch.save({"task": self.name, self.config_key: dataclasses.asdict(self.model_config),
+                    "state_dict": checkpoint.consolidate(folder)}, path)
+        return path

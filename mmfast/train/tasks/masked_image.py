@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +16,7 @@ from mmfast.data.splits import ensure_synth, load_split, other_split
 from mmfast.data.synth import class_names
 from mmfast.models.clip import VisionConfig, patch_count
 from mmfast.models.mae import MaeConfig, MaskedAutoencoder, mae_flops_per_sample
-from mmfast.train import checkpoint, distributed
+from mmfast.train import distributed
 from mmfast.train.probe import encode, linear_probe
 from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.captions import global_rows
@@ -157,12 +156,6 @@ class MaskedImageTask(Task):
             other = encode(model.features, self.other[0][other_rows], device)
             result["other_probe_accuracy"] = linear_probe(train, train_labels, other, other_labels, classes)
         return result
-
-    def export(self, run_dir: str, folder: str) -> str:
-        path = os.path.join(run_dir, "model.pt")
-        torch.save({"task": self.name, self.config_key: dataclasses.asdict(self.model_config),
-                    "state_dict": checkpoint.consolidate(folder)}, path)
-        return path
 
     @classmethod
     def load_file(cls, saved: dict, directory: str, device="cpu"):
