@@ -183,6 +183,16 @@ def test_kept_patches_match_reference_forward_and_backward(case, kept, backend):
     torch.testing.assert_close(out[:, :prefix], full[:, :prefix])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("case, kept", KEEP_CASES)
+def test_kept_patches_bf16_on_gpu(case, kept):
+    pixels, weight, bias, kwargs = make_case(**case, dtype=torch.bfloat16)
+    prefix = 0 if kwargs.get("cls_token") is None else kwargs["cls_token"].shape[1]
+    patches = mmfast.ops.patch_embed(pixels, weight, bias, backend="reference", **kwargs).shape[1] - prefix
+    kwargs["keep"] = _random_keep(pixels.shape[0], patches, kept)
+    check_against_reference((pixels, weight, bias, kwargs), "triton", torch.bfloat16, "gpu bf16 keep")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_patches_are_never_read(backend):
     """NaN in every masked patch: nothing of it reaches the output or any gradient."""
