@@ -207,3 +207,11 @@ def test_data_score_suite_scores_the_same_pairs(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())
     assert {r["provider"] for r in rows} == {"mmfast", peer_name()}
     assert all(r["status"] == "ok" and r["pairs_per_s"] > 0 for r in rows)
+
+
+def test_audio_frontend_suite_runs_mmfast_and_the_hf_front_end(tmp_path):
+    pytest.importorskip("transformers")
+    assert main(["bench", "audio_frontend", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert len(rows) == 2 and rows[0]["provider"] == "mmfast" and "ASTFeatureExtractor" in rows[1]["provider"]
+    assert all(r["status"] == "ok" and r["audio_hours_per_s"] > 0 for r in rows)

@@ -290,5 +290,5 @@ def mae_flops_per_sample(encoder_tokens: int, encoder_width: int, encoder_layers
     the embedding and prediction projections (x 3: backward)."""
     forward = transformer_flops(encoder_tokens, encoder_width, encoder_layers, mlp_ratio)
     forward += transformer_flops(decoder_tokens, config.decoder_width, config.decoder_layers, mlp_ratio)
-    forward += 2 * encoder_tokens * patch_values * encoder_width + 2 * decoder_tokens * config.decoder_width * patch_values
+    forward += 2 * patch_values * (encoder_tokens * encoder_width + decoder_tokens * config.decoder_width)
     return 3.0 * forward

@@ -1,6 +1,6 @@
 """Benchmark suites by name: each maps (profile, device) to a list of cases."""
-from mmfast.bench.suites import (clip_train, contrastive, data_score, decode, griffin_lim, linear_cross_entropy,
-                                 llava_train, log_mel, mixed_attention, patch_embed)
+from mmfast.bench.suites import (audio_frontend, clip_train, contrastive, data_score, decode, griffin_lim,
+                                 linear_cross_entropy, llava_train, log_mel, mixed_attention, patch_embed)
 
 SUITES = {
     "contrastive": contrastive.cases,
@@ -13,4 +13,5 @@ SUITES = {
     "llava_train": llava_train.cases,
     "griffin_lim": griffin_lim.cases,
     "data_score": data_score.cases,
+    "audio_frontend": audio_frontend.cases,
 }

@@ -11,7 +11,8 @@ import torch
 
 from mmfast.data import synth_media
 from mmfast.models.audio import AudioConfig
-from mmfast.models.mae import AudioMaeConfig, AudioMaskedAutoencoder, audio_patch_count, kept_count, mae_flops_per_sample
+from mmfast.models.mae import (AudioMaeConfig, AudioMaskedAutoencoder, audio_patch_count, kept_count,
+                               mae_flops_per_sample)
 from mmfast.train.tasks.audio_contrastive import AudioPreprocess
 from mmfast.train.tasks.masked_image import MaskedImageTask
 
