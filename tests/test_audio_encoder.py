@@ -62,3 +62,19 @@ def test_bad_input_is_named():
         model(torch.zeros(2, 100, dtype=torch.int16))
     with pytest.raises(ValueError, match="num_mel_bins must be at least patch_size"):
         AudioConfig(num_mel_bins=8)
+
+
+def test_ast_default_128_mel_bins_take_waveforms():
+    """AST's 128 HTK bins at 25 ms windows: the lowest filters are empty (the op alone refuses them); the
+    encoder keeps them at the log floor, as Kaldi's fbank, and every other bin as before."""
+    from mmfast.ops.log_mel import log_mel_spectrogram
+
+    waveform = torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="n_mels=128 is too large for n_fft=400"):
+        log_mel_spectrogram(waveform, n_fft=400, hop_length=160, n_mels=128, mel_scale="htk", mel_norm=None)
+    encoder = AudioEncoder(AudioConfig(width=32, layers=1, heads=2))
+    features = encoder.features(waveform)
+    assert features.shape == (2, 1024, 128) and bool(features.isfinite().all())
+    floor = (math.log(1e-10) - encoder.config.mean) / (2 * encoder.config.std)
+    assert torch.allclose(features[:, :100, 0], torch.full_like(features[:, :100, 0], floor))  # an empty filter
+    assert bool((features[:, :100, 64] > floor + 1).all())  # the others carry the signal

@@ -18,7 +18,7 @@ from torch import nn
 from mmfast.models.clip import Block
 from mmfast.models.convert import load_renamed
 from mmfast.nn.patch_embed import ASTPatchEmbed
-from mmfast.ops.log_mel import log_mel_spectrogram
+from mmfast.ops.log_mel import log_mel_spectrogram, mel_filters
 
 AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AST's AudioSet statistics of its log-mel features
 
@@ -75,9 +75,13 @@ class AudioEncoder(nn.Module):
         config = self.config
         window = round(config.sample_rate * config.window_ms / 1000)
         hop = round(config.sample_rate * config.hop_ms / 1000)
+        # AST's 128 HTK bins at a 25 ms window leave the lowest filters without a frequency bin; Kaldi's fbank
+        # (AST's features) keeps them, their log the floor: so do we, where the op would refuse them
+        filters = mel_filters(config.sample_rate, window, config.num_mel_bins, mel_scale="htk", mel_norm=None,
+                              allow_empty=True).to(waveform.device)
         mel = log_mel_spectrogram(waveform, sample_rate=config.sample_rate, n_fft=window, hop_length=hop,
-                                  n_mels=config.num_mel_bins, mel_scale="htk", mel_norm=None, log="ln",
-                                  clamp_min=1e-10, backend=self.backend).transpose(1, 2)
+                                  n_mels=config.num_mel_bins, log="ln", clamp_min=1e-10, filters=filters,
+                                  backend=self.backend).transpose(1, 2)
         mel = mel[:, :config.max_length]
         mel = F.pad(mel, (0, 0, 0, config.max_length - mel.shape[1]))
         return (mel - config.mean) / (2 * config.std)  # AST's normalization: half a standard deviation
