@@ -65,6 +65,7 @@ class AudioEncoder(nn.Module):
             if isinstance(module, nn.LayerNorm):
                 module.eps = config.layer_norm_eps
         self.backend = backend
+        self._mel_filters: dict[torch.device, torch.Tensor] = {}
 
     def features(self, waveform: torch.Tensor) -> torch.Tensor:
         """`[B, samples]` float waveforms at config.sample_rate -> normalized log-mel `[B, max_length, mel
@@ -75,10 +76,13 @@ class AudioEncoder(nn.Module):
         config = self.config
         window = round(config.sample_rate * config.window_ms / 1000)
         hop = round(config.sample_rate * config.hop_ms / 1000)
-        # AST's 128 HTK bins at a 25 ms window leave the lowest filters without a frequency bin; Kaldi's fbank
-        # (AST's features) keeps them, their log the floor: so do we, where the op would refuse them
-        filters = mel_filters(config.sample_rate, window, config.num_mel_bins, mel_scale="htk", mel_norm=None,
-                              allow_empty=True).to(waveform.device)
+        filters = self._mel_filters.get(waveform.device)
+        if filters is None:  # once per device (not a buffer: a cast of the model to bf16 must not round them)
+            # AST's 128 HTK bins at a 25 ms window leave the lowest filters without a frequency bin; Kaldi's
+            # fbank (AST's features) keeps them, their log the floor: so do we, where the op would refuse them
+            filters = self._mel_filters[waveform.device] = mel_filters(
+                config.sample_rate, window, config.num_mel_bins, mel_scale="htk", mel_norm=None,
+                allow_empty=True).to(waveform.device)
         mel = log_mel_spectrogram(waveform, sample_rate=config.sample_rate, n_fft=window, hop_length=hop,
                                   n_mels=config.num_mel_bins, log="ln", clamp_min=1e-10, filters=filters,
                                   backend=self.backend).transpose(1, 2)
