@@ -215,6 +215,31 @@ def test_tube_masking_hides_the_same_places_in_every_time_step_and_the_encoder_n
     assert int(output["hidden"].sum()) == 2 * 24 and output["loss"].item() > 0
 
 
+def _assert_tower_carries_over(root, pretrained: str, media: str, recipe: str, tower_overrides, wrong_override: str,
+                               refusal: str) -> None:
+    """A contrastive run of `recipe` with train.init_from the `pretrained` run (its tower frozen, so the
+    weights it saves are the ones it started from) holds that run's `<media>_model.*` weights; a tower of
+    another shape (`wrong_override`) is refused with `refusal`."""
+    tower = {key: value for key, value in torch.load(root / pretrained / "model.pt", weights_only=False)[
+        "state_dict"].items() if key.startswith(f"{media}_model.")}
+    assert tower
+    overrides = [*tower_overrides, "--model.text.width=32", "--model.text.layers=1", "--model.text.heads=2",
+                 "--model.embed_dim=16", "--data.train_samples=48", "--data.held_out_samples=16",
+                 "--data.batch_size=16", "--train.steps=1", "--train.eval_every=1", "--train.checkpoint_every=1",
+                 "--train.trainable=[text_model,text_projection]", f"--data.synth_dir={root / 'synth'}",
+                 f"--train.init_from={root / pretrained}"]
+    contrastive = load_config(recipe, overrides)
+    contrastive.run_dir = str(root / f"{media}-contrastive")
+    train(contrastive, progress=False)
+    saved = torch.load(root / f"{media}-contrastive" / "model.pt", weights_only=False)["state_dict"]
+    for key, value in tower.items():
+        torch.testing.assert_close(saved[key], value, msg=key)
+    wrong = load_config(recipe, [*overrides, wrong_override])
+    wrong.run_dir = str(root / "wrong")
+    with pytest.raises(ValueError, match=refusal):
+        train(wrong, progress=False)
+
+
 def videomae_config(root, name, *extra):
     config = load_config("videomae-tiny", [*VIDEO_TINY, f"--data.synth_dir={root / 'synth'}", *extra])
     config.run_dir = str(root / name)
@@ -227,25 +252,9 @@ def test_a_videomae_run_probes_direction_loads_and_hands_its_tower_to_a_video_cl
     model, preprocess = mmfast.load(str(tmp_path / "videomae"))
     clip = preprocess(np.zeros((13, 20, 24, 3), dtype=np.uint8))  # any length and size
     assert clip.shape == (8, 32, 32, 3) and model.features(clip[None]).shape == (1, 32)
-    tower = {key: value for key, value in torch.load(tmp_path / "videomae" / "model.pt", weights_only=False)[
-        "state_dict"].items() if key.startswith("video_model.")}
-    clip_overrides = ["--model.video.patch_size=8", "--model.video.width=32", "--model.video.layers=1",
-                      "--model.video.heads=2", "--model.text.width=32", "--model.text.layers=1", "--model.text.heads=2",
-                      "--model.embed_dim=16", "--data.train_samples=48", "--data.held_out_samples=16",
-                      "--data.batch_size=16", "--train.steps=1", "--train.eval_every=1", "--train.checkpoint_every=1",
-                      "--train.trainable=[text_model,text_projection]", f"--data.synth_dir={tmp_path / 'synth'}"]
-    video_clip = load_config("video-clip-tiny", [*clip_overrides, f"--train.init_from={tmp_path / 'videomae'}"])
-    video_clip.run_dir = str(tmp_path / "video-clip")
-    train(video_clip, progress=False)
-    saved = torch.load(tmp_path / "video-clip" / "model.pt", weights_only=False)["state_dict"]
-    for key, value in tower.items():
-        torch.testing.assert_close(saved[key], value, msg=key)
-    wrong = load_config("video-clip-tiny", [*clip_overrides, "--model.video.width=48",
-                                            f"--train.init_from={tmp_path / 'videomae'}"])
-    wrong.run_dir = str(tmp_path / "wrong")
-    with pytest.raises(ValueError, match=r"video tower does not fit model.video: width 32 \(the model's: 48\)"):
-        train(wrong, progress=False)
-
+    _assert_tower_carries_over(tmp_path, "videomae", "video", "video-clip-tiny", [
+        "--model.video.patch_size=8", "--model.video.width=32", "--model.video.layers=1", "--model.video.heads=2"],
+        "--model.video.width=48", r"video tower does not fit model.video: width 32 \(the model's: 48\)")
 
 # --- audio: spectrogram patches -------------------------------------------------------------------------
 
@@ -286,20 +295,5 @@ def test_an_audiomae_run_probes_count_and_pitch_and_hands_its_tower_to_a_clap(tm
     model, preprocess = mmfast.load(str(tmp_path / "audiomae"))
     waveform = preprocess((np.zeros(22050, dtype=np.float32), 44100))  # any rate: resampled to 16 kHz
     assert model.features(waveform[None]).shape == (1, 32)
-    tower = {key: value for key, value in torch.load(tmp_path / "audiomae" / "model.pt", weights_only=False)[
-        "state_dict"].items() if key.startswith("audio_model.")}
-    clap_overrides = [*AUDIO_TOWER, "--model.text.width=32", "--model.text.layers=1", "--model.text.heads=2",
-                      "--model.embed_dim=16", "--data.train_samples=48", "--data.held_out_samples=16",
-                      "--data.batch_size=16", "--train.steps=1", "--train.eval_every=1", "--train.checkpoint_every=1",
-                      "--train.trainable=[text_model,text_projection]", f"--data.synth_dir={tmp_path / 'synth'}"]
-    clap = load_config("clap-tiny", [*clap_overrides, f"--train.init_from={tmp_path / 'audiomae'}"])
-    clap.run_dir = str(tmp_path / "clap")
-    train(clap, progress=False)
-    saved = torch.load(tmp_path / "clap" / "model.pt", weights_only=False)["state_dict"]
-    for key, value in tower.items():
-        torch.testing.assert_close(saved[key], value, msg=key)
-    wrong = load_config("clap-tiny", [*clap_overrides, "--model.audio.time_stride=4",
-                                      f"--train.init_from={tmp_path / 'audiomae'}"])
-    wrong.run_dir = str(tmp_path / "wrong")
-    with pytest.raises(ValueError, match=r"audio tower does not fit model.audio: time_stride 8 \(the model's: 4\)"):
-        train(wrong, progress=False)
+    _assert_tower_carries_over(tmp_path, "audiomae", "audio", "clap-tiny", AUDIO_TOWER, "--model.audio.time_stride=4",
+                               r"audio tower does not fit model.audio: time_stride 8 \(the model's: 4\)")
