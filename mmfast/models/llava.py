@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mmfast.models.clip import VisionConfig, VisionTransformer, patch_count
+from mmfast.models.decoding import check_decoding, decode
 from mmfast.models.llama import LlamaConfig, LlamaModel, hf_config_of, llama_config_of_hf
 from mmfast.nn.kv_cache import KVCache
 from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
@@ -221,9 +222,7 @@ class Llava(nn.Module):
         run packed, with no padding; a row stops at eos_token_id (kept in its output). With use_cache
         the prompts run once and each step runs one token per row against a KV cache; without, each
         step runs the whole sequences again (the same tokens, slower). Image features are computed once."""
-        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"Llava.generate_packed: expected max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1, "
-                             f"got {max_new_tokens}, {temperature}, {top_p}")
+        check_decoding("Llava.generate_packed", max_new_tokens, temperature, top_p)
         images_per_prompt = [int((prompt == self.config.image_token_id).sum()) // self.image_tokens for prompt in prompts]
         features = None
         ids = torch.cat(prompts) if prompts else torch.zeros(0, dtype=torch.long)
@@ -253,36 +252,8 @@ class Llava(nn.Module):
         cache = None
         if use_cache:
             cache = KVCache(len(prompts), max((len(prompt) for prompt in prompts), default=0) + max_new_tokens)
-        sequences, new = [prompt.clone() for prompt in prompts], [[] for _ in prompts]
-        active = [index for index, prompt in enumerate(prompts) if len(prompt)]
-        for step in range(max_new_tokens):
-            if not active:
-                break
-            if cache is None or step == 0:
-                logits = run(active, [sequences[row] for row in active], whole=True)
-            else:  # each row's last token, the rest is in the cache
-                logits = run(active, [sequences[row][-1:] for row in active], whole=False)
-            tokens = _choose(logits, temperature, top_p, generator)
-            still = []
-            for row, token in zip(active, tokens.tolist()):
-                new[row].append(token)
-                sequences[row] = torch.cat([sequences[row], sequences[row].new_tensor([token])])
-                if token != eos_token_id:
-                    still.append(row)
-            active = still
-        return [torch.tensor(tokens, dtype=torch.long) for tokens in new]
-
-
-def _choose(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """Greedy, or a sample from the top-p nucleus of softmax(logits / temperature)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probabilities = torch.softmax(logits / temperature, dim=-1)
-    ordered, order = probabilities.sort(dim=-1, descending=True)
-    outside = ordered.cumsum(dim=-1) - ordered > top_p  # keep the smallest prefix reaching top_p
-    ordered = ordered.masked_fill(outside, 0)
-    picked = torch.multinomial(ordered / ordered.sum(-1, keepdim=True), 1, generator=generator)
-    return order.gather(-1, picked).squeeze(-1)
+        return decode(run, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, temperature=temperature,
+                      top_p=top_p, generator=generator, cached=use_cache)
 
 
 def _unused_by_llava(key: str, depth: int) -> bool:
