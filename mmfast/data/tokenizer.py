@@ -63,3 +63,7 @@ class CaptionTokenizer:
             ids = [self.sot_id] + encoding.ids[: self.context_length - 2] + [self.eot_id]
             rows[row, : len(ids)] = torch.tensor(ids)
         return rows
+
+    def decode(self, ids) -> str:
+        """The text of token ids, special tokens left out (words joined by spaces)."""
+        return self.tokenizer.decode([int(token) for token in ids], skip_special_tokens=True)

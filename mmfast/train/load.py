@@ -50,7 +50,8 @@ def _model_file(path: str, caller: str) -> str:
 def load(path: str, device: str | torch.device = "cpu"):
     """The model of a run directory or of its model.pt (the files beside it, e.g. tokenizer.json, too),
     in eval mode, as its task gives it: for contrastive runs (model, preprocess, tokenizer) as
-    load_clip; for caption_lm runs (model, tokenizer); for mae and videomae runs (model, preprocess)."""
+    load_clip; for caption_lm runs (model, tokenizer); for mae and videomae runs (model, preprocess); for
+    unified runs the generator of load_unified."""
     model_path = _model_file(path, "load")
     saved = load_tensors(model_path)
     name = saved.get("task", "contrastive")  # model.pt files of CLIP runs before 2026-11-27 name none
@@ -94,3 +95,20 @@ def load_llava(path: str, device: str | torch.device = "cpu"):
                          "LLaVA; use mmfast.load")
     model, tokenizer = TASKS["llava"].load_file(saved, os.path.dirname(model_path), device)
     return model, LlavaProcessor(tokenizer, model.config, saved.get("template", "vicuna_v1"))
+
+
+def load_unified(path: str, device: str | torch.device = "cpu"):
+    """The unified any-to-any model of a run directory or its model.pt, ready to generate
+    (mmfast.train.unified_eval.UnifiedGenerator):
+
+        model = mmfast.load_unified(run_dir)
+        model.generate_text(image=pil_image)                      # also audio=(waveform, rate), video=frames
+        image = model.generate_image("a red circle")              # a PIL image
+        waveform, sample_rate = model.generate_audio("two high beeps")
+    """
+    model_path = _model_file(path, "load_unified")
+    saved = load_tensors(model_path)
+    if saved.get("task") != "unified":
+        raise ValueError(f"load_unified: {model_path} holds a {saved.get('task', 'contrastive')!r} model, not a "
+                         "unified one; use mmfast.load")
+    return TASKS["unified"].load_file(saved, os.path.dirname(model_path), device)

@@ -7,11 +7,13 @@ from mmfast.train.tasks.llava import LlavaTask
 from mmfast.train.tasks.masked_audio import MaskedAudioTask
 from mmfast.train.tasks.masked_image import MaskedImageTask
 from mmfast.train.tasks.masked_video import MaskedVideoTask
+from mmfast.train.tasks.unified import UnifiedTask
 from mmfast.train.tasks.video_contrastive import VideoContrastiveTask
 
 TASKS = {"contrastive": ContrastiveTask, "audio_contrastive": AudioContrastiveTask, "caption_lm": CaptionLMTask,
          "llava": LlavaTask, "mae": MaskedImageTask, "video_contrastive": VideoContrastiveTask,
-         "videomae": MaskedVideoTask, "audiomae": MaskedAudioTask}
+         "videomae": MaskedVideoTask, "audiomae": MaskedAudioTask,
+         "unified": UnifiedTask}
 
 
 def build_task(config, placement=None) -> Task:
@@ -21,4 +23,4 @@ def build_task(config, placement=None) -> Task:
 
 
 __all__ = ["TASKS", "AudioContrastiveTask", "CaptionLMTask", "ContrastiveTask", "LlavaTask", "MaskedAudioTask",
-           "MaskedImageTask", "MaskedVideoTask", "Task", "VideoContrastiveTask", "build_task"]
+           "MaskedImageTask", "MaskedVideoTask", "Task", "UnifiedTask", "VideoContrastiveTask", "build_task"]

@@ -57,9 +57,11 @@ class AudioPreprocess:
     """(waveform, sample_rate) -> float32 [samples] at the model's rate (resampled polyphase), mono,
     padded with silence or cut to the model's frames: stack them for a batch."""
 
-    def __init__(self, audio: AudioConfig):
-        self.rate = audio.sample_rate
-        self.samples = audio.max_length * round(audio.sample_rate * audio.hop_ms / 1000)
+    def __init__(self, audio: AudioConfig | None = None, *, sample_rate: int | None = None, samples: int | None = None):
+        """From an AudioEncoder's config, or a sample rate and a clip length in samples."""
+        if audio is not None:
+            sample_rate, samples = audio.sample_rate, audio.max_length * round(audio.sample_rate * audio.hop_ms / 1000)
+        self.rate, self.samples = sample_rate, samples
 
     def __call__(self, item) -> torch.Tensor:
         from math import gcd

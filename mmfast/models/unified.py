@@ -1,0 +1,351 @@
+"""The unified any-to-any model (paradigm 3), shaped as Transfusion: one decoder (mmfast's Llama blocks on
+MixedAttention) over packed sequences in which text is causal and every image, audio clip and video
+clip is a bidirectional span; text leaves through the LM head, images and spectrograms through a
+flow-matching head on their patches.
+
+Sequences (token ids; SPECIAL_TOKENS follow the caption tokenizer's vocabulary, P is the modality's
+patch placeholder, whose embedding is its patch's):
+- X -> text: `<image> P ... P </image> <sot> caption <eot>`: clean patches (time 0); next-token loss on
+  the caption and <eot>.
+- text -> X: `<to_image> <sot> caption <eot> <image> P ... P </image>`: the patches noised to time t
+  (rectified flow: x_t = (1 - t) x_0 + t noise); the model predicts the velocity noise - x_0 at each
+  patch (MSE). Without the caption (`<to_image> <image> ...`) the same span is the unconditional
+  branch of classifier-free guidance.
+Images are pixels in [-1, 1] in patches (the fused patch_embed on float input); audio is the fused
+log-mel spectrogram, log10 power floored 8 decades below each clip's peak and scaled to [-1, 1], in
+patches of every mel band over a few frames; video is uint8 tubelets (TubeletEmbed), input only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmfast.audio import griffin_lim, mel_to_linear
+from mmfast.models.decoding import check_decoding, decode
+from mmfast.models.llama import LlamaConfig, LlamaModel
+from mmfast.nn.kv_cache import KVCache
+from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
+from mmfast.nn.patch_embed import TubeletEmbed
+from mmfast.ops.log_mel import log_mel_spectrogram, mel_filters
+from mmfast.ops.mixed_attention import span_ids_from_token_ids
+from mmfast.ops.patch_embed import patch_embed
+from mmfast.ops.patch_embed.reference import unfolded_patches
+
+SPECIAL_TOKENS = ("<image>", "</image>", "<audio>", "</audio>", "<video>", "</video>", "<image_patch>",
+                  "<audio_patch>", "<video_patch>", "<to_image>", "<to_audio>")
+MODALITIES = ("image", "audio", "video")
+GENERATED = ("image", "audio")  # the modalities with a diffusion head
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+INPUT_KEYS = {"image": ("images", "image_times"), "audio": ("audio", "audio_times")}  # forward's keywords
+AUDIO_DECADES = 8.0  # the spectrogram's floor below each clip's peak (log10 power), as whisper's
+
+
+@dataclass(kw_only=True)
+class UnifiedConfig:
+    """text: the decoder (its vocab_size = text_vocab_size + len(SPECIAL_TOKENS)); text_vocab_size, sot and
+    eot: the caption tokenizer's. Images image_size^2 in image_patch^2 patches; audio audio_seconds at
+    sample_rate as n_mels x audio_frames log-mel, patches of all bands over audio_patch_frames frames;
+    video video_frames of video_size^2 in tubelet_size x video_patch^2 tubelets."""
+
+    text: LlamaConfig = field(default_factory=lambda: LlamaConfig(
+        vocab_size=1000 + len(SPECIAL_TOKENS), hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4))
+    text_vocab_size: int = 1000
+    sot_token_id: int = 1
+    eot_token_id: int = 2
+    image_size: int = 32
+    image_patch: int = 4
+    sample_rate: int = 16000
+    audio_seconds: float = 1.0
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 40
+    audio_frames: int = 100
+    audio_patch_frames: int = 4
+    video_frames: int = 8
+    video_size: int = 32
+    video_patch: int = 8
+    tubelet_size: int = 2
+    head_width: int = 256  # the diffusion heads' hidden width
+    time_frequencies: int = 64
+
+    def __post_init__(self):
+        if self.text.vocab_size != self.text_vocab_size + len(SPECIAL_TOKENS):
+            raise ValueError(f"UnifiedConfig: text.vocab_size must be text_vocab_size + {len(SPECIAL_TOKENS)} "
+                             f"special tokens = {self.text_vocab_size + len(SPECIAL_TOKENS)}, got {self.text.vocab_size}")
+        for name, whole, part in (("image_size", self.image_size, self.image_patch),
+                                  ("audio_frames", self.audio_frames, self.audio_patch_frames),
+                                  ("video_size", self.video_size, self.video_patch),
+                                  ("video_frames", self.video_frames, self.tubelet_size)):
+            if part <= 0 or whole % part:
+                raise ValueError(f"UnifiedConfig: {name} ({whole}) must be a positive multiple of its patch ({part})")
+        if self.audio_frames > 1 + int(self.audio_seconds * self.sample_rate) // self.hop_length:
+            raise ValueError(f"UnifiedConfig: audio_frames ({self.audio_frames}) exceeds the frames of "
+                             f"{self.audio_seconds} s at hop {self.hop_length}")
+
+    def token_id(self, name: str) -> int:
+        return self.text_vocab_size + SPECIAL_TOKENS.index(name)
+
+    def span_tokens(self, modality: str) -> int:
+        """Patches of one item of `modality`."""
+        if modality == "image":
+            return (self.image_size // self.image_patch) ** 2
+        if modality == "audio":
+            return self.audio_frames // self.audio_patch_frames
+        return (self.video_frames // self.tubelet_size) * (self.video_size // self.video_patch) ** 2
+
+    def patch_shape(self, modality: str) -> tuple[int, tuple[int, int], tuple[int, int]]:
+        """(channels, patch (h, w), grid (h, w)) of a generated modality's [N, C, H, W] values."""
+        if modality == "image":
+            side = self.image_size // self.image_patch
+            return 3, (self.image_patch, self.image_patch), (side, side)
+        return 1, (self.n_mels, self.audio_patch_frames), (1, self.audio_frames // self.audio_patch_frames)
+
+
+def span_sequence(config: UnifiedConfig, modality: str) -> list[int]:
+    """The token ids of one item's span: `<modality> P ... P </modality>`."""
+    return ([config.token_id(f"<{modality}>")] + [config.token_id(f"<{modality}_patch>")] * config.span_tokens(modality)
+            + [config.token_id(f"</{modality}>")])
+
+
+def fold_patches(patches: torch.Tensor, channels: int, patch: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """`[N, gh * gw, C * ph * pw]` rows (unfolded_patches' order) back to `[N, C, gh * ph, gw * pw]`."""
+    (ph, pw), (gh, gw) = patch, grid
+    x = patches.reshape(patches.shape[0], gh, gw, channels, ph, pw)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(patches.shape[0], channels, gh * ph, gw * pw)
+
+
+def patch_rows(values: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """`[N, C, H, W]` -> `[N, patches, C * ph * pw]` in the patch embedding's order."""
+    kernel = (1, *patch)
+    return unfolded_patches(values.unsqueeze(2), kernel, kernel)
+
+
+def timestep_features(times: torch.Tensor, frequencies: int) -> torch.Tensor:
+    """Sinusoidal features [N, 2 * frequencies] of diffusion times in [0, 1] (scaled by 1000, as DDPM's)."""
+    scales = torch.exp(-math.log(10000.0) * torch.arange(frequencies, device=times.device) / frequencies)
+    angles = times.float()[:, None] * 1000.0 * scales[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def image_values(images: torch.Tensor) -> torch.Tensor:
+    """uint8 `[N, 3, H, W]` -> float in [-1, 1] (the space images are generated in)."""
+    return images.float() / 127.5 - 1.0
+
+
+def image_pixels(values: torch.Tensor) -> torch.Tensor:
+    """image_values' inverse: uint8 `[N, 3, H, W]`."""
+    return ((values.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def audio_values(config: UnifiedConfig, waveforms: torch.Tensor) -> torch.Tensor:
+    """float `[N, samples]` -> `[N, 1, n_mels, audio_frames]` in [-1, 1]: the fused log-mel (log10 power),
+    floored AUDIO_DECADES below each clip's peak, the peak at 1."""
+    mel = log_mel_spectrogram(waveforms.float(), sample_rate=config.sample_rate, n_fft=config.n_fft,
+                              hop_length=config.hop_length, n_mels=config.n_mels, backend=config.text.backend)
+    mel = mel[..., :config.audio_frames]
+    peak = mel.amax(dim=(1, 2), keepdim=True)
+    return ((torch.maximum(mel, peak - AUDIO_DECADES) - peak) / (AUDIO_DECADES / 2) + 1.0).unsqueeze(1)
+
+
+class UnifiedModel(nn.Module):
+    """`forward(input_ids, cu_seqlens, images=..., image_times=..., audio=..., audio_times=..., video=...,
+    labels=...)` on packed token ids: a dict with "text" (logits, or with labels the per-token losses) and,
+    for each generated modality present, its predicted velocity per patch `[N, patches, patch values]`."""
+
+    def __init__(self, config: UnifiedConfig):
+        super().__init__()
+        self.config = config
+        width = config.text.hidden_size
+        self.language_model = LlamaModel(config.text)
+        self.lm_head = LinearCrossEntropy(width, config.text.vocab_size, bias=False, reduction="none",
+                                          backend=config.text.backend)
+        self.image_in = nn.Conv2d(3, width, config.image_patch, config.image_patch)
+        self.audio_in = nn.Conv2d(1, width, (config.n_mels, config.audio_patch_frames),
+                                  (config.n_mels, config.audio_patch_frames))
+        self.video_in = TubeletEmbed(config.video_size, config.video_patch, 3, width, config.video_frames,
+                                     config.tubelet_size, mean=CLIP_MEAN, std=CLIP_STD, backend=config.text.backend)
+        self.positions = nn.ParameterDict({modality: nn.Parameter(torch.zeros(config.span_tokens(modality), width))
+                                           for modality in MODALITIES})
+        self.time_embedding = nn.Sequential(nn.Linear(2 * config.time_frequencies, width), nn.SiLU(),
+                                            nn.Linear(width, width))
+        self.heads = nn.ModuleDict({modality: nn.Sequential(
+            nn.Linear(width, config.head_width), nn.SiLU(),
+            nn.Linear(config.head_width, math.prod(self._patch_values(modality))))
+            for modality in GENERATED})
+        self.apply(self._init_weights)
+        for table in self.positions.values():
+            nn.init.normal_(table, std=config.text.initializer_range)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d, nn.Conv3d)):
+            nn.init.normal_(module.weight, std=self.config.text.initializer_range)
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _patch_values(self, modality: str) -> tuple[int, ...]:
+        channels, patch, _ = self.config.patch_shape(modality)
+        return channels, *patch
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.language_model.grad_checkpointing = enable
+
+    def blocks(self) -> list[nn.Module]:
+        """The units an engine shards, compiles or checkpoints."""
+        return list(self.language_model.layers)
+
+    # inputs: what each modality's span is made of
+
+    def span_embeddings(self, modality: str, values: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
+        """`[N, span_tokens, hidden]`: the patches of `values` (image_values / audio_values, maybe noised;
+        uint8 frames `[N, T, H, W, 3]` for video) projected with their positions and diffusion time
+        (0: a clean input) in one fused pass."""
+        backend, positions = self.config.text.backend, self.positions[modality]
+        if modality == "video":
+            tokens = self.video_in(values, positions, channels_last=True)
+        else:
+            projection = self.image_in if modality == "image" else self.audio_in
+            tokens = patch_embed(values, projection.weight, projection.bias, pos_embed=positions, backend=backend)
+        if times is None:
+            times = torch.zeros(values.shape[0], device=values.device)
+        return tokens + self.time_embedding(timestep_features(times, self.config.time_frequencies)).to(tokens.dtype)[:, None]
+
+    def _placeholders(self) -> dict[str, int]:
+        return {modality: self.config.token_id(f"<{modality}_patch>") for modality in MODALITIES}
+
+    def embeddings(self, input_ids: torch.Tensor, spans: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with each modality's span embeddings (`spans[modality]`, `[N, span_tokens,
+        hidden]`, the items in order) in its placeholders' places."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        for modality, token in self._placeholders().items():
+            places = input_ids == token
+            given = spans.get(modality)
+            found, expected = int(places.sum()), 0 if given is None else given.shape[0] * given.shape[1]
+            if found != expected:
+                raise ValueError(f"UnifiedModel: input_ids hold {found} {modality} patch tokens, expected "
+                                 f"{self.config.span_tokens(modality)} for each of the "
+                                 f"{0 if given is None else given.shape[0]} {modality} items, {expected} in all")
+            if found:
+                embeds = embeds.masked_scatter(places[:, None], given.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None, *,
+                images: torch.Tensor | None = None, image_times: torch.Tensor | None = None,
+                audio: torch.Tensor | None = None, audio_times: torch.Tensor | None = None,
+                video: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                ignore_index: int = -100) -> dict[str, torch.Tensor]:
+        """Packed `[total]` input_ids with cu_seqlens; images / audio: image_values / audio_values (noised
+        to their times, 0 for inputs), video: uint8 frames; labels: already shifted (labels[t] is the
+        target of position t)."""
+        inputs = {"image": (images, image_times), "audio": (audio, audio_times), "video": (video, None)}
+        spans = {modality: self.span_embeddings(modality, values, times)
+                 for modality, (values, times) in inputs.items() if values is not None}
+        embeds = self.embeddings(input_ids, spans)
+        placeholders = self._placeholders()
+        hidden = self.language_model(inputs_embeds=embeds, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                     span_ids=span_ids_from_token_ids(input_ids, list(placeholders.values())))
+        text = self.lm_head(hidden) if labels is None else self.lm_head(hidden, labels, ignore_index=ignore_index)
+        # parameters a batch does not use still join the graph (DDP and ZeRO wait for every gradient)
+        unused = [module for modality, module in (("image", self.image_in), ("audio", self.audio_in),
+                                                  ("video", self.video_in)) if modality not in spans]
+        unused += [[self.positions[modality]] for modality in MODALITIES if modality not in spans]
+        unused += [self.heads[modality] for modality in GENERATED if modality not in spans]
+        if unused:
+            text = text + sum(parameter.sum() for group in unused for parameter in
+                               (group.parameters() if isinstance(group, nn.Module) else group)) * 0.0
+        out = {"text": text}
+        for modality in GENERATED:
+            if modality in spans:
+                rows = hidden[input_ids == placeholders[modality]]
+                out[modality] = self.heads[modality](rows).float().reshape(
+                    spans[modality].shape[0], self.config.span_tokens(modality), -1)
+        return out
+
+    # generation
+
+    def _packed(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([0] + [len(sequence) for sequence in sequences])
+        return torch.cat(sequences), lengths.cumsum(0).to(torch.int32).to(sequences[0].device)
+
+    def span(self, modality: str) -> list[int]:
+        return span_sequence(self.config, modality)
+
+    @torch.no_grad()
+    def generate_text(self, modality: str, values: torch.Tensor, prompts: list[torch.Tensor] | None = None, *,
+                      max_new_tokens: int = 24, temperature: float = 0.0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """The caption tokens (ending with <eot> where the model ends) of each item of `values` (one
+        modality's inputs as forward takes them); prompts: token ids that start each caption (after <sot>)."""
+        check_decoding("UnifiedModel.generate_text", max_new_tokens, temperature, top_p)
+        if modality not in MODALITIES:
+            raise ValueError(f"UnifiedModel.generate_text: modality must be one of {MODALITIES}, got {modality!r}")
+        device = self.positions[modality].device
+        count = values.shape[0]
+        prompts = prompts if prompts is not None else [torch.zeros(0, dtype=torch.long)] * count
+        if len(prompts) != count:
+            raise ValueError(f"UnifiedModel.generate_text: {len(prompts)} prompts for {count} items")
+        head = torch.tensor(self.span(modality) + [self.config.sot_token_id], device=device)
+        prompts = [torch.cat([head, prompt.to(device)]) for prompt in prompts]
+        spans = self.span_embeddings(modality, values.to(device))
+        cache = KVCache(count, max(len(prompt) for prompt in prompts) + max_new_tokens)
+
+        def run(rows: list[int], sequences: list[torch.Tensor], whole: bool) -> torch.Tensor:
+            ids, cu_seqlens = self._packed(sequences)
+            embeds = self.embeddings(ids, {modality: spans[rows]} if whole else {})
+            hidden = self.language_model(inputs_embeds=embeds, cu_seqlens=cu_seqlens, cache=cache,
+                                         cache_rows=torch.tensor(rows, device=device),
+                                         span_ids=span_ids_from_token_ids(ids, self._placeholders()[modality]))
+            return self.lm_head(hidden[cu_seqlens[1:].long() - 1]).float()
+
+        return decode(run, prompts, max_new_tokens=max_new_tokens, eos_token_id=self.config.eot_token_id,
+                      temperature=temperature, top_p=top_p, generator=generator, cached=True)
+
+    @torch.no_grad()
+    def generate_values(self, modality: str, captions: list[torch.Tensor], *, steps: int = 25, guidance: float = 3.0,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images or spectrograms `[N, C, H, W]` (image_values / audio_values' space) for caption token
+        ids (`<sot> ... <eot>`): Euler steps of the learned velocity from noise (t = 1) to t = 0, with
+        classifier-free guidance (guidance 1: the conditional velocity alone)."""
+        if modality not in GENERATED:
+            raise ValueError(f"UnifiedModel.generate_values: modality must be one of {GENERATED}, got {modality!r}")
+        if steps < 1 or not 1.0 <= guidance <= 20.0:
+            raise ValueError(f"UnifiedModel.generate_values: expected steps >= 1 and 1 <= guidance <= 20, got "
+                             f"{steps} and {guidance}")
+        device = self.positions[modality].device
+        start = [self.config.token_id(f"<to_{modality}>")]
+        sequences = [torch.tensor(start + caption.tolist() + self.span(modality), device=device) for caption in captions]
+        if guidance != 1.0:
+            sequences += [torch.tensor(start + self.span(modality), device=device)] * len(captions)
+        ids, cu_seqlens = self._packed(sequences)
+        channels, patch, grid = self.config.patch_shape(modality)
+        shape = (len(captions), channels, patch[0] * grid[0], patch[1] * grid[1])
+        x = torch.randn(shape, generator=generator).to(device)
+        times = torch.linspace(1.0, 0.0, steps + 1)
+        for now, then in zip(times[:-1].tolist(), times[1:].tolist()):
+            values = x if guidance == 1.0 else torch.cat([x, x])
+            values_key, times_key = INPUT_KEYS[modality]
+            out = self(ids, cu_seqlens, **{values_key: values,
+                                           times_key: torch.full((values.shape[0],), now, device=device)})
+            velocity = fold_patches(out[modality], channels, patch, grid)
+            if guidance != 1.0:
+                conditional, unconditional = velocity.chunk(2)
+                velocity = unconditional + guidance * (conditional - unconditional)
+            x = x + (then - now) * velocity
+        return x.clamp(-1.0, 1.0)
+
+
+def waveforms_of(config: UnifiedConfig, values: torch.Tensor, iterations: int = 32,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """The vocoder: spectrograms `[N, 1, n_mels, frames]` (audio_values' space) -> waveforms `[N, samples]`
+    peaking at 0.9: mel power back to linear (least squares), then Griffin-Lim. The level is relative
+    (audio_values keeps none)."""
+    power = 10.0 ** ((values.squeeze(1).double() - 1.0) * (AUDIO_DECADES / 2))
+    filters = mel_filters(config.sample_rate, config.n_fft, config.n_mels).to(values.device)
+    magnitude = mel_to_linear(power, filters).sqrt().float()
+    waveform = griffin_lim(magnitude, n_fft=config.n_fft, hop_length=config.hop_length, iterations=iterations,
+                           generator=generator)  # (frames - 1) x hop samples: silence pads it to the clip's length
+    waveform = torch.nn.functional.pad(waveform, (0, int(config.audio_seconds * config.sample_rate) - waveform.shape[1]))
+    return 0.9 * waveform / waveform.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)
