@@ -189,13 +189,69 @@ def _open_image(path: str):
 
 def _generate(args) -> int:
     _require("train", "generate")
-    from mmfast.train.load import load_llava
+    import yaml
 
+    from mmfast.train.load import final_stage, load_llava
+
+    config = os.path.join(final_stage(args.run_dir), "config.yaml")
+    if os.path.exists(config) and (yaml.safe_load(open(config)) or {}).get("task") == "unified":
+        return _generate_unified(args)
+    if args.prompt is None or args.audio or args.video or args.to:
+        raise SystemExit("mmfast generate: a LLaVA run takes --prompt and optionally --image (--audio, --video and "
+                         "--to are for unified runs)")
     model, processor = load_llava(args.run_dir)
     image = _open_image(args.image) if args.image else None
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": args.prompt}]
     print(_answer(model, processor, [{"role": "user", "content": content}], image, args.max_new_tokens,
                   args.temperature))
+    return 0
+
+
+def _read_audio(path: str):
+    """(samples [channels, samples] or [samples] in [-1, 1], rate) of a WAV file (any rate, PCM or float)."""
+    import numpy as np
+    from scipy.io import wavfile
+
+    if not os.path.exists(path):
+        raise SystemExit(f"mmfast: no audio file at {path}")
+    rate, samples = wavfile.read(path)
+    if samples.dtype.kind in "iu":
+        samples = samples.astype(np.float32) / float(np.iinfo(samples.dtype).max)
+    return (samples.T if samples.ndim == 2 else samples), rate
+
+
+def _generate_unified(args) -> int:
+    from mmfast.data.synth_media import wav_bytes
+    from mmfast.train.load import load_unified
+
+    model = load_unified(args.run_dir)
+    options = {"steps": args.steps, "guidance": args.guidance}
+    if args.to:
+        if not args.prompt or not args.out:
+            raise SystemExit("mmfast generate: --to needs --prompt (what to make) and --out (where to write it)")
+        if args.to == "image":
+            model.generate_image(args.prompt, **options).save(args.out)
+        else:
+            waveform, rate = model.generate_audio(args.prompt, **options)
+            with open(args.out, "wb") as handle:
+                handle.write(wav_bytes(waveform.numpy(), rate))
+        print(f"wrote {args.out}")
+        return 0
+    given = [name for name in ("image", "audio", "video") if getattr(args, name)]
+    if len(given) != 1:
+        raise SystemExit("mmfast generate: a unified run describes exactly one of --image, --audio and --video "
+                         "(or makes one with --to image|audio --prompt ... --out ...)")
+    if args.image:
+        item = {"image": _open_image(args.image)}
+    elif args.audio:
+        item = {"audio": _read_audio(args.audio)}
+    else:
+        import numpy as np
+
+        if not os.path.exists(args.video):
+            raise SystemExit(f"mmfast: no video file at {args.video}")
+        item = {"video": np.load(args.video, allow_pickle=False)}
+    print(model.generate_text(**item, prompt=args.prompt, max_new_tokens=args.max_new_tokens))
     return 0
 
 
@@ -256,13 +312,21 @@ def parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser("eval", help="zero-shot and retrieval scores of a run on its held-out split")
     evaluation.add_argument("run_dir", help="a run directory of mmfast train")
     evaluation.set_defaults(run=_eval)
-    for name, help_text in (("generate", "a LLaVA run's answer to one prompt about an image"),
+    for name, help_text in (("generate", "a LLaVA run's answer to one prompt about an image; a unified run's "
+                                         "caption of an image, sound or video, or an image or sound made from a prompt"),
                             ("chat", "a conversation with a LLaVA run about an image, in the terminal")):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("run_dir", help="a LLaVA run directory (a multi-stage run: its last stage)")
+        command.add_argument("run_dir", help="a LLaVA or unified run directory (a multi-stage run: its last stage)")
         command.add_argument("--image", help="an image file")
         if name == "generate":
-            command.add_argument("--prompt", required=True, help="the question or instruction")
+            command.add_argument("--prompt", help="LLaVA: the question or instruction (required); unified: the start "
+                                 "of the caption, or with --to what to make")
+            command.add_argument("--audio", help="unified: a WAV file to describe (any rate: resampled)")
+            command.add_argument("--video", help="unified: uint8 frames [T, H, W, 3] in a .npy file to describe")
+            command.add_argument("--to", choices=["image", "audio"], help="unified: make an image or a sound of --prompt")
+            command.add_argument("--out", help="unified, with --to: the PNG or WAV file to write")
+            command.add_argument("--steps", type=int, help="unified, with --to: sampling steps (default: the run's)")
+            command.add_argument("--guidance", type=float, help="unified, with --to: classifier-free guidance in [1, 20]")
         command.add_argument("--max-new-tokens", type=int, default=32)
         command.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above: sampled")
         command.set_defaults(run=_generate if name == "generate" else _chat)

@@ -9,8 +9,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import mmfast
+from mmfast.cli import main
 from mmfast.data import synth
 from mmfast.data.synth_media import media_clip, other_beeps
 from mmfast.models.llama import LlamaConfig
@@ -172,7 +174,7 @@ def test_bad_settings_are_named(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_follow_one_and_a_run_generates_every_way(tmp_path):
+def test_two_processes_follow_one_and_a_run_generates_every_way(tmp_path, capsys):
     launch_training(unified_config, tmp_path, [("single", [])], world=1)
     launch_training(unified_config, tmp_path, [("ddp", ["--engine.name=ddp"])], world=2)
     single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
@@ -205,5 +207,14 @@ def test_two_processes_follow_one_and_a_run_generates_every_way(tmp_path):
         generator.generate_image("  ")
     with pytest.raises(ValueError, match="guidance"):
         generator.generate_audio("one low beep", guidance=50.0)
-    model, _ = mmfast.load(str(tmp_path / "single")), None
-    assert dataclasses.is_dataclass(model.model.config)
+    assert generator.steps == 2  # the run's sampling settings
+    assert dataclasses.is_dataclass(mmfast.load(str(tmp_path / "single")).model.config)
+
+    run, sound, picture_path = str(tmp_path / "single"), str(tmp_path / "beeps.wav"), str(tmp_path / "shape.png")
+    assert main(["generate", run, "--to", "audio", "--prompt", "two high beeps", "--out", sound, "--steps", "2"]) == 0
+    assert main(["generate", run, "--to", "image", "--prompt", "a red circle", "--out", picture_path]) == 0
+    assert Image.open(picture_path).size == (32, 32)
+    capsys.readouterr()
+    assert main(["generate", run, "--audio", sound]) == 0 and capsys.readouterr().out.strip() != ""
+    with pytest.raises(SystemExit, match="exactly one"):
+        main(["generate", run])

@@ -297,4 +297,11 @@ class UnifiedTask(Task):
         model = UnifiedModel(UnifiedConfig(**{**fields, "text": LlamaConfig(**fields["text"])}))
         model.load_state_dict(saved["state_dict"])
         tokenizer = CaptionTokenizer.load(os.path.join(directory, "tokenizer.json"))
-        return UnifiedGenerator(model.to(device).eval(), tokenizer)
+        sampling = {}
+        if os.path.exists(os.path.join(directory, "config.yaml")):  # the run's sampling settings
+            import yaml
+
+            section = (yaml.safe_load(open(os.path.join(directory, "config.yaml"))) or {}).get("model") or {}
+            sampling = {key: section[name] for key, name in (("steps", "sample_steps"), ("guidance", "guidance"))
+                        if name in section}
+        return UnifiedGenerator(model.to(device).eval(), tokenizer, **sampling)
