@@ -58,7 +58,8 @@ tail -n 25 "$RESULTS/op-tests.txt" >> "$SUMMARY"
 wait $BUILD
 tail -n 3 "$RESULTS/extension-build.txt" >> "$SUMMARY"
 
-for suite in ${SUITES:-contrastive mixed_attention linear_cross_entropy decode clip_train patch_embed log_mel llava_train griffin_lim data_score audio_frontend}; do
+for suite in ${SUITES:-contrastive mixed_attention linear_cross_entropy decode clip_train patch_embed log_mel llava_train griffin_lim data_score audio_frontend
+    unified_train}; do
   step "bench-$suite" 120 python3 -m mmfast bench "$suite" --profile "${PROFILE:-quick}" --out "$RESULTS/bench-$suite"
 done
 step grad-cache-65536 100 python3 benchmarks/clip_grad_cache.py --size ViT-B/16 --batch 65536 --micro-batch 512 \

@@ -209,6 +209,19 @@ def test_data_score_suite_scores_the_same_pairs(tmp_path):
     assert all(r["status"] == "ok" and r["pairs_per_s"] > 0 for r in rows)
 
 
+def test_unified_train_suite_compares_the_same_step(tmp_path):
+    """mmfast's mixed attention and SDPA with the dense mask built from the same packing give the same
+    first loss on the same weights and packed batch (images and clips as spans)."""
+    from mmfast.bench.suites.unified_train import cases
+
+    losses = [case.make()[0]().item() for case in cases("cpu", torch.device("cpu"))]
+    assert 0 < losses[0] < 30 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert main(["bench", "unified_train", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["provider"] for r in rows} == {"mmfast", "sdpa dense mask"}
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows)
+
+
 def test_audio_frontend_suite_runs_mmfast_and_the_hf_front_end(tmp_path):
     pytest.importorskip("transformers")
     assert main(["bench", "audio_frontend", "--out", str(tmp_path)]) == 0

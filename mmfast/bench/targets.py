@@ -73,6 +73,8 @@ TARGETS = (
            speedup=1.0),
     Target("CLIP ViT-B/16 pair scoring, batch 256, vs open_clip", "data_score", "CLIP ViT-B/16 batch 256", "forward",
            "open_clip", speedup=2.0),
+    Target("unified 1.1B training step, 8k packed tokens, vs FlexAttention (mask built every step)", "unified_train",
+           "unified 1.1B, 1 x 8192 tokens", "full", "flex", speedup=1.3),
     Target("decode B=8 S=32768 vs flash_attn_with_kvcache", "decode", "B=8 S=32768 H=32/8 D=128 new=1", "forward",
            "flash_attn", speedup=1.0),
 )

@@ -1,6 +1,7 @@
 """Benchmark suites by name: each maps (profile, device) to a list of cases."""
 from mmfast.bench.suites import (audio_frontend, clip_train, contrastive, data_score, decode, griffin_lim,
-                                 linear_cross_entropy, llava_train, log_mel, mixed_attention, patch_embed)
+                                 linear_cross_entropy, llava_train, log_mel, mixed_attention, patch_embed,
+                                 unified_train)
 
 SUITES = {
     "contrastive": contrastive.cases,
@@ -14,4 +15,5 @@ SUITES = {
     "griffin_lim": griffin_lim.cases,
     "data_score": data_score.cases,
     "audio_frontend": audio_frontend.cases,
+    "unified_train": unified_train.cases,
 }
