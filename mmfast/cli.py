@@ -164,7 +164,8 @@ def _eval(args) -> int:
     config.run_dir = run_dir
     task = build_task(config, distributed.setup())
     task.prepare_evaluation(progress=True)
-    model = load(run_dir)[0]
+    loaded = load(run_dir)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded.model  # a unified run loads as its generator
     print(json.dumps(task.evaluate(model)))
     return 0
 

@@ -176,7 +176,13 @@ class UnifiedModel(nn.Module):
             nn.Linear(width, config.head_width), nn.SiLU(),
             nn.Linear(config.head_width, math.prod(self._patch_values(modality))))
             for modality in GENERATED})
+        # a 3 x 3 convolution over each generated picture / spectrogram, so a patch's prediction sees its
+        # neighbours' (per-patch heads alone leave seams at patch edges); zero at start: the heads alone
+        self.refine = nn.ModuleDict({modality: nn.Conv2d(self._patch_values(modality)[0], self._patch_values(modality)[0],
+                                                         3, padding=1) for modality in GENERATED})
         self.apply(self._init_weights)
+        for refine in self.refine.values():
+            nn.init.zeros_(refine.weight)
         for table in self.positions.values():
             nn.init.normal_(table, std=config.text.initializer_range)
 
@@ -252,16 +258,20 @@ class UnifiedModel(nn.Module):
         unused = [module for modality, module in (("image", self.image_in), ("audio", self.audio_in),
                                                   ("video", self.video_in)) if modality not in spans]
         unused += [[self.positions[modality]] for modality in MODALITIES if modality not in spans]
-        unused += [self.heads[modality] for modality in GENERATED if modality not in spans]
+        unused += [module[modality] for modality in GENERATED if modality not in spans
+                   for module in (self.heads, self.refine)]
         if unused:
             text = text + sum(parameter.sum() for group in unused for parameter in
                                (group.parameters() if isinstance(group, nn.Module) else group)) * 0.0
         out = {"text": text}
         for modality in GENERATED:
             if modality in spans:
-                rows = hidden[input_ids == placeholders[modality]]
-                out[modality] = self.heads[modality](rows).float().reshape(
+                rows = self.heads[modality](hidden[input_ids == placeholders[modality]]).float().reshape(
                     spans[modality].shape[0], self.config.span_tokens(modality), -1)
+                channels, patch, grid = self.config.patch_shape(modality)
+                folded = fold_patches(rows, channels, patch, grid)
+                refined = folded + self.refine[modality](folded.to(self.refine[modality].weight.dtype)).float()
+                out[modality] = patch_rows(refined, patch)
         return out
 
     # generation

@@ -3,6 +3,7 @@ the pictures of it, and `UnifiedGenerator` (mmfast.load_unified): strings, image
 from __future__ import annotations
 
 import os
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +15,8 @@ from mmfast.models.unified import (GENERATED, MODALITIES, UnifiedModel, audio_va
 from mmfast.train.caption_metrics import bleu, cider_d
 from mmfast.train.tasks.audio_contrastive import AudioPreprocess
 from mmfast.train.tasks.video_contrastive import VideoPreprocess
-from mmfast.train.unified_metrics import attributes_right, audio_right, foreground_color
+from mmfast.train.unified_metrics import (ATTRIBUTES, attributes_right, audio_right, caption_attributes,
+                                          foreground_color)
 
 CHUNK = 50  # items generated at once
 
@@ -53,10 +55,14 @@ def generated_values(model: UnifiedModel, modality: str, caption_ids: list[list[
 
 
 def caption_scores(modality: str, captions: list[str], references: list[str], metas: list[dict]) -> dict:
-    """All-attributes-right fraction, BLEU-4 and CIDEr-D of generated captions."""
-    right = np.mean([attributes_right(modality, caption, meta) for caption, meta in zip(captions, metas)])
-    return {"attributes": float(right), "bleu4": float(np.mean(bleu(captions, [[r] for r in references]))),
-            "cider": float(cider_d(captions, [[r] for r in references]))}
+    """All-attributes-right fraction, each attribute's, BLEU-4 and CIDEr-D of generated captions."""
+    found = [caption_attributes(caption) for caption in captions]
+    scores = {"attributes": float(np.mean([attributes_right(modality, c, m) for c, m in zip(captions, metas)])),
+              "bleu4": float(np.mean(bleu(captions, [[r] for r in references]))),
+              "cider": float(cider_d(captions, [[r] for r in references]))}
+    for name in ATTRIBUTES[modality]:
+        scores[name] = float(np.mean([named.get(name) == meta[name] for named, meta in zip(found, metas)]))
+    return scores
 
 
 def _shapes_only(metas: list[dict], count: int) -> list[int]:
@@ -78,8 +84,8 @@ def evaluate_unified(task, model: UnifiedModel) -> dict:
         chosen = _shapes_only(metas, count)
         captions = captions_of(model, task.tokenizer, modality, raw[chosen])
         held_out = caption_scores(modality, captions, [references[i] for i in chosen], [metas[i] for i in chosen])
-        scores.update({f"{modality}_to_text": held_out["attributes"], f"{modality}_to_text_bleu4": held_out["bleu4"],
-                       f"{modality}_to_text_cider": held_out["cider"]})
+        scores[f"{modality}_to_text"] = held_out.pop("attributes")
+        scores.update({f"{modality}_to_text_{name}": value for name, value in held_out.items()})
         other, other_metas = task._other(modality, count)
         other_captions = captions_of(model, task.tokenizer, modality, other)
         scores[f"other_{modality}_to_text"] = float(np.mean([attributes_right(modality, caption, meta) for
@@ -126,7 +132,7 @@ def draw_samples(samples: dict, path: str) -> None:
                 axis.imshow(image_pixels(values[column]).permute(1, 2, 0).numpy())
             else:
                 axis.imshow(values[column][0].numpy(), origin="lower", aspect="auto", cmap="magma")
-            axis.set_title(requests[column].replace(" beep", "\nbeep").rstrip("."), fontsize=7)
+            axis.set_title(textwrap.fill(requests[column].rstrip("."), 22), fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
