@@ -1,8 +1,10 @@
 """The unified any-to-any model (task unified): text causal and every modality span bidirectional in one
 packed forward, flow-matching targets in the patch embedding's order, the generation metrics read the
 truth off the bundled data, batches are a function of (seed, step) shared out over ranks, two processes
-follow one, and a finished run generates text, images and audio through mmfast.load_unified and the CLI."""
+follow one on DDP, FSDP2 and ZeRO-2 (ZeRO-3 is refused, by name), and a finished run generates text, images and audio through
+mmfast.load_unified and the CLI."""
 import dataclasses
+import importlib.util
 import json
 import os
 
@@ -161,6 +163,8 @@ def test_bad_settings_are_named(tmp_path):
         _task(tmp_path, "--model.directions={text_to_video: 1.0}")
     with pytest.raises(ValueError, match="caption_dropout"):
         _task(tmp_path, "--model.caption_dropout=1.5")
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        _task(tmp_path, "--engine.name=deepspeed", "--engine.zero_stage=3")
     with pytest.raises(ValueError, match="data.image_size"):
         _task(tmp_path, "--data.image_size=16")
     model = _model()
@@ -174,13 +178,16 @@ def test_bad_settings_are_named(tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_follow_one_and_a_run_generates_every_way(tmp_path, capsys):
+def test_every_engine_follows_one_process_and_a_run_generates_every_way(tmp_path, capsys):
     launch_training(unified_config, tmp_path, [("single", [])], world=1)
-    launch_training(unified_config, tmp_path, [("ddp", ["--engine.name=ddp"])], world=2)
-    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
-    assert single.keys() == ddp.keys() == {1, 2, 3, 4}
-    for step in single:
-        assert ddp[step] == pytest.approx(single[step], rel=1e-4, abs=1e-5)
+    engines = [("ddp", ["--engine.name=ddp"]), ("fsdp2", ["--engine.name=fsdp2"])]
+    if importlib.util.find_spec("deepspeed") is not None:
+        engines.append(("zero2", ["--engine.name=deepspeed", "--engine.zero_stage=2"]))
+    launch_training(unified_config, tmp_path, engines, world=2)
+    single = losses(tmp_path / "single")
+    assert single.keys() == {1, 2, 3, 4}
+    for name, _ in engines:
+        assert list(losses(tmp_path / name).values()) == pytest.approx(list(single.values()), abs=2e-4), name
     rows = [json.loads(line) for line in open(tmp_path / "single" / "metrics.jsonl")]
     evaluation = [row for row in rows if "image_to_text" in row][-1]
     for key in ("audio_to_text", "video_to_text", "other_video_to_text", "text_to_image_color", "text_to_audio_pitch",

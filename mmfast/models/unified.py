@@ -247,32 +247,48 @@ class UnifiedModel(nn.Module):
         to their times, 0 for inputs), video: uint8 frames; labels: already shifted (labels[t] is the
         target of position t)."""
         inputs = {"image": (images, image_times), "audio": (audio, audio_times), "video": (video, None)}
-        spans = {modality: self.span_embeddings(modality, values, times)
-                 for modality, (values, times) in inputs.items() if values is not None}
+        # Every forward runs every embedding and head in one order, a blank item standing in for a missing
+        # modality (its result times 0): DDP and ZeRO wait for every gradient, and ZeRO-3 gathers each
+        # parameter when first touched, which must happen in the same order on every rank.
+        spans, blank = {}, 0.0
+        for modality, (values, times) in inputs.items():
+            if values is None:
+                blank = blank + self.span_embeddings(modality, self._blank(modality)).sum() * 0.0
+            else:
+                spans[modality] = self.span_embeddings(modality, values, times)
         embeds = self.embeddings(input_ids, spans)
         placeholders = self._placeholders()
         hidden = self.language_model(inputs_embeds=embeds, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                      span_ids=span_ids_from_token_ids(input_ids, list(placeholders.values())))
-        text = self.lm_head(hidden) if labels is None else self.lm_head(hidden, labels, ignore_index=ignore_index)
-        # parameters a batch does not use still join the graph (DDP and ZeRO wait for every gradient)
-        unused = [module for modality, module in (("image", self.image_in), ("audio", self.audio_in),
-                                                  ("video", self.video_in)) if modality not in spans]
-        unused += [[self.positions[modality]] for modality in MODALITIES if modality not in spans]
-        unused += [module[modality] for modality in GENERATED if modality not in spans
-                   for module in (self.heads, self.refine)]
-        if unused:
-            text = text + sum(parameter.sum() for group in unused for parameter in
-                               (group.parameters() if isinstance(group, nn.Module) else group)) * 0.0
-        out = {"text": text}
+        out = {}
         for modality in GENERATED:
             if modality in spans:
-                rows = self.heads[modality](hidden[input_ids == placeholders[modality]]).float().reshape(
-                    spans[modality].shape[0], self.config.span_tokens(modality), -1)
-                channels, patch, grid = self.config.patch_shape(modality)
-                folded = fold_patches(rows, channels, patch, grid)
-                refined = folded + self.refine[modality](folded.to(self.refine[modality].weight.dtype)).float()
-                out[modality] = patch_rows(refined, patch)
+                out[modality] = self._velocity(modality, hidden[input_ids == placeholders[modality]])
+            else:
+                blank = blank + self._velocity(modality, hidden.new_zeros(self.config.span_tokens(modality),
+                                                                          hidden.shape[-1])).sum() * 0.0
+        text = self.lm_head(hidden) if labels is None else self.lm_head(hidden, labels, ignore_index=ignore_index)
+        out["text"] = text + blank
         return out
+
+    def _blank(self, modality: str) -> torch.Tensor:
+        """One all-zero input item of `modality`."""
+        config, device = self.config, self.positions[modality].device
+        if modality == "video":
+            return torch.zeros(1, config.video_frames, config.video_size, config.video_size, 3, dtype=torch.uint8,
+                               device=device)
+        channels, patch, grid = config.patch_shape(modality)
+        return torch.zeros(1, channels, patch[0] * grid[0], patch[1] * grid[1], device=device)
+
+    def _velocity(self, modality: str, hidden: torch.Tensor) -> torch.Tensor:
+        """The predicted velocity rows `[N, span_tokens, patch values]` of the span tokens' hidden states
+        (`[N * span_tokens, hidden]`): the per-patch head, then the convolution over the whole picture."""
+        channels, patch, grid = self.config.patch_shape(modality)
+        rows = self.heads[modality](hidden).float().reshape(-1, self.config.span_tokens(modality),
+                                                            channels * patch[0] * patch[1])
+        folded = fold_patches(rows, channels, patch, grid)
+        refine = self.refine[modality]
+        return patch_rows(folded + refine(folded.to(refine.weight.dtype)).float(), patch)
 
     # generation
 
@@ -308,7 +324,8 @@ class UnifiedModel(nn.Module):
             hidden = self.language_model(inputs_embeds=embeds, cu_seqlens=cu_seqlens, cache=cache,
                                          cache_rows=torch.tensor(rows, device=device),
                                          span_ids=span_ids_from_token_ids(ids, self._placeholders()[modality]))
-            return self.lm_head(hidden[cu_seqlens[1:].long() - 1]).float()
+            # captions are text: the special tokens (span markers, placeholders) are never generated
+            return self.lm_head(hidden[cu_seqlens[1:].long() - 1]).float()[:, :self.config.text_vocab_size]
 
         return decode(run, prompts, max_new_tokens=max_new_tokens, eos_token_id=self.config.eot_token_id,
                       temperature=temperature, top_p=top_p, generator=generator, cached=True)

@@ -71,6 +71,10 @@ class UnifiedTask(Task):
         config, section = self.config, self.config.model
         if config.train.micro_batch:
             raise ValueError("config: task unified uses train.accumulation_steps, not train.micro_batch")
+        if config.engine.name == "deepspeed" and config.engine.zero_stage == 3:
+            raise ValueError("config: task unified does not run on DeepSpeed ZeRO-3: the modalities of a micro-batch "
+                             "differ from rank to rank, and ZeRO-3 needs every rank to gather parameters in one "
+                             "traced order; use engine.name=fsdp2 (parameters sharded too) or engine.zero_stage 1 or 2")
         if config.data.source != "synth" or config.data.streaming:
             raise ValueError("config: task unified trains on the bundled data (data.source=synth, data.streaming=false)")
         if config.data.image_size != section.image_size:
