@@ -177,7 +177,8 @@ class UnifiedModel(nn.Module):
             nn.Linear(config.head_width, math.prod(self._patch_values(modality))))
             for modality in GENERATED})
         # a 3 x 3 convolution over each generated picture / spectrogram, so a patch's prediction sees its
-        # neighbours' (per-patch heads alone leave seams at patch edges); zero at start: the heads alone
+        # neighbours' (per-patch heads alone gave beeps broken at patch edges; with it they still break, see
+        # the README); zero at start: the heads alone
         self.refine = nn.ModuleDict({modality: nn.Conv2d(self._patch_values(modality)[0], self._patch_values(modality)[0],
                                                          3, padding=1) for modality in GENERATED})
         self.apply(self._init_weights)
