@@ -117,7 +117,8 @@ class UnifiedTask(Task):
         self.train_split = {modality: self._read(modality, "train") for modality in MODALITIES} if train else None
         path = os.path.join(self.config.run_dir, "tokenizer.json")
         if self.placement.is_main and not os.path.exists(path):
-            captions = [caption for modality in MODALITIES for caption in self._read(modality, "train")[1]]
+            splits = self.train_split or {modality: self._read(modality, "train") for modality in MODALITIES}
+            captions = [caption for modality in MODALITIES for caption in splits[modality][1]]
             CaptionTokenizer.train(captions, self.config.model.vocab_size, self.config.model.context_length).save(path)
         distributed.barrier()
         self.restore(self.config.run_dir)
