@@ -16,7 +16,7 @@ pytest.importorskip("tokenizers")
 TINY = ["--data.train_samples=48", "--data.held_out_samples=8", "--data.batch_size=8", "--data.image_size=16",
         "--model.vision.width=32", "--model.vision.layers=2", "--model.vision.heads=2",
         "--model.vision.patch_size=8", "--model.vision.patch_stride=8",
-        "--model.text.vocab_size=300", "--model.text.hidden_size=32", "--model.text.intermediate_size=64",
+        "--model.text.vocab_size=300", "--model.text.hidden_size=64", "--model.text.intermediate_size=128",
         "--model.text.num_hidden_layers=2", "--model.text.num_attention_heads=2",
         "--model.text.num_key_value_heads=1", "--train.steps=4", "--train.eval_every=100",
         "--train.checkpoint_every=2", "--train.log_every=1", "--optim.warmup_steps=1", "--optim.lr=3e-3"]

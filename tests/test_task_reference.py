@@ -1,7 +1,9 @@
 """The contrastive task through the task interface gives the losses the trainer gave before it had
 one: short loss curves recorded on a fixed seed (tests/data/contrastive_losses.json, written by the
 trainer of the commit that added it, on the bundled data format it names; re-recorded when the CLIP
-model's initialization and the clip-tiny recipe changed, 2026-11-27) must come out bit for bit."""
+model's initialization and the clip-tiny recipe changed, 2026-11-27) must come out again, to float32
+rounding: bit for bit on the machine that recorded them, while another machine with the same torch wheel
+and data differed from the first step in the last bit or two (its CPU's vector code rounds otherwise)."""
 import json
 import os
 
@@ -44,4 +46,7 @@ def test_losses_equal_the_recorded_curve(tmp_path, name):
         reference = json.load(handle)
     assert reference["synth_format"] == SYNTH_FORMAT, "the bundled data changed: re-record with record()"
     got = losses(_run(tmp_path, name, CASES[name]))
-    assert got == {int(step): loss for step, loss in reference["losses"][name].items()}
+    expected = {int(step): loss for step, loss in reference["losses"][name].items()}
+    assert got.keys() == expected.keys()
+    for step, loss in expected.items():  # a changed model, data order or loss moves far more than this
+        assert got[step] == pytest.approx(loss, rel=2e-6, abs=0), step
