@@ -23,7 +23,8 @@ from mmfast.models.unified import (SPECIAL_TOKENS, UnifiedConfig, UnifiedModel, 
 from mmfast.train import load_config
 from mmfast.train.tasks import build_task
 from mmfast.train.tasks.unified import DIRECTIONS, IGNORE
-from mmfast.train.unified_metrics import attributes_right, audio_right, beep_count, foreground_color, pitch_of
+from mmfast.train.unified_metrics import (ShapeClassifier, attributes_right, audio_right, beep_count,
+                                          foreground_color, pitch_of)
 from tests.processes import launch_training
 from tests.runs import losses
 
@@ -111,6 +112,11 @@ def test_the_metrics_read_the_truth_off_the_bundled_data_and_catch_wrong_answers
     samples = [synth.generate(index, "held_out", 0, 32, 0.0, None) for index in range(100)]
     assert np.mean([foreground_color(np.asarray(s.image)) == s.meta["color"] for s in samples]) >= 0.9
     assert foreground_color(np.full((32, 32, 3), 90, np.uint8)) is None
+    # the shape classifier, fitted on other bundled pictures, names the shapes of these
+    fitted = [synth.generate(index, "train", 0, 32, 0.0, None) for index in range(1500)]
+    pictures = lambda items: torch.stack([torch.from_numpy(np.asarray(s.image)).permute(2, 0, 1) for s in items])  # noqa: E731
+    classifier = ShapeClassifier(pictures(fitted), [s.meta for s in fitted])
+    assert np.mean([a == s.meta["shape"] for a, s in zip(classifier(pictures(samples)), samples)]) >= 0.8
     assert all(attributes_right("image", s.caption, s.meta) for s in samples)
     assert not attributes_right("image", "a red circle", {"color": "red", "shape": "square"})
     assert attributes_right("audio", "two low square-wave beeps", {"count": 2, "pitch": "low"})
@@ -190,7 +196,8 @@ def test_every_engine_follows_one_process_and_a_run_generates_every_way(tmp_path
         assert list(losses(tmp_path / name).values()) == pytest.approx(list(single.values()), abs=2e-4), name
     rows = [json.loads(line) for line in open(tmp_path / "single" / "metrics.jsonl")]
     evaluation = [row for row in rows if "image_to_text" in row][-1]
-    for key in ("audio_to_text", "video_to_text", "other_video_to_text", "text_to_image_color", "text_to_audio_pitch",
+    for key in ("audio_to_text", "video_to_text", "other_video_to_text", "text_to_image_color", "text_to_image_shape",
+                "shape_classifier_real", "text_to_audio_pitch",
                 "text_to_audio_count", "image_to_text_cider"):
         assert 0.0 <= evaluation[key] <= 10.0
     assert "text_loss" in rows[0] and "image_loss" in json.dumps(rows)

@@ -101,6 +101,10 @@ def evaluate_unified(task, model: UnifiedModel) -> dict:
             right = [foreground_color(pixels[index].permute(1, 2, 0).numpy()) == metas[i]["color"]
                      for index, i in enumerate(chosen)]
             scores["text_to_image_color"] = float(np.mean(right))
+            classifier, wanted = task.shape_classifier(), [metas[i]["shape"] for i in chosen]
+            scores["text_to_image_shape"] = float(np.mean([a == b for a, b in zip(classifier(pixels), wanted)]))
+            # the classifier on the real pictures of the same captions: what the score can reach
+            scores["shape_classifier_real"] = float(np.mean([a == b for a, b in zip(classifier(raw[chosen]), wanted)]))
         else:
             # Griffin-Lim starts from random phases: seeded, so a model scores the same each time
             waveforms = waveforms_of(model.config, values, generator=torch.Generator().manual_seed(0)).numpy()

@@ -3,7 +3,8 @@
 - captions: the attributes a caption names (color and shape; count and pitch; color, shape and
   direction), read from its words, against the item's own;
 - images: the foreground color, from pixels (those far from the border's median color, averaged, named
-  by the nearest of mmfast.data.synth.COLORS);
+  by the nearest of mmfast.data.synth.COLORS), and the shape, by a logistic regression on those pixels'
+  mask fitted on the bundled training pictures (ShapeClassifier);
 - audio: the pitch (the dominant frequency between 100 and 2,000 Hz, inside the requested range widened
   by a fifth on both sides: the generated mel spectrogram has bands some 50 Hz wide at 250 Hz and 150 Hz
   at 1 kHz) and the number of beeps (runs of frames whose energy in that pitch band stays above a third
@@ -48,17 +49,43 @@ def attributes_right(modality: str, caption: str, meta: dict) -> bool:
     return all(found.get(name) == meta[name] for name in ATTRIBUTES[modality])
 
 
-def foreground_color(image: np.ndarray, distance: float = 60.0) -> str | None:
-    """The named color of the pixels of uint8 `[H, W, 3]` far (in RGB) from the border's median color;
-    None when no pixel is."""
-    pixels = image.reshape(-1, 3).astype(np.float64)
+def _far_from_border(image: np.ndarray, distance: float) -> np.ndarray:
+    """bool [H, W]: the pixels of uint8 `[H, W, 3]` farther (in RGB) than `distance` from the border's
+    median color (the foreground of a picture on a plain or textured background)."""
+    pixels = image.astype(np.float64)
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float64)
-    far = np.linalg.norm(pixels - np.median(border, axis=0), axis=1) > distance
+    return np.linalg.norm(pixels - np.median(border, axis=0), axis=-1) > distance
+
+
+def foreground_color(image: np.ndarray, distance: float = 60.0) -> str | None:
+    """The named color of the foreground pixels of uint8 `[H, W, 3]`; None when there are none."""
+    far = _far_from_border(image, distance)
     if not far.any():
         return None
-    mean = pixels[far].mean(axis=0)
+    mean = image[far].astype(np.float64).mean(axis=0)
     names = list(synth.COLORS)
     return names[int(np.argmin([np.linalg.norm(mean - np.array(synth.COLORS[name])) for name in names]))]
+
+
+class ShapeClassifier:
+    """Names the shape of pictures uint8 `[N, 3, H, W]`: a logistic regression on their foreground masks,
+    fitted on pictures of the bundled data with their `metas` (it scores generated pictures against the
+    requested shape as the bundled generator draws it)."""
+
+    def __init__(self, images: torch.Tensor, metas: list[dict], distance: float = 60.0):
+        from mmfast.train.probe import linear_classifier
+
+        self.distance = distance
+        labels = torch.tensor([synth.SHAPES.index(meta["shape"]) for meta in metas])
+        self.predict = linear_classifier(self.features(images), labels, len(synth.SHAPES))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        pictures = images.permute(0, 2, 3, 1).numpy()
+        return torch.from_numpy(np.stack([_far_from_border(picture, self.distance) for picture in pictures])
+                                .reshape(len(pictures), -1).astype(np.float32))
+
+    def __call__(self, images: torch.Tensor) -> list[str]:
+        return [synth.SHAPES[int(index)] for index in self.predict(self.features(images))]
 
 
 def dominant_frequency(waveform: np.ndarray, sample_rate: int) -> float:

@@ -23,6 +23,7 @@ from mmfast.models.unified import (GENERATED, MODALITIES, SPECIAL_TOKENS, Unifie
 from mmfast.train import distributed
 from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.video_contrastive import VIDEO_FORMAT
+from mmfast.train.unified_metrics import ShapeClassifier
 
 DIRECTIONS = ("image_to_text", "text_to_image", "audio_to_text", "text_to_audio", "video_to_text")
 IGNORE = -100
@@ -65,7 +66,7 @@ class UnifiedTask(Task):
     config_key = "unified_config"
     headline = {"image_to_text": "image->text", "audio_to_text": "audio->text", "video_to_text": "video->text",
                 "text_to_image_color": "text->image color", "text_to_audio_pitch": "text->audio pitch"}
-    plot_metrics = {**headline, "text_to_audio_count": "text->audio count"}
+    plot_metrics = {**headline, "text_to_image_shape": "text->image shape", "text_to_audio_count": "text->audio count"}
 
     def check(self, world_size: int) -> None:
         config, section = self.config, self.config.model
@@ -286,6 +287,14 @@ class UnifiedTask(Task):
             return torch.as_tensor(waveforms, dtype=torch.float32), metas
         return other_moving_set(count, self.model_config.video_frames, self.config.data.image_size,
                                 self.config.data.seed)
+
+    def shape_classifier(self) -> ShapeClassifier:
+        """Fitted once on the training pictures (read again for a finished run's evaluation)."""
+        if getattr(self, "_shape_classifier", None) is None:
+            images, _, metas = self.train_split["image"] if self.train_split else self._read("image", "train")
+            keep = [index for index, meta in enumerate(metas) if meta.get("kind", "shape") == "shape"]
+            self._shape_classifier = ShapeClassifier(images[keep], [metas[index] for index in keep])
+        return self._shape_classifier
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
