@@ -14,20 +14,17 @@ from mmfast.models.audio import AudioConfig
 from mmfast.models.mae import (AudioMaeConfig, AudioMaskedAutoencoder, audio_patch_count, kept_count,
                                mae_flops_per_sample)
 from mmfast.train.tasks.audio_contrastive import AudioPreprocess
-from mmfast.train.tasks.masked_image import MaskedImageTask
+from mmfast.train.tasks.masked_image import CpuDecoder, MaskedImageTask
 
 
 @dataclass(kw_only=True)
-class AudioMaeModelConfig(AudioMaeConfig):
+class AudioMaeModelConfig(CpuDecoder, AudioMaeConfig):
     """The run's `model:` section: every field of mmfast.models.mae.AudioMaeConfig, sized for the CPU
     (the audio_contrastive task's tower, non-overlapping patches)."""
 
     audio: AudioConfig = field(default_factory=lambda: AudioConfig(
         num_mel_bins=64, max_length=100, patch_size=8, frequency_stride=8, time_stride=8, width=128, layers=3,
         heads=4))
-    decoder_width: int = 64
-    decoder_layers: int = 2
-    decoder_heads: int = 4
 
 
 class MaskedAudioTask(MaskedImageTask):

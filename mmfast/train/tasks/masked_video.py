@@ -12,21 +12,18 @@ from mmfast.data import synth_media
 from mmfast.data.other_renderer import other_moving_set
 from mmfast.models.mae import VideoMaeConfig, VideoMaskedAutoencoder, kept_count, mae_flops_per_sample, tube_grid
 from mmfast.models.video import VideoConfig
-from mmfast.train.tasks.masked_image import CLIP_MEAN, CLIP_STD, MaskedImageTask
-from mmfast.train.tasks.video_contrastive import VIDEO_FORMAT, VideoPreprocess
+from mmfast.train.tasks.masked_image import CLIP_MEAN, CLIP_STD, CpuDecoder, MaskedImageTask
+from mmfast.train.tasks.video_contrastive import VIDEO_FORMAT, VideoPreprocess, check_clip_size
 
 
 @dataclass(kw_only=True)
-class VideoMaeModelConfig(VideoMaeConfig):
+class VideoMaeModelConfig(CpuDecoder, VideoMaeConfig):
     """The run's `model:` section: every field of mmfast.models.mae.VideoMaeConfig, sized for the CPU
     (the video_contrastive task's tower); video.image_size follows data.image_size."""
 
     video: VideoConfig = field(default_factory=lambda: VideoConfig(
         image_size=32, patch_size=8, frames=8, tubelet_size=2, width=128, layers=4, heads=4, layer_norm_eps=1e-6,
         final_norm=True, mean=CLIP_MEAN, std=CLIP_STD))
-    decoder_width: int = 64
-    decoder_layers: int = 2
-    decoder_heads: int = 4
 
 
 class MaskedVideoTask(MaskedImageTask):
@@ -37,9 +34,7 @@ class MaskedVideoTask(MaskedImageTask):
 
     def check(self, world_size: int) -> None:
         super().check(world_size)
-        if self.config.data.image_size != 32:
-            raise ValueError(f"config: task videomae reads the bundled 32 x 32 clips; data.image_size must be 32, "
-                             f"got {self.config.data.image_size}")
+        check_clip_size(self.config, self.name)
 
     def _ensure_data(self, progress: bool) -> None:
         synth_media.ensure_media_shards(self.config.data, "video", VIDEO_FORMAT, progress)

@@ -63,6 +63,13 @@ def _zero_shot(video: torch.Tensor, text: torch.Tensor, classes, metas: list[dic
     return result
 
 
+def check_clip_size(config, task: str) -> None:
+    """The bundled clips are 32 x 32: a task reading them refuses another data.image_size."""
+    if config.data.image_size != 32:
+        raise ValueError(f"config: task {task} reads the bundled 32 x 32 clips; data.image_size must be 32, "
+                         f"got {config.data.image_size}")
+
+
 class VideoPreprocess:
     """uint8 frames [T, H, W, 3] (any T, any size) -> uint8 [frames, S, S, 3]: `frames` of them picked by
     uniform segment sampling (each segment's centre), each resized on its shorter side and centre-cropped
@@ -92,9 +99,7 @@ class VideoContrastiveTask(AudioContrastiveTask):
 
     def check(self, world_size: int) -> None:
         super().check(world_size)
-        if self.config.data.image_size != 32:
-            raise ValueError(f"config: task video_contrastive reads the bundled 32 x 32 clips; data.image_size must be "
-                             f"32, got {self.config.data.image_size}")
+        check_clip_size(self.config, self.name)
 
     def _ensure_clips(self, progress: bool) -> None:
         synth_media.ensure_media_shards(self.config.data, "video", VIDEO_FORMAT, progress)
