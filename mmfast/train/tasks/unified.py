@@ -18,8 +18,8 @@ from mmfast.data.splits import ensure_synth, load_split
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.clip import transformer_flops
 from mmfast.models.llama import LlamaConfig
-from mmfast.models.unified import (GENERATED, MODALITIES, SPECIAL_TOKENS, UnifiedConfig, UnifiedModel, audio_values,
-                                   image_values, patch_rows, span_sequence)
+from mmfast.models.unified import (GENERATED, INPUT_KEYS, MODALITIES, SPECIAL_TOKENS, UnifiedConfig, UnifiedModel,
+                                   audio_values, image_values, patch_rows, span_sequence)
 from mmfast.train import distributed
 from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.video_contrastive import VIDEO_FORMAT
@@ -232,10 +232,9 @@ class UnifiedTask(Task):
                 inputs[modality] = ((1 - time[grow]) * values + time[grow] * noise[rows], time)
                 targets[modality] = (generated, patch_rows(noise[rows] - values, config.patch_shape(modality)[1]))
         video = directions == DIRECTIONS.index("video_to_text")
+        keywords = {key: value for modality, pair in inputs.items() for key, value in zip(INPUT_KEYS[modality], pair)}
         out = model(ids[present], cu_seqlens, int(lengths.max()), labels=labels[present],
-                    images=inputs.get("image", (None, None))[0], image_times=inputs.get("image", (None, None))[1],
-                    audio=inputs.get("audio", (None, None))[0], audio_times=inputs.get("audio", (None, None))[1],
-                    video=clips[video] if bool(video.any()) else None)
+                    video=clips[video] if bool(video.any()) else None, **keywords)
         supervised = (labels[present] != IGNORE).sum()
         total = out["text"].sum() * norms[0, 0]
         parts = {"text_loss": out["text"].sum() / supervised.clamp(min=1)}  # this micro-batch's, for the log
