@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmfast.nn.attention import MixedAttention
 from mmfast.nn.patch_embed import CLIPVisionEmbeddings
+from mmfast.ops.mixed_attention import build_packing
 
 
 @dataclass(kw_only=True)
@@ -52,6 +53,9 @@ class TextConfig:
     # token alone "a red circle." and "a red square." have cosine 0.999 at the start), which a small model
     # trained briefly needs to learn shapes (see the README, "The main job: numbers")
     pooling: str = "eot"
+    # False: bidirectional (BERT's, for masked-language-model pretraining, task mlm): each row's tokens up to
+    # its end token attend to each other, packed into one sequence per row, so padding is never attended
+    causal: bool = True
 
 
 @dataclass(kw_only=True)
@@ -146,11 +150,28 @@ class Block(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-def run_blocks(layers: nn.ModuleList, x: torch.Tensor, recompute: bool) -> torch.Tensor:
+def run_blocks(layers: nn.ModuleList, x: torch.Tensor, recompute: bool, **attention) -> torch.Tensor:
+    """`attention` goes to every block's MixedAttention (packing)."""
     for layer in layers:
         # activation checkpointing keeps one tensor per block and recomputes the rest in backward
-        x = checkpoint(layer, x, use_reentrant=False) if recompute and torch.is_grad_enabled() else layer(x)
+        x = (checkpoint(layer, x, use_reentrant=False, **attention) if recompute and torch.is_grad_enabled()
+             else layer(x, **attention))
     return x
+
+
+def run_packed(layers: nn.ModuleList, x: torch.Tensor, valid: torch.Tensor, recompute: bool,
+               norm: nn.Module | None = None) -> torch.Tensor:
+    """Bidirectional blocks over `[B, T, width]` where `valid` `[B, T]` marks each row's real tokens: each
+    row's real tokens packed as one sequence (cu_seqlens; the packing tables built once, shared by every
+    layer), so no token attends to padding and no mask tensor is built. Returns `[B, T, width]`, the real
+    tokens' states (through `norm` where given) and zeros elsewhere."""
+    lengths = valid.sum(1)
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    packing = build_packing(cu_seqlens, None, int(cu_seqlens[-1]), int(lengths.max()), causal=False)
+    states = run_blocks(layers, x[valid], recompute, packing=packing)
+    if norm is not None:
+        states = norm(states)
+    return states.new_zeros(*x.shape[:2], states.shape[-1]).index_put((valid,), states)
 
 
 class VisionTransformer(nn.Module):
@@ -193,28 +214,35 @@ class TextTransformer(nn.Module):
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Embedding(config.context_length, config.width)
-        self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, True, activation, backend)
-                                    for _ in range(config.layers))
+        self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, config.causal, activation,
+                                          backend) for _ in range(config.layers))
         self.final_layer_norm = nn.LayerNorm(config.width)
         self.grad_checkpointing = False
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T] token ids -> [B, T, width], after the final norm."""
+    def ends(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B] each row's end-of-text position: of config.eot_token_id, or of the row's largest id."""
+        if self.config.eot_token_id is None:
+            return tokens.argmax(dim=-1)
+        return (tokens == self.config.eot_token_id).int().argmax(dim=-1)
+
+    def hidden_states(self, tokens: torch.Tensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, width], after the final norm. embeddings: [B, T, width] in place of the
+        token embedding (a masked language model's corrupted input); `tokens` still mark each row's end.
+        Bidirectional (config.causal false): the states after each row's end token are zero."""
         if tokens.shape[1] > self.config.context_length:
             raise ValueError(f"TextTransformer: {tokens.shape[1]} tokens exceed context_length "
                              f"{self.config.context_length}")
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.token_embedding(tokens) + self.position_embedding(positions)
-        x = run_blocks(self.layers, x, self.grad_checkpointing)  # causal: later padding never reaches the end token
-        return self.final_layer_norm(x)
+        x = (self.token_embedding(tokens) if embeddings is None else embeddings) + self.position_embedding(positions)
+        if self.config.causal:  # later padding never reaches the end token
+            return self.final_layer_norm(run_blocks(self.layers, x, self.grad_checkpointing))
+        real = positions <= self.ends(tokens)[:, None]  # bidirectional: padding never attended
+        return run_packed(self.layers, x, real, self.grad_checkpointing, self.final_layer_norm)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids -> [B, width]: each row's state at its end-of-text token."""
         x = self.hidden_states(tokens)
-        if self.config.eot_token_id is None:
-            end = tokens.argmax(dim=-1)
-        else:
-            end = (tokens == self.config.eot_token_id).int().argmax(dim=-1)
+        end = self.ends(tokens)
         if self.config.pooling == "mean":
             kept = (torch.arange(tokens.shape[1], device=x.device) <= end[:, None]).to(x.dtype)  # [B, T]
             return (x * kept[..., None]).sum(1) / kept.sum(1, keepdim=True)
