@@ -6,13 +6,14 @@ from mmfast.train.tasks.contrastive import ContrastiveTask
 from mmfast.train.tasks.llava import LlavaTask
 from mmfast.train.tasks.masked_audio import MaskedAudioTask
 from mmfast.train.tasks.masked_image import MaskedImageTask
+from mmfast.train.tasks.masked_text import MaskedTextTask
 from mmfast.train.tasks.masked_video import MaskedVideoTask
 from mmfast.train.tasks.unified import UnifiedTask
 from mmfast.train.tasks.video_contrastive import VideoContrastiveTask
 
 TASKS = {"contrastive": ContrastiveTask, "audio_contrastive": AudioContrastiveTask, "caption_lm": CaptionLMTask,
          "llava": LlavaTask, "mae": MaskedImageTask, "video_contrastive": VideoContrastiveTask,
-         "videomae": MaskedVideoTask, "audiomae": MaskedAudioTask,
+         "videomae": MaskedVideoTask, "audiomae": MaskedAudioTask, "mlm": MaskedTextTask,
          "unified": UnifiedTask}
 
 
@@ -23,4 +24,4 @@ def build_task(config, placement=None) -> Task:
 
 
 __all__ = ["TASKS", "AudioContrastiveTask", "CaptionLMTask", "ContrastiveTask", "LlavaTask", "MaskedAudioTask",
-           "MaskedImageTask", "MaskedVideoTask", "Task", "UnifiedTask", "VideoContrastiveTask", "build_task"]
+           "MaskedImageTask", "MaskedTextTask", "MaskedVideoTask", "Task", "UnifiedTask", "VideoContrastiveTask", "build_task"]

@@ -102,8 +102,12 @@ class Task:
     def export(self, run_dir: str, folder: str) -> str:
         """Writes the finished model of checkpoint `folder` into run_dir; returns its path. By default
         <run_dir>/model.pt: the task's name, its model config (self.model_config, under config_key) and
-        the consolidated fp32 weights."""
+        the consolidated fp32 weights, and the task's saved_extras()."""
         path = os.path.join(run_dir, "model.pt")
         torch.save({"task": self.name, self.config_key: dataclasses.asdict(self.model_config),
-                    "state_dict": checkpoint.consolidate(folder)}, path)
+                    "state_dict": checkpoint.consolidate(folder), **self.saved_extras()}, path)
         return path
+
+    def saved_extras(self) -> dict:
+        """What else the default export writes into model.pt."""
+        return {}

@@ -21,7 +21,7 @@ from mmfast.train.grad_cache import grad_cache_step
 from mmfast.data.stream import stream_batches
 from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.captions import CaptionChoice, global_rows, mixture_log, prepare_captions
-from mmfast.train.tasks.towers import check_tower, tower_weights
+from mmfast.train.tasks.towers import check_tower, load_text_tower, tower_weights
 
 CLIP_MEAN, CLIP_STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 
@@ -117,8 +117,11 @@ class ContrastiveTask(Task):
         return CLIP(self.model_config)
 
     def initial_weights(self, model, saved: dict) -> None:
-        """train.init_from: a CLIP's model.pt, or a masked autoencoder's (task mae): its image tower, the
-        text tower left as initialized."""
+        """train.init_from: a CLIP's model.pt; a masked autoencoder's (task mae): its image tower, the text
+        tower left as initialized; a masked language model's (task mlm): its text tower, the image tower
+        left as initialized."""
+        if saved.get("task") == "mlm":
+            return load_text_tower(model, saved, self.tokenizer, self.model_config.text, self.model_config.activation)
         if saved.get("task") != "mae":
             return super().initial_weights(model, saved)
         tower = saved["mae_config"]

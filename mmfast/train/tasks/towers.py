@@ -45,3 +45,22 @@ def load_media_tower(model, saved: dict, media: str, config_key: str, config, fi
         raise ValueError(f"config: train.init_from's {media} tower does not fit model.{media}: {', '.join(different)}")
     model.load_state_dict({key: value for key, value in saved["state_dict"].items()
                            if key.startswith(f"{media}_model.")}, strict=False)
+
+
+def load_text_tower(model, saved: dict, tokenizer, text, activation: str) -> None:
+    """train.init_from of a masked-language-model run (task mlm) into a dual encoder: its `text_model.*`
+    weights into `model`, after checking that the run reads the same tokens (its tokenizer) with a tower of
+    the same shape (model.text, model.activation), differences named."""
+    if saved.get("tokenizer") != tokenizer.tokenizer.to_str():
+        raise ValueError("config: train.init_from's text tower was trained with another tokenizer than this run's: "
+                         "set data.tokenizer to that run's tokenizer.json")
+    mine, theirs = dataclasses.asdict(text), saved["mlm_config"]["text"]
+    fields = ("vocab_size", "context_length", "width", "layers", "heads", "mlp_ratio", "causal")
+    different = [f"{key} {theirs.get(key)!r} (the model's: {mine[key]!r})" for key in fields
+                 if theirs.get(key) != mine[key]]
+    if saved["mlm_config"]["activation"] != activation:
+        different.append(f"activation {saved['mlm_config']['activation']!r} (the model's: {activation!r})")
+    if different:
+        raise ValueError(f"config: train.init_from's text tower does not fit model.text: {', '.join(different)}")
+    model.load_state_dict({key: value for key, value in saved["state_dict"].items()
+                           if key.startswith("text_model.")}, strict=False)
