@@ -52,6 +52,33 @@ def test_the_waveform_becomes_asts_normalized_log_mel():
         assert model(waveform).shape == (2, 10, 32)
 
 
+def test_clips_of_different_lengths_in_one_batch_never_attend_their_padding():
+    torch.manual_seed(0)
+    config = AudioConfig(num_mel_bins=32, max_length=48, patch_size=8, frequency_stride=8, time_stride=8, width=32,
+                         layers=2, heads=2)
+    model = AudioEncoder(config).eval()
+    waveform = 0.1 * torch.randn(3, 8000)  # 0.5 s: 48 frames after the cut
+    lengths = torch.tensor([8000, 3000, 5000])
+    with torch.no_grad():
+        hidden = model(waveform, lengths=lengths)
+        other_padding = waveform.clone()
+        other_padding[1, 3000:], other_padding[2, 5000:] = torch.randn(5000), 1.0
+        torch.testing.assert_close(model(other_padding, lengths=lengths), hidden, rtol=0, atol=0)
+        # alone, padded with silence: the same states as inside the batch
+        alone = torch.cat([waveform[1, :3000], torch.zeros(5000)])[None]
+        torch.testing.assert_close(model(alone, lengths=lengths[1:2])[0], hidden[1], atol=1e-5, rtol=1e-5)
+        # a clip as long as the batch: the unmasked model's states
+        torch.testing.assert_close(hidden[0], model(waveform[:1])[0], atol=1e-5, rtol=1e-5)
+    # a 3,000-sample clip has 19 frames (starts below 3,000 at a 160-sample hop): the patches starting at
+    # frames 0, 8, 16 of the 6 time places in each of the 4 frequency rows, and the two tokens
+    assert model._valid_tokens(lengths).sum(1).tolist() == [2 + 4 * 6, 2 + 4 * 3, 2 + 4 * 4]
+    assert hidden[1, ~model._valid_tokens(lengths)[1]].abs().max() == 0
+    with pytest.raises(ValueError, match=r"lengths must be \[3\] integers >= 1"):
+        model(waveform, lengths=torch.tensor([8000, 0, 5000]))
+    with pytest.raises(ValueError, match="lengths .* go with a waveform, without keep"):
+        model(input_values=torch.zeros(3, 48, 32), lengths=lengths)
+
+
 def test_bad_input_is_named():
     model = AudioEncoder(AudioConfig(num_mel_bins=32, max_length=48, width=32, layers=1, heads=2))
     with pytest.raises(ValueError, match="exactly one of waveform and input_values"):

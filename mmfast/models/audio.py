@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmfast.models.clip import Block
+from mmfast.models.clip import Block, run_packed
 from mmfast.models.convert import load_renamed
 from mmfast.nn.patch_embed import ASTPatchEmbed
 from mmfast.ops.log_mel import log_mel_spectrogram, mel_filters
@@ -67,15 +67,19 @@ class AudioEncoder(nn.Module):
         self.backend = backend
         self._mel_filters: dict[torch.device, torch.Tensor] = {}
 
-    def features(self, waveform: torch.Tensor) -> torch.Tensor:
+    def features(self, waveform: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, samples]` float waveforms at config.sample_rate -> normalized log-mel `[B, max_length, mel
-        bins]` (frames past the clip: the log-mel of silence, 0 before normalizing, as AST pads)."""
+        bins]` (frames past the clip: the log-mel of silence, 0 before normalizing, as AST pads).
+        lengths: `[B]` valid samples per clip; what follows them is read as silence and the frames that
+        start past them are padding (0 before normalizing), whatever the batch holds there."""
         if waveform.dim() != 2 or not waveform.is_floating_point():
             raise ValueError(f"AudioEncoder: waveform must be float [B, samples], got {tuple(waveform.shape)} "
                              f"{waveform.dtype}")
         config = self.config
         window = round(config.sample_rate * config.window_ms / 1000)
         hop = round(config.sample_rate * config.hop_ms / 1000)
+        if lengths is not None:
+            waveform = waveform * (torch.arange(waveform.shape[1], device=waveform.device) < lengths[:, None])
         filters = self._mel_filters.get(waveform.device)
         if filters is None:  # once per device (not a buffer: a cast of the model to bf16 must not round them)
             # AST's 128 HTK bins at a 25 ms window leave the lowest filters without a frequency bin; Kaldi's
@@ -88,23 +92,59 @@ class AudioEncoder(nn.Module):
                                   backend=self.backend).transpose(1, 2)
         mel = mel[:, :config.max_length]
         mel = F.pad(mel, (0, 0, 0, config.max_length - mel.shape[1]))
+        if lengths is not None:
+            mel = mel.masked_fill(self._frames(lengths)[..., None], 0.0)
         return (mel - config.mean) / (2 * config.std)  # AST's normalization: half a standard deviation
 
+    def _frames(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, max_length] True at the frames that start past each clip's `lengths` samples."""
+        hop = round(self.config.sample_rate * self.config.hop_ms / 1000)
+        starts = torch.arange(self.config.max_length, device=lengths.device) * hop
+        return starts[None, :] >= lengths[:, None]
+
     def forward(self, waveform: torch.Tensor | None = None, *, input_values: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """keep: [B, K] spectrogram patch indices, only those embedded and attended (masked autoencoders)."""
+                keep: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """keep: [B, K] spectrogram patch indices, only those embedded and attended (masked autoencoders).
+        lengths: [B] valid samples per waveform (clips of different lengths in one batch, padded with
+        anything): the patches that start past a clip's end are not attended by any token (each clip's
+        tokens packed as one sequence), their states zero; without it every patch is attended, as AST
+        (and HF's ASTModel) attends its silence padding."""
         if (waveform is None) == (input_values is None):
             raise ValueError("AudioEncoder: pass exactly one of waveform and input_values")
+        if lengths is not None:
+            lengths = self._check_lengths(waveform, keep, lengths)
         if input_values is None:
-            input_values = self.features(waveform)
+            input_values = self.features(waveform, lengths)
         expected = (self.config.max_length, self.config.num_mel_bins)
         if input_values.dim() != 3 or tuple(input_values.shape[1:]) != expected:
             raise ValueError(f"AudioEncoder: input_values must be [B, {expected[0]} frames, {expected[1]} mel bins], "
                              f"got {tuple(input_values.shape)}")
         x = self.embeddings(input_values, keep=keep)
+        if lengths is not None:
+            return run_packed(self.layers, x, self._valid_tokens(lengths), False, self.layernorm)
         for layer in self.layers:
             x = layer(x)
         return self.layernorm(x)
+
+    def _check_lengths(self, waveform, keep, lengths) -> torch.Tensor:
+        if waveform is None or keep is not None:
+            raise ValueError("AudioEncoder: lengths (valid samples per clip) go with a waveform, without keep")
+        lengths = torch.as_tensor(lengths, device=waveform.device)
+        if lengths.shape != waveform.shape[:1] or lengths.is_floating_point() or bool((lengths < 1).any()):
+            raise ValueError(f"AudioEncoder: lengths must be [{waveform.shape[0]}] integers >= 1 (valid samples per "
+                             f"clip), got {lengths.dtype} {lengths.tolist()[:8]}")
+        return lengths
+
+    def _valid_tokens(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[B, patches + 2]: the class and distillation tokens and every patch that starts inside its clip
+        (patches are numbered frequency-major, AST's order: time place = index % time places)."""
+        config = self.config
+        times = (config.max_length - config.patch_size) // config.time_stride + 1
+        frequencies = (config.num_mel_bins - config.patch_size) // config.frequency_stride + 1
+        first_padding = (~self._frames(lengths)).sum(1)  # frames inside each clip
+        patch_starts = torch.arange(times, device=lengths.device).repeat(frequencies) * config.time_stride
+        inside = patch_starts[None, :] < first_padding[:, None]
+        return F.pad(inside, (2, 0), value=True)
 
     @staticmethod
     def pooled(hidden: torch.Tensor) -> torch.Tensor:

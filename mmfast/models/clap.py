@@ -48,9 +48,11 @@ class CLAP(DualEncoder):
     def blocks(self) -> list[nn.Module]:
         return [*self.audio_model.layers, *self.text_model.layers]
 
-    def encode_audio(self, waveform: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """[B, samples] float waveforms at config.audio.sample_rate -> [B, embed_dim]."""
-        features = self.audio_projection(self.audio_model.pooled(self.audio_model(waveform)))
+    def encode_audio(self, waveform: torch.Tensor, normalize: bool = False,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, samples] float waveforms at config.audio.sample_rate -> [B, embed_dim]. lengths: [B] valid
+        samples per clip, for clips of different lengths in one batch (AudioEncoder.forward)."""
+        features = self.audio_projection(self.audio_model.pooled(self.audio_model(waveform, lengths=lengths)))
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, waveform: torch.Tensor, tokens: torch.Tensor) -> dict:
