@@ -110,6 +110,8 @@ def test_linear_probe_reads_a_separable_label_and_not_a_random_one():
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="mask_ratio must leave at least one patch visible and one hidden of the 36"):
         MaeConfig(vision=VisionConfig(image_size=24, patch_size=4), mask_ratio=1.0)
+    with pytest.raises(ValueError, match="video.patch_stride must be the patch size .8.: overlapping tubelets"):
+        VideoMaeConfig(video=VideoConfig(image_size=32, patch_size=8, patch_stride=4, frames=8))
     model = _model()
     with pytest.raises(ValueError, match=r"keep must be \[3, 9\] .* got \(3, 10\)"):
         model(_pixels(), torch.zeros(3, 10, dtype=torch.long))

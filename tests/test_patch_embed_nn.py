@@ -178,6 +178,31 @@ def test_tubelets_match_videomae(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapping_tubelets_are_a_conv3d_of_that_stride(backend):
+    """stride below the patch size (mmfast's option, not in VideoMAE): a Conv3d stepping `stride` pixels in
+    space and a whole tubelet in time, on uint8 channels-last frames normalized in the same pass; gradients
+    of the weight and bias as the Conv3d's."""
+    torch.manual_seed(4)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ours = mmfast.nn.TubeletEmbed(30, 8, 3, 16, num_frames=6, tubelet_size=3, stride=5, mean=mean, std=std,
+                                  backend=backend).to(DEVICE)
+    assert ours.num_patches == 2 * 5 * 5  # (30 - 8) // 5 + 1 = 5 places a side, 6 // 3 time steps
+    frames = torch.randint(0, 256, (2, 6, 30, 30, 3), dtype=torch.uint8).to(DEVICE)
+    positions = torch.randn(50, 16, device=DEVICE, requires_grad=True)
+    out = ours(frames, positions, channels_last=True)
+    normalized = ((frames.float() / 255 - torch.tensor(mean, device=DEVICE)) / torch.tensor(std, device=DEVICE))
+    reference = torch.nn.Conv3d(3, 16, (3, 8, 8), stride=(3, 5, 5)).to(DEVICE)
+    reference.load_state_dict(ours.projection.state_dict())
+    expected = reference(normalized.permute(0, 4, 1, 2, 3)).flatten(2).transpose(1, 2) + positions
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    upstream = torch.randn_like(out)
+    mine = torch.autograd.grad(out, [ours.projection.weight, ours.projection.bias, positions], upstream)
+    theirs = torch.autograd.grad(expected, [reference.weight, reference.bias, positions], upstream)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ast_embeddings_match_hf(backend):
     from transformers.models.audio_spectrogram_transformer.modeling_audio_spectrogram_transformer import ASTEmbeddings
 

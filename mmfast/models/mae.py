@@ -22,7 +22,7 @@ from torch import nn
 
 from mmfast.models.audio import AudioConfig, AudioEncoder
 from mmfast.models.clip import Block, VisionConfig, VisionTransformer, patch_count, run_blocks, transformer_flops
-from mmfast.models.video import VideoConfig, VideoEncoder
+from mmfast.models.video import VideoConfig, VideoEncoder, tube_grid
 from mmfast.ops.patch_embed.reference import unfolded_patches
 
 
@@ -93,6 +93,12 @@ class VideoMaeConfig(MaskingConfig):
     decoder_layers: int = 4
     decoder_heads: int = 6
 
+    def __post_init__(self):
+        if self.video.patch_stride not in (None, self.video.patch_size):
+            raise ValueError(f"VideoMaeConfig: video.patch_stride must be the patch size ({self.video.patch_size}): "
+                             f"overlapping tubelets would show the hidden pixels, got {self.video.patch_stride}")
+        super().__post_init__()
+
     def places(self) -> int:
         return tube_grid(self.video)[1]  # spatial places: each is hidden in every time step or in none
 
@@ -116,11 +122,6 @@ class AudioMaeConfig(MaskingConfig):
 def audio_patch_count(audio: AudioConfig) -> int:
     return (((audio.num_mel_bins - audio.patch_size) // audio.frequency_stride + 1)
             * ((audio.max_length - audio.patch_size) // audio.time_stride + 1))
-
-
-def tube_grid(video: VideoConfig) -> tuple[int, int]:
-    """(time steps, spatial places) of a clip's tubelets."""
-    return video.frames // video.tubelet_size, (video.image_size // video.patch_size) ** 2
 
 
 class _MaskedAutoencoder(nn.Module):

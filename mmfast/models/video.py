@@ -20,6 +20,8 @@ from mmfast.nn.patch_embed import TubeletEmbed
 class VideoConfig:
     image_size: int = 224
     patch_size: int = 16
+    # None: patch_size; smaller: overlapping tubelets (mmfast's, not in VideoMAE), e.g. 8-pixel patches every 4
+    patch_stride: int | None = None
     channels: int = 3
     frames: int = 16
     tubelet_size: int = 2
@@ -37,6 +39,12 @@ class VideoConfig:
             raise ValueError(f"VideoConfig: frames ({self.frames}) must be a multiple of tubelet_size "
                              f"({self.tubelet_size}) and image_size ({self.image_size}) of patch_size "
                              f"({self.patch_size})")
+
+
+def tube_grid(video: VideoConfig) -> tuple[int, int]:
+    """(time steps, spatial places) of a clip's tubelets."""
+    places = (video.image_size - video.patch_size) // (video.patch_stride or video.patch_size) + 1
+    return video.frames // video.tubelet_size, places ** 2
 
 
 def sinusoid_table(positions: int, width: int) -> torch.Tensor:
@@ -58,8 +66,8 @@ class VideoEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = TubeletEmbed(config.image_size, config.patch_size, config.channels, config.width,
-                                       config.frames, config.tubelet_size, mean=config.mean, std=config.std,
-                                       backend=backend)
+                                       config.frames, config.tubelet_size, stride=config.patch_stride,
+                                       mean=config.mean, std=config.std, backend=backend)
         self.register_buffer("position_embeddings", sinusoid_table(self.embeddings.num_patches, config.width),
                              persistent=False)
         self.layers = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio, False, "gelu", backend)

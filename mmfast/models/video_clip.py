@@ -40,7 +40,8 @@ class VideoClipConfig:
 
 def frame_vision_config(video: VideoConfig) -> VisionConfig:
     """The image tower the frames baseline runs on each frame: the video tower's sizes."""
-    return VisionConfig(image_size=video.image_size, patch_size=video.patch_size, channels=video.channels,
+    return VisionConfig(image_size=video.image_size, patch_size=video.patch_size, patch_stride=video.patch_stride,
+                        channels=video.channels,
                         width=video.width, layers=video.layers, heads=video.heads, mlp_ratio=video.mlp_ratio,
                         mean=video.mean, std=video.std)
 

@@ -263,17 +263,21 @@ class TubeletEmbed(nn.Module):
     """VideoMAE's patch embeddings (`VideoMAEPatchEmbeddings`): Conv3d tubelets of
     tubelet_size x patch x patch, input `[B, T, C, H, W]` (or `[B, T, H, W, C]` with channels_last,
     as video decoders deliver uint8 frames), output `[B, N, E]`. `position_embeddings` (`[N, E]`,
-    e.g. VideoMAE's sinusoid table) can be added in the same pass."""
+    e.g. VideoMAE's sinusoid table) can be added in the same pass. stride (mmfast's; not in VideoMAE): the
+    spatial step of the tubelets, smaller than patch_size for overlapping ones (None: patch_size)."""
 
     def __init__(self, image_size=224, patch_size=16, num_channels: int = 3, hidden_size: int = 768,
-                 num_frames: int = 16, tubelet_size: int = 2, *, mean=None, std=None, backend: str | None = None):
+                 num_frames: int = 16, tubelet_size: int = 2, *, stride=None, mean=None, std=None,
+                 backend: str | None = None):
         super().__init__()
         self.image_size, self.patch_size = _pair(image_size), _pair(patch_size)
+        self.stride = self.patch_size if stride is None else _pair(stride)
         self.tubelet_size, self.num_channels = int(tubelet_size), num_channels
-        self.num_patches = ((self.image_size[0] // self.patch_size[0]) * (self.image_size[1] // self.patch_size[1])
-                            * (num_frames // self.tubelet_size))
+        places = [(size - patch) // step + 1 for size, patch, step in zip(self.image_size, self.patch_size, self.stride)]
+        self.num_patches = places[0] * places[1] * (num_frames // self.tubelet_size)
         kernel = (self.tubelet_size, *self.patch_size)
-        self.projection = nn.Conv3d(num_channels, hidden_size, kernel_size=kernel, stride=kernel)
+        self.projection = nn.Conv3d(num_channels, hidden_size, kernel_size=kernel,
+                                    stride=(self.tubelet_size, *self.stride))
         self.mean, self.std, self.backend = mean, std, backend
 
     @classmethod
@@ -299,7 +303,8 @@ class TubeletEmbed(nn.Module):
             raise ValueError(f"TubeletEmbed: input image size {tuple(video.shape[-2:])} doesn't match model "
                              f"{tuple(self.image_size)}")
         return patch_embed(video, self.projection.weight, self.projection.bias, pos_embed=position_embeddings,
-                           mean=self.mean, std=self.std, keep=keep, backend=self.backend)
+                           stride=self.projection.stride, mean=self.mean, std=self.std, keep=keep,
+                           backend=self.backend)
 
 
 class _ASTProjection(nn.Module):

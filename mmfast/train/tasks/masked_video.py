@@ -10,7 +10,8 @@ import torch
 
 from mmfast.data import synth_media
 from mmfast.data.other_renderer import other_moving_set
-from mmfast.models.mae import VideoMaeConfig, VideoMaskedAutoencoder, kept_count, mae_flops_per_sample, tube_grid
+from mmfast.models.mae import VideoMaeConfig, VideoMaskedAutoencoder, kept_count, mae_flops_per_sample
+from mmfast.models.video import tube_grid
 from mmfast.models.video import VideoConfig
 from mmfast.train.tasks.masked_image import CLIP_MEAN, CLIP_STD, CpuDecoder, MaskedImageTask
 from mmfast.train.tasks.video_contrastive import VIDEO_FORMAT, VideoPreprocess, check_clip_size

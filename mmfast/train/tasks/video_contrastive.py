@@ -15,9 +15,9 @@ import torch
 from mmfast.data import synth, synth_media
 from mmfast.data.other_renderer import other_moving_set
 from mmfast.data.tokenizer import CaptionTokenizer
-from mmfast.models.clip import TextConfig, transformer_flops
-from mmfast.models.video import VideoConfig, sample_frames
-from mmfast.models.video_clip import VideoCLIP, VideoClipConfig
+from mmfast.models.clip import TextConfig, patch_count, transformer_flops
+from mmfast.models.video import VideoConfig, sample_frames, tube_grid
+from mmfast.models.video_clip import VideoCLIP, VideoClipConfig, frame_vision_config
 from mmfast.train.tasks.audio_contrastive import AudioContrastiveTask
 from mmfast.train.tasks.contrastive import CLIP_MEAN, CLIP_STD
 from mmfast.train.tasks.towers import load_media_tower
@@ -121,15 +121,15 @@ class VideoContrastiveTask(AudioContrastiveTask):
         if self.model_config.tower != "tubelets":
             raise ValueError("config: train.init_from of a videomae run needs model.tower=tubelets")
         load_media_tower(model, saved, "video", "videomae_config", self.model_config.video,
-                         ("image_size", "patch_size", "channels", "frames", "tubelet_size", "width", "layers", "heads",
-                          "mlp_ratio", "final_norm"))
+                         ("image_size", "patch_size", "patch_stride", "channels", "frames", "tubelet_size", "width",
+                          "layers", "heads", "mlp_ratio", "final_norm"))
 
     def _media_tokens(self) -> int:
         video = self.model_config.video
-        patches = (video.image_size // video.patch_size) ** 2
         if self.model_config.tower == "frames":
-            return video.frames * (patches + 1)
-        return patches * video.frames // video.tubelet_size
+            return video.frames * (patch_count(frame_vision_config(video)) + 1)
+        times, places = tube_grid(video)
+        return times * places
 
     def flops_per_sample(self) -> float:
         video, text = self.model_config.video, self.model_config.text
