@@ -5,6 +5,8 @@
 - `WhisperFeatureExtractor`: the call of HF's `WhisperFeatureExtractor` (raw speech list or
   array, sampling_rate, padding to 30 s, `input_features` and optionally `attention_mask`),
   on the CPU or a GPU.
+- `kaldi_fbank(waveform, ...)`: Kaldi's log-mel filterbank as torchaudio's `compliance.kaldi.fbank`
+  and HF's `ASTFeatureExtractor` compute it (AST's features), batched, on any device.
 - `griffin_lim(magnitude, ...)`: a waveform whose STFT magnitude is `magnitude` (fast Griffin-Lim,
   batched, on torch.stft / torch.istft, on any device); `mel_to_linear(mel, filters)`: a mel
   spectrogram back to a linear one (least squares), the vocoder of a model that generates mels.
@@ -146,6 +148,54 @@ class WhisperFeatureExtractor:
         except ImportError:
             return output
         return BatchFeature(output)
+
+
+def kaldi_mel_filters(sample_rate: int, n_fft: int, n_mels: int, low_freq: float = 20.0,
+                      high_freq: float | None = None) -> torch.Tensor:
+    """Kaldi's mel filterbank `[n_fft // 2 + 1, n_mels]` float64: triangles equally spaced on Kaldi's mel
+    scale (1127 ln(1 + f / 700)) and triangular in mel (not in Hz), unnormalized; the Nyquist bin is 0."""
+    high_freq = sample_rate / 2 if high_freq is None else high_freq
+    if not 0 <= low_freq < high_freq <= sample_rate / 2:
+        raise ValueError(f"kaldi_fbank: expected 0 <= low_freq < high_freq <= sample_rate / 2, got {low_freq}, "
+                         f"{high_freq} at {sample_rate} Hz")
+    mel = lambda hertz: 1127.0 * torch.log1p(torch.as_tensor(hertz, dtype=torch.float64) / 700.0)  # noqa: E731
+    edges = torch.linspace(float(mel(low_freq)), float(mel(high_freq)), n_mels + 2, dtype=torch.float64)
+    bins = mel(torch.arange(n_fft // 2 + 1, dtype=torch.float64) * sample_rate / n_fft)[:, None]
+    rising = (bins - edges[:-2]) / (edges[1:-1] - edges[:-2])
+    falling = (edges[2:] - bins) / (edges[2:] - edges[1:-1])
+    return torch.minimum(rising, falling).clamp(min=0)
+
+
+def kaldi_fbank(waveform: torch.Tensor, *, sample_rate: int = 16000, num_mel_bins: int = 128,
+                frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0, preemphasis: float = 0.97,
+                low_freq: float = 20.0, high_freq: float | None = None) -> torch.Tensor:
+    """`[B, T]` (or `[T]`) float waveforms -> `[B, frames, num_mel_bins]` (or `[frames, bins]`) Kaldi log-mel
+    filterbank features with torchaudio's `kaldi.fbank` defaults as AST uses them (window_type "hanning":
+    a symmetric Hann window; dither 0): frames of 25 ms every 10 ms without padding (snip_edges: 1 + (T -
+    400) // 160 frames at 16 kHz), each with its mean removed, pre-emphasized (x[i] - 0.97 x[i - 1]),
+    windowed and zero-padded to a power of two, power spectrum, Kaldi's mel filters (20 Hz to Nyquist),
+    natural log floored at float32's epsilon. The per-frame steps are not what `log_mel_spectrogram`'s fused
+    kernel does, so this runs on torch (unfold, rfft, matmul); it gives what HF's `ASTFeatureExtractor`
+    gives before its normalization, so converted AST models get their own features from waveforms."""
+    single = waveform.dim() == 1
+    batch = waveform[None] if single else waveform
+    if batch.dim() != 2 or not batch.is_floating_point():
+        raise ValueError(f"kaldi_fbank: waveform must be float [B, T] or [T], got {waveform.dtype} "
+                         f"{tuple(waveform.shape)}")
+    frame_length = round(sample_rate * frame_length_ms / 1000)
+    hop = round(sample_rate * frame_shift_ms / 1000)
+    if batch.shape[1] < frame_length:
+        raise ValueError(f"kaldi_fbank: a waveform of {batch.shape[1]} samples is shorter than one frame "
+                         f"({frame_length} samples)")
+    n_fft = 1 << (frame_length - 1).bit_length()
+    frames = batch.float().unfold(1, frame_length, hop)  # [B, frames, frame_length], a view
+    frames = frames - frames.mean(-1, keepdim=True)
+    frames = torch.cat([frames[..., :1] * (1 - preemphasis), frames[..., 1:] - preemphasis * frames[..., :-1]], -1)
+    window = torch.hann_window(frame_length, periodic=False, dtype=frames.dtype, device=frames.device)
+    power = torch.fft.rfft(frames * window, n=n_fft).abs().square()
+    filters = kaldi_mel_filters(sample_rate, n_fft, num_mel_bins, low_freq, high_freq).to(power)
+    features = (power @ filters).clamp(min=torch.finfo(torch.float32).eps).log()
+    return features[0] if single else features
 
 
 def mel_to_linear(mel: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:

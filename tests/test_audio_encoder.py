@@ -52,6 +52,54 @@ def test_the_waveform_becomes_asts_normalized_log_mel():
         assert model(waveform).shape == (2, 10, 32)
 
 
+def _speech_like(samples: int, seed: int) -> torch.Tensor:
+    """A tone with a DC offset under noise: what pre-emphasis and the per-frame mean removal change."""
+    seconds = torch.arange(samples) / 16000
+    noise = torch.randn(samples, generator=torch.Generator().manual_seed(seed))
+    return 0.3 + 0.5 * torch.sin(2 * math.pi * (300 + 100 * seed) * seconds) + 0.05 * noise
+
+
+def test_kaldi_fbank_is_what_hf_ast_feature_extractor_computes():
+    from mmfast.audio import kaldi_fbank
+
+    extractor = transformers.ASTFeatureExtractor(num_mel_bins=64, max_length=300, do_normalize=False)
+    clips = [_speech_like(samples, seed) for seed, samples in enumerate((16000, 7777))]
+    ours = [kaldi_fbank(clip, num_mel_bins=64) for clip in clips]
+    assert ours[1].shape == (1 + (7777 - 400) // 160, 64)  # snip_edges: whole frames only
+    batched = kaldi_fbank(torch.stack([clips[0][:7777], clips[1]]), num_mel_bins=64)
+    torch.testing.assert_close(batched[1], ours[1])
+    for clip, mine in zip(clips, ours):
+        theirs = extractor(clip.numpy(), sampling_rate=16000, return_tensors="pt")["input_values"][0]
+        torch.testing.assert_close(mine, theirs[:len(mine)], atol=2e-3, rtol=1e-4)  # HF's FFT is complex64
+    with pytest.raises(ValueError, match="shorter than one frame"):
+        kaldi_fbank(torch.zeros(100))
+
+
+def test_kaldi_fbank_is_torchaudios():
+    kaldi = pytest.importorskip("torchaudio.compliance.kaldi")
+    from mmfast.audio import kaldi_fbank
+
+    clip = _speech_like(12345, 3)
+    theirs = kaldi.fbank(clip[None], sample_frequency=16000, window_type="hanning", num_mel_bins=128)
+    torch.testing.assert_close(kaldi_fbank(clip), theirs, atol=2e-3, rtol=1e-4)
+
+
+def test_a_converted_ast_gives_hfs_outputs_from_the_waveform():
+    """from_hf_ast keeps AST's front end (Kaldi's fbank): the waveform in, HF's feature extractor and model's
+    hidden states out; the fused front end (mmfast's default for models trained here) differs from it."""
+    hf = hf_ast()
+    extractor = transformers.ASTFeatureExtractor(num_mel_bins=32, max_length=48)
+    clips = torch.stack([_speech_like(8000, 1), _speech_like(8000, 2)])
+    with torch.no_grad():
+        expected = hf(extractor(list(clips.numpy()), sampling_rate=16000, return_tensors="pt")["input_values"])
+        hidden = from_hf_ast(hf).eval()(clips)
+        fused = from_hf_ast(hf, front_end="fused").eval()(clips)
+    torch.testing.assert_close(hidden, expected.last_hidden_state, atol=1e-4, rtol=1e-4)
+    assert (fused - expected.last_hidden_state).abs().max() > 0.1
+    with pytest.raises(ValueError, match="front_end must be one of"):
+        AudioConfig(front_end="librosa")
+
+
 def test_clips_of_different_lengths_in_one_batch_never_attend_their_padding():
     torch.manual_seed(0)
     config = AudioConfig(num_mel_bins=32, max_length=48, patch_size=8, frequency_stride=8, time_stride=8, width=32,

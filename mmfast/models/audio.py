@@ -3,9 +3,10 @@ spectrogram with AST's settings (16 kHz, 25 ms windows every 10 ms, 128 mel bins
 normalized with AST's mean and std, padded or cut to `max_length` frames) -> `ASTPatchEmbed`
 (overlapping 16 x 16 patches, class and distillation tokens) -> pre-norm transformer blocks on
 `MixedAttention` -> final norm. `from_hf_ast` takes an HF `ASTModel`'s weights (same outputs from the
-same spectrogram). The front end is mmfast's log-mel, not Kaldi's fbank that HF's feature extractor
-computes (no pre-emphasis or per-frame DC removal): a model converted from HF should be fine-tuned on
-it, or fed HF's features as `input_values`.
+same spectrogram) with AST's own front end (`front_end="kaldi"`: Kaldi's fbank, as HF's feature extractor
+computes it), so a converted model gives HF's outputs from the same waveform. `front_end="fused"` (the
+default of a model trained here) is the fused log-mel kernel: no pre-emphasis or per-frame mean removal,
+so a converted model should be fine-tuned before it is switched to it.
 """
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfast.audio import kaldi_fbank
 from mmfast.models.clip import Block, run_packed
 from mmfast.models.convert import load_renamed
 from mmfast.nn.patch_embed import ASTPatchEmbed
 from mmfast.ops.log_mel import log_mel_spectrogram, mel_filters
 
 AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AST's AudioSet statistics of its log-mel features
+FRONT_ENDS = ("fused", "kaldi")
 
 
 @dataclass(kw_only=True)
@@ -40,8 +43,11 @@ class AudioConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-12
+    front_end: str = "fused"  # or "kaldi": Kaldi's fbank, AST's (and HF's ASTFeatureExtractor's) features
 
     def __post_init__(self):
+        if self.front_end not in FRONT_ENDS:
+            raise ValueError(f"AudioConfig: front_end must be one of {FRONT_ENDS}, got {self.front_end!r}")
         for name in ("num_mel_bins", "max_length"):
             if getattr(self, name) < self.patch_size:
                 raise ValueError(f"AudioConfig: {name} must be at least patch_size ({self.patch_size}), got "
@@ -76,10 +82,14 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"AudioEncoder: waveform must be float [B, samples], got {tuple(waveform.shape)} "
                              f"{waveform.dtype}")
         config = self.config
-        window = round(config.sample_rate * config.window_ms / 1000)
-        hop = round(config.sample_rate * config.hop_ms / 1000)
         if lengths is not None:
             waveform = waveform * (torch.arange(waveform.shape[1], device=waveform.device) < lengths[:, None])
+        if config.front_end == "kaldi":
+            mel = kaldi_fbank(waveform, sample_rate=config.sample_rate, num_mel_bins=config.num_mel_bins,
+                              frame_length_ms=config.window_ms, frame_shift_ms=config.hop_ms)
+            return self._fit(mel, lengths)
+        window = round(config.sample_rate * config.window_ms / 1000)
+        hop = round(config.sample_rate * config.hop_ms / 1000)
         filters = self._mel_filters.get(waveform.device)
         if filters is None:  # once per device (not a buffer: a cast of the model to bf16 must not round them)
             # AST's 128 HTK bins at a 25 ms window leave the lowest filters without a frequency bin; Kaldi's
@@ -90,6 +100,12 @@ class AudioEncoder(nn.Module):
         mel = log_mel_spectrogram(waveform, sample_rate=config.sample_rate, n_fft=window, hop_length=hop,
                                   n_mels=config.num_mel_bins, log="ln", clamp_min=1e-10, filters=filters,
                                   backend=self.backend).transpose(1, 2)
+        return self._fit(mel, lengths)
+
+    def _fit(self, mel: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        """[B, frames, bins] log-mel -> cut or padded to max_length frames (padding and the frames past
+        `lengths`: 0, as AST pads), normalized."""
+        config = self.config
         mel = mel[:, :config.max_length]
         mel = F.pad(mel, (0, 0, 0, config.max_length - mel.shape[1]))
         if lengths is not None:
@@ -165,7 +181,7 @@ _AST_RENAMES = [
 ]
 
 
-def audio_config_of_hf(hf_config) -> AudioConfig:
+def audio_config_of_hf(hf_config, front_end: str = "kaldi") -> AudioConfig:
     if getattr(hf_config, "hidden_act", "gelu") != "gelu":
         raise ValueError(f"audio_config_of_hf: expected hidden_act 'gelu', got {hf_config.hidden_act!r}")
     return AudioConfig(num_mel_bins=hf_config.num_mel_bins, max_length=hf_config.max_length,
@@ -173,10 +189,12 @@ def audio_config_of_hf(hf_config) -> AudioConfig:
                        time_stride=hf_config.time_stride, width=hf_config.hidden_size,
                        layers=hf_config.num_hidden_layers, heads=hf_config.num_attention_heads,
                        mlp_ratio=hf_config.intermediate_size / hf_config.hidden_size,
-                       layer_norm_eps=hf_config.layer_norm_eps)
+                       layer_norm_eps=hf_config.layer_norm_eps, front_end=front_end)
 
 
-def from_hf_ast(hf_model, backend: str | None = None) -> AudioEncoder:
-    """An AudioEncoder with an HF ASTModel's weights (ASTForAudioClassification: pass its `.audio_spectrogram_transformer`)."""
-    return load_renamed(AudioEncoder(audio_config_of_hf(hf_model.config), backend), hf_model.state_dict(),
-                        _AST_RENAMES)
+def from_hf_ast(hf_model, backend: str | None = None, front_end: str = "kaldi") -> AudioEncoder:
+    """An AudioEncoder with an HF ASTModel's weights (ASTForAudioClassification: pass its
+    `.audio_spectrogram_transformer`). front_end "kaldi" (AST's features: HF's outputs from the same
+    waveform as HF's ASTFeatureExtractor gives them) or "fused" (mmfast's log-mel kernel: fine-tune first)."""
+    return load_renamed(AudioEncoder(audio_config_of_hf(hf_model.config, front_end), backend),
+                        hf_model.state_dict(), _AST_RENAMES)
