@@ -147,8 +147,10 @@ def test_transformers_generate_decodes_with_the_kernel(monkeypatch):
     mask = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
     mask[0, :3] = 0
     calls = []
-    decode = mmfast_hf.mixed_attention_decode
-    monkeypatch.setattr(mmfast_hf, "mixed_attention_decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    import mmfast.nn.transformers_attention as attention
+
+    decode = attention.mixed_attention_decode
+    monkeypatch.setattr(attention, "mixed_attention_decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
     monkeypatch.setenv("MMFAST_BACKEND", "triton")
     results = {}
     for implementation in ("sdpa", "mmfast"):

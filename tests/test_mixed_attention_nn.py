@@ -111,8 +111,10 @@ def test_one_unpad_and_packing_per_forward(monkeypatch):
     """transformers hands every layer the same mask: the unpad and the packing tables are built once a
     forward, and again for a new mask (or the same mask changed in place)."""
     built = []
-    original = mmfast_hf.build_packing
-    monkeypatch.setattr(mmfast_hf, "build_packing", lambda *a, **k: built.append(1) or original(*a, **k))
+    import mmfast.nn.transformers_attention as attention
+
+    original = attention.build_packing
+    monkeypatch.setattr(attention, "build_packing", lambda *a, **k: built.append(1) or original(*a, **k))
     model = _llama(num_hidden_layers=3)
     model.set_attn_implementation("mmfast")
     ids = torch.randint(0, 101, (2, 9), device=DEVICE)
@@ -226,7 +228,9 @@ def test_attention_dropout_in_training_is_refused():
 
 
 def test_output_attentions_warns_once_as_sdpa_does(caplog, monkeypatch):
-    monkeypatch.setattr(mmfast_hf, "_warned", [])
+    import mmfast.nn.transformers_attention as attention
+
+    monkeypatch.setattr(attention, "_warned", [])
     model = _llama()
     model.set_attn_implementation("mmfast")
     ids = torch.randint(0, 101, (1, 6), device=DEVICE)
