@@ -125,6 +125,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.grad_checkpointing = False
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embeddings (transformers' accessor, so callers take either decoder alike)."""
+        return self.embed_tokens
+
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 span_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

@@ -11,6 +11,7 @@ are renames. Sequences are packed (`cu_seqlens`, many conversations per row, no 
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from torch import nn
 
 from mmfast.models.clip import VisionConfig, VisionTransformer, patch_count
 from mmfast.models.decoding import check_decoding, decode
+from mmfast.models.hf_language_model import decoder_layers, hf_decoder, run_hf_decoder, switch_to_mmfast
 from mmfast.models.llama import LlamaConfig, LlamaModel, hf_config_of, llama_config_of_hf
 from mmfast.nn.kv_cache import KVCache
 from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
@@ -47,6 +49,9 @@ class LlavaConfig:
     # AnyRes ([height, width] grids, multiples of the tower's input; mmfast.data.anyres): an image becomes an
     # overview plus tiles, each a tower input of `image_tokens` tokens; empty: one tower input per image
     image_grid_pinpoints: list = field(default_factory=list)
+    # an HF causal LM's config (its to_dict()): set, the language model is that transformers model's decoder
+    # on mmfast attention (llava_with_language_model sets it and text's sizes); empty: mmfast's decoder
+    text_hf: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name, allowed in (("vision_feature_select_strategy", SELECT_STRATEGIES), ("projector", PROJECTORS),
@@ -102,14 +107,16 @@ class Projector(nn.Module):
 
 
 class LlavaModel(nn.Module):
-    def __init__(self, config: LlavaConfig):
+    def __init__(self, config: LlavaConfig, language_model: nn.Module | None = None):
         super().__init__()
         self.vision_tower = vision_tower(config)
         # blocks past the selected layer and the final norm never run: drop them (and their parameters)
         del self.vision_tower.layers[config.feature_depth:]
         self.vision_tower.post_layernorm = nn.Identity()
         self.multi_modal_projector = Projector(config.projector, config.vision.width, config.text.hidden_size)
-        self.language_model = LlamaModel(config.text)
+        if language_model is None:
+            language_model = hf_decoder(config.text_hf) if config.text_hf else LlamaModel(config.text)
+        self.language_model = language_model
 
 
 class Llava(nn.Module):
@@ -122,25 +129,43 @@ class Llava(nn.Module):
     those, and the image's tokens are theirs, in order.
     """
 
-    def __init__(self, config: LlavaConfig):
+    def __init__(self, config: LlavaConfig, language_model: nn.Module | None = None):
+        """language_model: the decoder to use (llava_with_language_model's), else one built from config."""
         super().__init__()
         self.config = config
-        self.model = LlavaModel(config)
+        self.model = LlavaModel(config, language_model)
         self.lm_head = LinearCrossEntropy(config.text.hidden_size, config.text.vocab_size, bias=False,
                                           reduction="none", backend=config.text.backend)
         if config.text.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.language_model.get_input_embeddings()
+
+    def _language_model(self, embeds: torch.Tensor, **packing) -> torch.Tensor:
+        """The decoder's final hidden states: mmfast's, or an HF decoder's (no KV cache there)."""
+        if isinstance(self.model.language_model, LlamaModel):
+            return self.model.language_model(inputs_embeds=embeds, **packing)
+        packing.pop("cache", None), packing.pop("cache_rows", None)
+        return run_hf_decoder(self.model.language_model, embeds, **packing)
 
     @property
     def image_tokens(self) -> int:
         return image_tokens(self.config)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.language_model.grad_checkpointing = enable
+        language_model = self.model.language_model
+        if isinstance(language_model, LlamaModel):
+            language_model.grad_checkpointing = enable
+        elif enable:
+            language_model.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            language_model.gradient_checkpointing_disable()
 
     def blocks(self) -> list[nn.Module]:
         """The units an engine shards, compiles or checkpoints (the language model's layers)."""
-        return list(self.model.language_model.layers)
+        return decoder_layers(self.model.language_model)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> projected features [N, image_tokens, text hidden]. A tower with no trainable
@@ -166,7 +191,7 @@ class Llava(nn.Module):
 
     def embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """The token embeddings with the image features in the image tokens' places."""
-        embeds = self.model.language_model.embed_tokens(input_ids)
+        embeds = self.embed_tokens(input_ids)
         places = input_ids == self.config.image_token_id
         images = self._check_images(places, pixel_values)
         if images:
@@ -183,9 +208,8 @@ class Llava(nn.Module):
         span_ids = None
         if self.config.image_attention == "bidirectional":
             span_ids = span_ids_from_token_ids(input_ids, self.config.image_token_id)
-        hidden = self.model.language_model(inputs_embeds=self.embeddings(input_ids, pixel_values),
-                                           cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, span_ids=span_ids,
-                                           position_ids=position_ids)
+        hidden = self._language_model(self.embeddings(input_ids, pixel_values), cu_seqlens=cu_seqlens,
+                                      max_seqlen=max_seqlen, span_ids=span_ids, position_ids=position_ids)
         if labels is None:
             return self.lm_head(hidden)
         return self.lm_head(hidden, labels, ignore_index=ignore_index)
@@ -221,7 +245,8 @@ class Llava(nn.Module):
         in order), greedy (temperature 0) or sampled with temperature and top-p. Prompts of any lengths
         run packed, with no padding; a row stops at eos_token_id (kept in its output). With use_cache
         the prompts run once and each step runs one token per row against a KV cache; without, each
-        step runs the whole sequences again (the same tokens, slower). Image features are computed once."""
+        step runs the whole sequences again (the same tokens, slower; always so with an HF language
+        model). Image features are computed once."""
         check_decoding("Llava.generate_packed", max_new_tokens, temperature, top_p)
         images_per_prompt = [int((prompt == self.config.image_token_id).sum()) // self.image_tokens for prompt in prompts]
         features = None
@@ -234,7 +259,7 @@ class Llava(nn.Module):
             """The next-token logits of each of `rows`, whose tokens are `sequences` (whole: from the
             prompt on, with its images; else one new token after the cached ones)."""
             ids = torch.cat(sequences)
-            embeds = self.model.language_model.embed_tokens(ids)
+            embeds = self.embed_tokens(ids)
             chosen = [features[first_image[row] + k] for row in rows for k in range(images_per_prompt[row])
                       if features is not None and whole]
             if chosen:  # the prompts' image tokens (generated tokens are text)
@@ -243,17 +268,47 @@ class Llava(nn.Module):
             lengths = torch.tensor([0] + [len(sequence) for sequence in sequences])
             cu_seqlens = lengths.cumsum(0).to(torch.int32).to(ids.device)
             bidirectional = self.config.image_attention == "bidirectional"
-            hidden = self.model.language_model(
-                inputs_embeds=embeds, cu_seqlens=cu_seqlens, cache=cache,
+            hidden = self._language_model(
+                embeds, cu_seqlens=cu_seqlens, cache=cache,
                 cache_rows=None if cache is None else torch.tensor(rows, device=ids.device),
                 span_ids=span_ids_from_token_ids(ids, self.config.image_token_id) if bidirectional else None)
             return self.lm_head(hidden[cu_seqlens[1:].long() - 1]).float()
 
         cache = None
-        if use_cache:
+        if use_cache and isinstance(self.model.language_model, LlamaModel):
             cache = KVCache(len(prompts), max((len(prompt) for prompt in prompts), default=0) + max_new_tokens)
         return decode(run, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, temperature=temperature,
-                      top_p=top_p, generator=generator, cached=use_cache)
+                      top_p=top_p, generator=generator, cached=cache is not None)
+
+
+def _text_sizes(hf_text_config, text: LlamaConfig) -> LlamaConfig:
+    """`text` with an HF language model's sizes and tying: what the rest of mmfast reads of config.text
+    (the projector's width, the head, FLOPs) when the decoder is transformers' own."""
+    hf = hf_text_config
+    return dataclasses.replace(text, hidden_size=hf.hidden_size, vocab_size=hf.vocab_size,
+                               tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+                               num_hidden_layers=getattr(hf, "num_hidden_layers", text.num_hidden_layers),
+                               intermediate_size=getattr(hf, "intermediate_size", text.intermediate_size))
+
+
+def llava_with_language_model(causal_lm, config: LlavaConfig) -> Llava:
+    """A Llava whose language model is `causal_lm`, any transformers causal LM (e.g.
+    `AutoModelForCausalLM.from_pretrained(local_dir)`), switched to mmfast attention: its decoder becomes
+    `model.language_model` (its weights, HF's names) and its output head's weight `lm_head` (tied when its
+    config ties them). config's vision tower and projector are built fresh; its `text` takes the LM's
+    hidden size, vocabulary and tying, and `text_hf` its config, so the saved model is rebuilt the same
+    way. Training runs it packed like mmfast's decoder; generation runs without a KV cache."""
+    head = causal_lm.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError(f"llava_with_language_model: expected a causal LM with a bias-free output head, got "
+                         f"{type(causal_lm).__name__} with {head!r}")
+    switch_to_mmfast(causal_lm)
+    text = _text_sizes(causal_lm.config, config.text)
+    model = Llava(dataclasses.replace(config, text=text, text_hf=causal_lm.config.to_dict()), causal_lm.base_model)
+    if not text.tie_word_embeddings:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(head.weight)
+    return model
 
 
 def _unused_by_llava(key: str, depth: int) -> bool:
@@ -267,8 +322,9 @@ _VISION_RENAMES = [(r"\.encoder\.layers\.", ".layers."), (r"\.self_attn\.out_pro
 
 
 def from_hf_llava(hf_model, backend: str | None = None, *, mean=None, std=None) -> Llava:
-    """A Llava with the weights of an HF LlavaForConditionalGeneration (CLIP or SigLIP vision tower; Llama or
-    Qwen2 language model). mean, std: set to take uint8 pixels normalized inside the tower (the HF processor's
+    """A Llava with the weights of an HF LlavaForConditionalGeneration (CLIP or SigLIP vision tower; any
+    language model: a Llama or Qwen2 becomes mmfast's decoder, any other stays transformers' own on mmfast
+    attention, as llava_with_language_model keeps it). mean, std: set to take uint8 pixels normalized inside the tower (the HF processor's
     image_mean / image_std); None takes HF's normalized float pixel_values."""
     hf_config = hf_model.config
     vision = hf_config.vision_config
@@ -284,12 +340,17 @@ def from_hf_llava(hf_model, backend: str | None = None, *, mean=None, std=None) 
     if hf_config.projector_hidden_act != "gelu" or not getattr(hf_config, "multimodal_projector_bias", True):
         raise ValueError(f"from_hf_llava: the projector must be LLaVA's (GELU, biases), got "
                          f"{hf_config.projector_hidden_act!r}")
+    try:
+        text, text_hf = llama_config_of_hf(hf_config.text_config, backend), {}
+    except ValueError:  # not a decoder mmfast's covers (another architecture, rotary scaling, windows)
+        text_hf = hf_config.text_config.to_dict()
+        text = _text_sizes(hf_config.text_config, LlamaConfig(backend=backend))
     config = LlavaConfig(
         vision=VisionConfig(image_size=vision.image_size, patch_size=vision.patch_size, channels=vision.num_channels,
                             width=vision.hidden_size, layers=vision.num_hidden_layers,
                             heads=vision.num_attention_heads, mlp_ratio=vision.intermediate_size / vision.hidden_size,
                             mean=mean, std=std),
-        text=llama_config_of_hf(hf_config.text_config, backend),
+        text=text, text_hf=text_hf,
         vision_tower="siglip" if vision.model_type == "siglip_vision_model" else "clip",
         vision_activation=activations[vision.hidden_act],
         vision_feature_layer=hf_config.vision_feature_layer,
@@ -304,7 +365,7 @@ def from_hf_llava(hf_model, backend: str | None = None, *, mean=None, std=None) 
         if not _unused_by_llava(key, depth):
             state[key] = value
     if config.text.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state["model.language_model.embed_tokens.weight"])
+        state.setdefault("lm_head.weight", model.embed_tokens.weight)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -334,7 +395,9 @@ def to_hf_llava(model: Llava):
         image_size=vision.image_size, patch_size=vision.patch_size,
         hidden_act={"gelu_tanh": "gelu_pytorch_tanh"}.get(config.vision_activation, config.vision_activation))
     hf_config = transformers.LlavaConfig(
-        vision_config=vision_config, text_config=hf_config_of(config.text), image_token_id=config.image_token_id,
+        vision_config=vision_config,
+        text_config=transformers.AutoConfig.for_model(**config.text_hf) if config.text_hf else hf_config_of(config.text),
+        image_token_id=config.image_token_id,
         vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy=config.vision_feature_select_strategy, projector_hidden_act="gelu",
         image_seq_length=model.image_tokens, tie_word_embeddings=config.text.tie_word_embeddings)

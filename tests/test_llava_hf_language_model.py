@@ -1,0 +1,137 @@
+"""mmfast's LLaVA with any transformers causal LM as its language model (llava_with_language_model): the
+model loaded from a local directory runs on mmfast attention, packed, and gives what transformers gives
+for each conversation alone; a Llama gives what mmfast's own decoder gives with the same weights; the
+saved model rebuilds from its config; it trains, generates and takes LoRA."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from mmfast.models.clip import VisionConfig  # noqa: E402
+from mmfast.models.llama import from_hf_causal_lm  # noqa: E402
+from mmfast.models.llava import Llava, LlavaConfig, llava_with_language_model  # noqa: E402
+
+IMAGE = 5
+CONFIG = LlavaConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=2, heads=2),
+                     image_token_id=IMAGE, vision_feature_layer=-1)
+
+
+def _saved(tmp_path, hf_config):
+    """A random causal LM written to and read back from a local directory, as users load theirs."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    with torch.no_grad():
+        for parameter in model.parameters():  # norms start at one (or zero for Gemma): make them count
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path / "lm")
+    return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
+
+
+def _batch(image_tokens: int):
+    """Two packed conversations, the first with an image; labels shifted by one inside each."""
+    first = torch.tensor([1, *[IMAGE] * image_tokens, 7, 8, 9, 10])
+    second = torch.tensor([1, 11, 12, 13, 14, 15])
+    ids = torch.cat([first, second])
+    cu_seqlens = torch.tensor([0, len(first), len(ids)], dtype=torch.int32)
+    labels = torch.cat([torch.cat([first[1:], torch.tensor([-100])]), torch.cat([second[1:], torch.tensor([-100])])])
+    labels[labels == IMAGE] = -100
+    pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    return ids, cu_seqlens, labels, pixels, (first, second)
+
+
+def test_any_causal_lm_gives_transformers_own_losses_packed(tmp_path):
+    """Gemma (its norms, scaled embeddings and GELU are not mmfast's decoder's): each packed conversation's
+    per-token losses are transformers' on that conversation alone (eager attention), images inserted."""
+    hf_config = transformers.GemmaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                         max_position_embeddings=64)
+    causal_lm = _saved(tmp_path, hf_config)
+    model = llava_with_language_model(causal_lm, CONFIG).eval()
+    assert model.config.text.hidden_size == 32 and model.config.text_hf["model_type"] == "gemma"
+    ids, cu_seqlens, labels, pixels, rows = _batch(model.image_tokens)
+    losses = model(ids, pixels, cu_seqlens=cu_seqlens, labels=labels)
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lm", attn_implementation="eager").eval()
+    embeds = model.embeddings(ids, pixels).detach()
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        logits = reference(inputs_embeds=embeds[None, start:end]).logits[0]
+        expected = F.cross_entropy(logits, labels[start:end], reduction="none", ignore_index=-100)
+        torch.testing.assert_close(losses[start:end], expected, atol=2e-5, rtol=1e-5)
+    losses.sum().backward()  # gradients reach the LM's own weights and the projector
+    assert causal_lm.base_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_a_llama_gives_what_mmfasts_decoder_gives_and_rebuilds_from_its_config(tmp_path):
+    hf_config = transformers.LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    causal_lm = _saved(tmp_path, hf_config)
+    model = llava_with_language_model(causal_lm, CONFIG).eval()
+    ours = Llava(dataclasses.replace(model.config, text=from_hf_causal_lm(causal_lm).config, text_hf={})).eval()
+    ours.load_state_dict(model.state_dict())  # HF's decoder names are mmfast's
+    ids, cu_seqlens, labels, pixels, (first, _) = _batch(model.image_tokens)
+    with torch.no_grad():
+        expected = ours(ids, pixels, cu_seqlens=cu_seqlens, labels=labels)
+        torch.testing.assert_close(model(ids, pixels, cu_seqlens=cu_seqlens, labels=labels), expected,
+                                   atol=1e-5, rtol=1e-5)
+        rebuilt = Llava(model.config).eval()  # what loading a saved run does: the HF decoder from text_hf
+        rebuilt.load_state_dict(model.state_dict())
+        assert type(rebuilt.model.language_model) is type(causal_lm.base_model)
+        torch.testing.assert_close(rebuilt(ids, pixels, cu_seqlens=cu_seqlens, labels=labels), expected,
+                                   atol=1e-5, rtol=1e-5)
+    prompt = first[:-2]
+    new = model.generate_packed([prompt, torch.tensor([1, 11, 12])], pixels, max_new_tokens=4)
+    assert [row.tolist() for row in new] == [row.tolist() for row in ours.generate_packed(
+        [prompt, torch.tensor([1, 11, 12])], pixels, max_new_tokens=4)]
+    assert len(model.blocks()) == 2
+    with_bias = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with_bias.lm_head = torch.nn.Linear(16, 40, bias=True)
+    with pytest.raises(ValueError, match="bias-free output head"):
+        llava_with_language_model(with_bias, CONFIG)
+
+
+def test_lora_goes_on_the_transformers_decoder(tmp_path):
+    pytest.importorskip("peft")
+    from mmfast.models.lora import LoraConfig, add_lora
+
+    hf_config = transformers.Qwen2Config(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = llava_with_language_model(_saved(tmp_path, hf_config), CONFIG)
+    ids, cu_seqlens, labels, pixels, _ = _batch(model.image_tokens)
+    before = model(ids, pixels, cu_seqlens=cu_seqlens, labels=labels).detach()
+    add_lora(model.model.language_model, LoraConfig(rank=4, alpha=8))
+    losses = model(ids, pixels, cu_seqlens=cu_seqlens, labels=labels)
+    torch.testing.assert_close(losses, before)  # B starts at zero: the same model
+    losses.sum().backward()
+    trained = {name for name, parameter in model.model.language_model.named_parameters() if parameter.grad is not None}
+    assert trained and all("lora_" in name for name in trained)
+    assert any(name.endswith("q_proj.lora_B.default.weight") for name in trained)
+
+
+def test_an_hf_llava_with_any_language_model_converts_both_ways():
+    """from_hf_llava keeps a language model mmfast's decoder does not cover (Gemma here) as transformers'
+    own: the same logits as HF's LLaVA, and to_hf_llava gives the weights back."""
+    from mmfast.models.llava import from_hf_llava, to_hf_llava
+
+    torch.manual_seed(2)
+    text = transformers.GemmaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=1, head_dim=8)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=16, patch_size=8)
+    hf = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-1,
+        image_seq_length=4, attn_implementation="eager")).eval()
+    ids = torch.tensor([[1, IMAGE, IMAGE, IMAGE, IMAGE, 7, 8, 9]])
+    pixels = torch.randn(1, 3, 16, 16)
+    model = from_hf_llava(hf).eval()
+    assert model.config.text_hf["model_type"] == "gemma"
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=pixels).logits
+        torch.testing.assert_close(model(ids, pixels), expected, atol=1e-4, rtol=1e-4)
+        back = to_hf_llava(model).eval()
+        back.set_attn_implementation("eager")
+        torch.testing.assert_close(back(input_ids=ids, pixel_values=pixels).logits, expected, atol=1e-5, rtol=1e-5)
