@@ -135,3 +135,44 @@ def test_an_hf_llava_with_any_language_model_converts_both_ways():
         back = to_hf_llava(model).eval()
         back.set_attn_implementation("eager")
         torch.testing.assert_close(back(input_ids=ids, pixel_values=pixels).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_task_llava_trains_a_transformers_language_model_from_its_directory(tmp_path):
+    """model.language_model_from: the directory's model and tokenizer (<image> and </s> added, embeddings
+    grown), trained packed, exported and loaded back as the same transformers decoder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import mmfast
+    from mmfast.train import load_config, train
+    from tests.test_llava_train import STAGES, TINY
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer.train_from_iterator(["what color is the shape? red green blue circle square star"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory = tmp_path / "lm"
+    hf_config = transformers.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+    text = [item for item in TINY if not item.startswith("--model.text.")]
+    config = load_config("llava-tiny", [*text, *STAGES["tune"], "--train.steps=2", "--train.checkpoint_every=2",
+                                        f"--data.synth_dir={tmp_path / 'synth'}",
+                                        f"--model.language_model_from={directory}"])
+    config.stages, config.run_dir = [], str(tmp_path / "run")
+    train(config, progress=False)
+    model, processor = mmfast.load_llava(str(tmp_path / "run"))
+    run_tokenizer = processor.tokenizer
+    assert run_tokenizer.get_vocab_size() == tokenizer.get_vocab_size() + 2  # <image> and </s>
+    assert type(model.model.language_model).__name__ == "Qwen2Model"
+    assert model.config.text.vocab_size >= run_tokenizer.get_vocab_size()
+    prompt = torch.tensor(run_tokenizer.encode("what color").ids)
+    assert len(model.generate_packed([prompt], max_new_tokens=3)[0]) == 3
+
+    missing = load_config("llava-tiny", [*text, f"--model.language_model_from={tmp_path / 'nowhere'}"])
+    missing.stages, missing.run_dir = [], str(tmp_path / "refused")
+    with pytest.raises(ValueError, match="has no config.json or tokenizer.json"):
+        train(missing, progress=False)
+    assert not (tmp_path / "refused").exists()
+

@@ -281,7 +281,7 @@ class Llava(nn.Module):
                       top_p=top_p, generator=generator, cached=cache is not None)
 
 
-def _text_sizes(hf_text_config, text: LlamaConfig) -> LlamaConfig:
+def language_model_sizes(hf_text_config, text: LlamaConfig) -> LlamaConfig:
     """`text` with an HF language model's sizes and tying: what the rest of mmfast reads of config.text
     (the projector's width, the head, FLOPs) when the decoder is transformers' own."""
     hf = hf_text_config
@@ -303,7 +303,7 @@ def llava_with_language_model(causal_lm, config: LlavaConfig) -> Llava:
         raise ValueError(f"llava_with_language_model: expected a causal LM with a bias-free output head, got "
                          f"{type(causal_lm).__name__} with {head!r}")
     switch_to_mmfast(causal_lm)
-    text = _text_sizes(causal_lm.config, config.text)
+    text = language_model_sizes(causal_lm.config, config.text)
     model = Llava(dataclasses.replace(config, text=text, text_hf=causal_lm.config.to_dict()), causal_lm.base_model)
     if not text.tie_word_embeddings:
         with torch.no_grad():
@@ -344,7 +344,7 @@ def from_hf_llava(hf_model, backend: str | None = None, *, mean=None, std=None) 
         text, text_hf = llama_config_of_hf(hf_config.text_config, backend), {}
     except ValueError:  # not a decoder mmfast's covers (another architecture, rotary scaling, windows)
         text_hf = hf_config.text_config.to_dict()
-        text = _text_sizes(hf_config.text_config, LlamaConfig(backend=backend))
+        text = language_model_sizes(hf_config.text_config, LlamaConfig(backend=backend))
     config = LlavaConfig(
         vision=VisionConfig(image_size=vision.image_size, patch_size=vision.patch_size, channels=vision.num_channels,
                             width=vision.hidden_size, layers=vision.num_hidden_layers,

@@ -25,7 +25,7 @@ from mmfast.data.preprocess import Preprocess
 from mmfast.data.splits import batch_indices
 from mmfast.models.clip import VisionConfig
 from mmfast.models.llama import LlamaConfig
-from mmfast.models.llava import Llava, LlavaConfig, image_tokens
+from mmfast.models.llava import Llava, LlavaConfig, image_tokens, language_model_sizes, llava_with_language_model
 from mmfast.models.lora import LLAMA_LINEARS, LoraConfig, add_lora, check_lora, merge_lora
 from mmfast.train import checkpoint, distributed
 from mmfast.train.caption_metrics import bleu, cider_d
@@ -50,9 +50,41 @@ class LlavaModelSection(LlavaConfig):
         vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512))
     vision_from: str = ""  # a CLIP run directory or model.pt: its vision tower (and the tower's config)
+    # a local directory of a transformers causal LM (config, weights, tokenizer.json): the language model and
+    # its tokenizer (<image> and </s> added where missing, the embeddings grown to match); `text` unused
+    language_model_from: str = ""
     # LoRA on the language model's linear layers (rank 0: none); the projector trains in full beside it
     # when train.trainable names it; model.pt holds the merged weights
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+def language_model_tokenizer(directory: str):
+    """The tokenizer.json of a transformers model's directory, with LLaVA's `<image>` and the templates'
+    end of turn `</s>` added as special tokens where it lacks them."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    tokenizer.add_special_tokens([token for token in ("<image>", EOS) if tokenizer.token_to_id(token) is None])
+    return tokenizer
+
+
+def language_model(directory: str, vocab_size: int):
+    """The causal LM of a local directory, its embeddings grown to the run's tokenizer."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory)
+    if model.get_input_embeddings().weight.shape[0] < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def language_model_config(directory: str, text: LlamaConfig, vocab_size: int) -> tuple[LlamaConfig, dict]:
+    """(text with the directory's model's sizes, its config as a dict) for a vocabulary of vocab_size."""
+    import transformers
+
+    hf = transformers.AutoConfig.from_pretrained(directory)
+    hf.vocab_size = max(hf.vocab_size, vocab_size)
+    return language_model_sizes(hf, text), hf.to_dict()
 
 
 def _clip_file(path: str) -> dict:
@@ -106,6 +138,12 @@ class LlavaTask(Task):
             raise ValueError(f"config: model.lora.quantize={config.model.lora.quantize!r} (QLoRA) runs on engines "
                              f"single and ddp; engine.name={config.engine.name!r} would shard 4-bit weights it "
                              f"cannot split (train LoRA without quantize there)")
+        directory = config.model.language_model_from
+        missing = [name for name in ("config.json", "tokenizer.json")
+                   if directory and not os.path.isfile(os.path.join(directory, name))]
+        if missing:  # before anything is written into the run directory
+            raise ValueError(f"config: model.language_model_from={directory!r} has no {' or '.join(missing)} (a "
+                             f"transformers model directory with its fast tokenizer, from save_pretrained)")
         if config.data.source == "files" and not config.data.conversations:
             raise ValueError("config: data.source=files with task llava needs data.conversations (LLaVA's JSON)")
 
@@ -152,6 +190,8 @@ class LlavaTask(Task):
             previous = self._previous_tokenizer()
             if previous:  # a stage goes on with the tokens its model was trained on
                 shutil.copyfile(previous, path)
+            elif config.model.language_model_from:
+                language_model_tokenizer(config.model.language_model_from).save(path)
             else:
                 texts = conversation_texts(self.train_conversations or self.held_out_conversations)
                 train_tokenizer(texts, config.model.text.vocab_size).save(path)
@@ -202,9 +242,11 @@ class LlavaTask(Task):
             if vision.image_size != self.config.data.image_size:
                 raise ValueError(f"config: model.vision_from's CLIP takes {vision.image_size}-pixel images, "
                                  f"data.image_size is {self.config.data.image_size}")
+        text, text_hf = dataclasses.replace(section.text, vocab_size=self.tokenizer.get_vocab_size()), {}
+        if section.language_model_from:
+            text, text_hf = language_model_config(section.language_model_from, text, self.tokenizer.get_vocab_size())
         fields.update(vision=dataclasses.replace(vision, image_size=self.config.data.image_size),
-                      vision_activation=activation,
-                      text=dataclasses.replace(section.text, vocab_size=self.tokenizer.get_vocab_size()),
+                      vision_activation=activation, text=text, text_hf=text_hf,
                       image_token_id=self.tokenizer.token_to_id("<image>"))
         self.model_config = LlavaConfig(**fields)
         self.image_tokens = image_tokens(self.model_config)
@@ -212,7 +254,12 @@ class LlavaTask(Task):
     # --- model -----------------------------------------------------------------------------------------
 
     def build_model(self) -> Llava:
-        model = Llava(self.model_config)
+        if self.config.model.language_model_from:
+            model = llava_with_language_model(
+                language_model(self.config.model.language_model_from, self.tokenizer.get_vocab_size()),
+                self.model_config)
+        else:
+            model = Llava(self.model_config)
         if self.config.model.vision_from:
             model.load_state_dict(_tower_state(_clip_file(self.config.model.vision_from),
                                                self.model_config.feature_depth), strict=False)
