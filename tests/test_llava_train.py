@@ -160,9 +160,9 @@ def test_bad_settings_are_named(tmp_path):
     config = _config(tmp_path, "bad-files", "--data.source=files")
     with pytest.raises(ValueError, match="needs data.conversations"):
         train(config, progress=False)
-    config = _config(tmp_path, "anyres", *STAGES["tune"])
-    config.model.image_grid_pinpoints = [[32, 32]]
-    with pytest.raises(ValueError, match="AnyRes.*not yet by task llava"):
+    config = _config(tmp_path, "anyres", *STAGES["tune"], "--data.image_size=32", "--model.vision.image_size=16")
+    config.model.image_grid_pinpoints = [[24, 32]]
+    with pytest.raises(ValueError, match=r"multiples of the tower's 16-pixel input, got \[24, 32\]"):
         train(config, progress=False)
     config = _config(tmp_path, "qlora-fsdp2", *STAGES["qlora"], "--engine.name=fsdp2")
     with pytest.raises(ValueError, match="QLoRA.*single and ddp"):
@@ -185,3 +185,24 @@ def test_bad_settings_are_named(tmp_path):
     config = _config(tmp_path, "missing", "--data.source=files", f"--data.conversations={tmp_path / 'none.json'}")
     with pytest.raises(FileNotFoundError, match="none.json"):
         train(config, progress=False)
+
+
+def test_anyres_gives_larger_pictures_their_tiles_tokens_in_training_and_evaluation(tmp_path):
+    """model.image_grid_pinpoints: 32-pixel pictures before a 16-pixel tower become an overview and four
+    tiles (five tower inputs, five times the image tokens), packed as they are; evaluation (VQA, POPE,
+    multiple choice, pictures drawn another way) asks about the same tiles."""
+    from mmfast.train.tasks import build_task
+
+    config = _config(tmp_path, "anyres", *STAGES["tune"], "--data.image_size=32", "--model.vision.image_size=16",
+                     "--train.steps=2", "--train.eval_every=2", "--train.checkpoint_every=2")
+    config.model.image_grid_pinpoints = [[32, 32]]
+    result = train(config, progress=False)
+    assert {"vqa_accuracy", "pope_f1", "other_vqa_color", "choice_circular"} <= result.keys()
+    task = build_task(config, placement=type("Placement", (), dict(rank=0, world_size=1, is_main=True))())
+    task.prepare(progress=False)
+    assert task.model_config.vision.image_size == 16 and task.image_tokens == 5  # 2 x 2 patches and the class token
+    sample = next(sample for sample in task.train_encoded if sample.image is not None)
+    assert task.pixels[sample.image].shape == (5, 3, 16, 16)
+    assert int((sample.input_ids == task.model_config.image_token_id).sum()) == 5 * 5
+    input_ids, _, _, pixels = task._pack(task.train_encoded[:4])
+    assert int((input_ids == task.model_config.image_token_id).sum()) == 5 * len(pixels)

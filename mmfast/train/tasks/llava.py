@@ -21,6 +21,7 @@ from mmfast.data import synth_conversations
 from mmfast.data.synth_conversations import choice_question, choice_text
 from mmfast.data.conversations import (IGNORE, VICUNA_SYSTEM, conversation_texts, encode, read_conversations,
                                        train_tokenizer, without_image)
+from mmfast.data.anyres import anyres_tiles, check_pinpoints
 from mmfast.data.preprocess import Preprocess
 from mmfast.data.splits import batch_indices
 from mmfast.models.clip import VisionConfig
@@ -127,9 +128,6 @@ class LlavaTask(Task):
             raise ValueError(f"config: task llava reads LLaVA's JSON (data.source=files, data.conversations) or "
                              f"the bundled conversations (synth), got data.source={config.data.source!r}")
         check_lora(config.model.lora)
-        if config.model.image_grid_pinpoints:
-            raise ValueError("config: model.image_grid_pinpoints (AnyRes) is taken by Llava and LlavaProcessor, not "
-                             "yet by task llava's data (the bundled pictures are the tower's size): leave it empty")
         unknown = sorted(set(config.model.lora.target_modules) - set(LLAMA_LINEARS))
         if config.model.lora.rank and unknown:  # before anything is written into the run directory
             raise ValueError(f"config: model.lora.target_modules names {unknown}, which are not linear layers of the "
@@ -197,9 +195,9 @@ class LlavaTask(Task):
                 train_tokenizer(texts, config.model.text.vocab_size).save(path)
         distributed.barrier()
         self.restore(config.run_dir)
+        self.pixels = self._load_images(self.train_conversations + self.held_out_conversations)
         self.train_encoded = [self._encode(c) for c in self.train_conversations]
         self.held_out_encoded = [self._encode(c) for c in self.held_out_conversations]
-        self.pixels = self._load_images(self.train_encoded + self.held_out_encoded)
 
     def prepare_evaluation(self, progress: bool) -> None:
         self.prepare(progress, train=False)
@@ -215,19 +213,26 @@ class LlavaTask(Task):
         return path if os.path.exists(path) and is_llava else None
 
     def _encode(self, conversation):
+        inputs = len(self.pixels[conversation.image]) if conversation.image is not None else 1
         return encode(conversation, self.config.data.template, self.tokenizer, eos=EOS,
-                      image_token_id=self.model_config.image_token_id, image_tokens=self.image_tokens)
+                      image_token_id=self.model_config.image_token_id, image_tokens=inputs * self.image_tokens)
 
-    def _load_images(self, encoded) -> dict[str, torch.Tensor]:
+    def _load_images(self, conversations) -> dict[str, torch.Tensor]:
+        """Each image's tower inputs, uint8 [n, 3, S, S]: the image at the tower's size (n = 1), or with
+        AnyRes (model.image_grid_pinpoints) its overview and tiles, so a larger image gets more tokens."""
         from PIL import Image
 
-        preprocess = Preprocess(self.model_config.vision.image_size)
         pixels = {}
-        for sample in encoded:
-            if sample.image is not None and sample.image not in pixels:
-                with Image.open(sample.image) as image:
-                    pixels[sample.image] = preprocess(image)
+        for conversation in conversations:
+            if conversation.image is not None and conversation.image not in pixels:
+                with Image.open(conversation.image) as image:
+                    pixels[conversation.image] = self.tower_inputs(image)
         return pixels
+
+    def tower_inputs(self, image) -> torch.Tensor:
+        """uint8 [n, 3, S, S] of one PIL image (LlavaProcessor's image_inputs)."""
+        size, pinpoints = self.model_config.vision.image_size, self.model_config.image_grid_pinpoints
+        return anyres_tiles(image, pinpoints, size) if pinpoints else Preprocess(size)(image)[None]
 
     def restore(self, run_dir: str) -> None:
         from tokenizers import Tokenizer
@@ -236,16 +241,20 @@ class LlavaTask(Task):
         section = self.config.model
         fields = {item.name: getattr(section, item.name) for item in dataclasses.fields(LlavaConfig)}
         vision, activation = section.vision, section.vision_activation
+        # the tower's input: the pictures' size, or with AnyRes (larger pictures cut into tiles) model.vision's
+        tower_size = vision.image_size if section.image_grid_pinpoints else self.config.data.image_size
         if section.vision_from:
             clip = _clip_file(section.vision_from)["clip_config"]
             vision, activation = VisionConfig(**clip["vision"]), clip["activation"]
-            if vision.image_size != self.config.data.image_size:
+            if vision.image_size != tower_size and not section.image_grid_pinpoints:
                 raise ValueError(f"config: model.vision_from's CLIP takes {vision.image_size}-pixel images, "
                                  f"data.image_size is {self.config.data.image_size}")
+            tower_size = vision.image_size
+        check_pinpoints(section.image_grid_pinpoints, tower_size)
         text, text_hf = dataclasses.replace(section.text, vocab_size=self.tokenizer.get_vocab_size()), {}
         if section.language_model_from:
             text, text_hf = language_model_config(section.language_model_from, text, self.tokenizer.get_vocab_size())
-        fields.update(vision=dataclasses.replace(vision, image_size=self.config.data.image_size),
+        fields.update(vision=dataclasses.replace(vision, image_size=tower_size),
                       vision_activation=activation, text=text, text_hf=text_hf,
                       image_token_id=self.tokenizer.token_to_id("<image>"))
         self.model_config = LlavaConfig(**fields)
@@ -297,7 +306,7 @@ class LlavaTask(Task):
         lengths = torch.tensor([0] + [len(sample.input_ids) for sample in samples])
         size = self.model_config.vision.image_size
         images = [self.pixels[sample.image] for sample in samples if sample.image is not None]
-        pixels = torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+        pixels = torch.cat(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
         return (torch.cat([sample.input_ids for sample in samples]), torch.cat([sample.labels for sample in samples]),
                 lengths.cumsum(0).to(torch.int32), pixels)
 
@@ -344,7 +353,8 @@ class LlavaTask(Task):
         per_layer = 4 * text.hidden_size ** 2 + 3 * text.hidden_size * text.intermediate_size
         parameters = text.num_hidden_layers * per_layer + text.hidden_size * text.vocab_size
         vision = self.model_config.vision
-        tower = self.model_config.feature_depth * 12 * vision.width ** 2 * self.image_tokens
+        inputs = sum(len(value) for value in self.pixels.values()) / max(len(self.pixels), 1)  # AnyRes: > 1
+        tower = self.model_config.feature_depth * 12 * vision.width ** 2 * self.image_tokens * inputs
         return 6.0 * parameters * self.tokens_per_sample() + 2.0 * tower
 
     def tokens_per_sample(self) -> int:
@@ -426,8 +436,10 @@ class LlavaTask(Task):
         answers = []
         for start in range(0, len(questions), 64):
             chunk = questions[start:start + 64]
-            prompts = [self.prompt_ids(item["question"], with_image=True).to(device) for _, item in chunk]
-            pixels = torch.stack([self.pixels[os.path.join(folder, "images", entry["image"])] for entry, _ in chunk])
+            images = [self.pixels[os.path.join(folder, "images", entry["image"])] for entry, _ in chunk]
+            prompts = [self.prompt_ids(item["question"], image_inputs=len(inputs)).to(device)
+                       for (_, item), inputs in zip(chunk, images)]
+            pixels = torch.cat(images)
             outputs = model.generate_packed(prompts, pixels.to(device), max_new_tokens=max_new_tokens,
                                             eos_token_id=self.tokenizer.token_to_id(EOS))
             answers += [self.tokenizer.decode(output.tolist(), skip_special_tokens=True).strip() for output in outputs]
@@ -439,23 +451,28 @@ class LlavaTask(Task):
         `other_vqa_shape`."""
         from mmfast.data.other_renderer import other_renderer_set
 
-        images, metas = other_renderer_set(count, self.model_config.vision.image_size)
+        from PIL import Image
+
+        pictures, metas = other_renderer_set(count, self.config.data.image_size)
+        images = torch.stack([self.tower_inputs(Image.fromarray(picture.permute(1, 2, 0).numpy()))
+                              for picture in pictures])  # [count, n, 3, S, S]: one size, one n
         result = {}
         for kind, question in (("color", "What color is the shape?"), ("shape", "What shape is shown?")):
-            prompt = self.prompt_ids(question, with_image=True).to(device)
+            prompt = self.prompt_ids(question, image_inputs=images.shape[1]).to(device)
             answers = []
             for start in range(0, count, 64):
-                chunk = images[start:start + 64].to(device)
-                outputs = model.generate_packed([prompt] * len(chunk), chunk, max_new_tokens=8,
+                chunk = images[start:start + 64].flatten(0, 1).to(device)
+                outputs = model.generate_packed([prompt] * (len(chunk) // images.shape[1]), chunk, max_new_tokens=8,
                                                 eos_token_id=self.tokenizer.token_to_id(EOS))
                 answers += [self.tokenizer.decode(o.tolist(), skip_special_tokens=True) for o in outputs]
             result[f"other_vqa_{kind}"] = sum(vqa_accuracy(answer, [meta[kind]])
                                               for answer, meta in zip(answers, metas)) / count
         return result
 
-    def prompt_ids(self, question: str, with_image: bool) -> torch.Tensor:
-        """A one-question prompt in the run's template, up to where the assistant's answer begins."""
-        image = "<image>" if with_image else ""
+    def prompt_ids(self, question: str, image_inputs: int = 0) -> torch.Tensor:
+        """A one-question prompt in the run's template, up to where the assistant's answer begins, about an
+        image of `image_inputs` tower inputs (0: no image; with AnyRes its overview and tiles)."""
+        image = "<image>" if image_inputs else ""
         if self.config.data.template == "vicuna_v1":
             text = f"{VICUNA_SYSTEM} USER: {image}{question} ASSISTANT:"
         else:
@@ -464,7 +481,8 @@ class LlavaTask(Task):
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         image_id = self.tokenizer.token_to_id("<image>")
         expanded = [token for piece in ids for token in
-                    ([self.model_config.image_token_id] * self.image_tokens if piece == image_id else [piece])]
+                    ([self.model_config.image_token_id] * self.image_tokens * image_inputs if piece == image_id
+                     else [piece])]
         return torch.tensor(expanded, dtype=torch.long)
 
     def export(self, run_dir: str, folder: str) -> str:
