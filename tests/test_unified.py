@@ -173,6 +173,13 @@ def test_bad_settings_are_named(tmp_path):
         _task(tmp_path, "--engine.name=deepspeed", "--engine.zero_stage=3")
     with pytest.raises(ValueError, match="data.image_size"):
         _task(tmp_path, "--data.image_size=16")
+    with pytest.raises(ValueError, match=r"video_stride must be in \[1, video_patch = 8\], got 9"):
+        UnifiedConfig(text=_model().config.text, text_vocab_size=50, video_stride=9)
+    overlapping = UnifiedConfig(text=_model().config.text, text_vocab_size=50, video_patch=8, tubelet_size=8,
+                                video_stride=4)
+    assert overlapping.span_tokens("video") == 7 * 7  # (32 - 8) // 4 + 1 places a side, one time step
+    frames = torch.randint(0, 256, (2, 8, 32, 32, 3), dtype=torch.uint8)
+    assert UnifiedModel(overlapping).span_embeddings("video", frames).shape == (2, 49, 32)
     model = _model()
     with pytest.raises(ValueError, match="guidance"):
         model.generate_values("image", [torch.tensor([1, 2])], guidance=0.5)

@@ -69,6 +69,7 @@ class UnifiedConfig:
     video_size: int = 32
     video_patch: int = 8
     tubelet_size: int = 2
+    video_stride: int | None = None  # None: video_patch; smaller: overlapping tubelets (input only)
     head_width: int = 256  # the diffusion heads' hidden width
     time_frequencies: int = 64
 
@@ -82,6 +83,9 @@ class UnifiedConfig:
                                   ("video_frames", self.video_frames, self.tubelet_size)):
             if part <= 0 or whole % part:
                 raise ValueError(f"UnifiedConfig: {name} ({whole}) must be a positive multiple of its patch ({part})")
+        if self.video_stride is not None and not 0 < self.video_stride <= self.video_patch:
+            raise ValueError(f"UnifiedConfig: video_stride must be in [1, video_patch = {self.video_patch}], got "
+                             f"{self.video_stride}")
         if self.audio_frames > 1 + int(self.audio_seconds * self.sample_rate) // self.hop_length:
             raise ValueError(f"UnifiedConfig: audio_frames ({self.audio_frames}) exceeds the frames of "
                              f"{self.audio_seconds} s at hop {self.hop_length}")
@@ -95,7 +99,8 @@ class UnifiedConfig:
             return (self.image_size // self.image_patch) ** 2
         if modality == "audio":
             return self.audio_frames // self.audio_patch_frames
-        return (self.video_frames // self.tubelet_size) * (self.video_size // self.video_patch) ** 2
+        places = (self.video_size - self.video_patch) // (self.video_stride or self.video_patch) + 1
+        return (self.video_frames // self.tubelet_size) * places ** 2
 
     def patch_shape(self, modality: str) -> tuple[int, tuple[int, int], tuple[int, int]]:
         """(channels, patch (h, w), grid (h, w)) of a generated modality's [N, C, H, W] values."""
@@ -167,7 +172,8 @@ class UnifiedModel(nn.Module):
         self.audio_in = nn.Conv2d(1, width, (config.n_mels, config.audio_patch_frames),
                                   (config.n_mels, config.audio_patch_frames))
         self.video_in = TubeletEmbed(config.video_size, config.video_patch, 3, width, config.video_frames,
-                                     config.tubelet_size, mean=CLIP_MEAN, std=CLIP_STD, backend=config.text.backend)
+                                     config.tubelet_size, stride=config.video_stride, mean=CLIP_MEAN, std=CLIP_STD,
+                                     backend=config.text.backend)
         self.positions = nn.ParameterDict({modality: nn.Parameter(torch.zeros(config.span_tokens(modality), width))
                                            for modality in MODALITIES})
         self.time_embedding = nn.Sequential(nn.Linear(2 * config.time_frequencies, width), nn.SiLU(),
