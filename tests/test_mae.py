@@ -254,8 +254,9 @@ def test_a_videomae_run_probes_direction_loads_and_hands_its_tower_to_a_video_cl
     model, preprocess = mmfast.load(str(tmp_path / "videomae"))
     clip = preprocess(np.zeros((13, 20, 24, 3), dtype=np.uint8))  # any length and size
     assert clip.shape == (8, 32, 32, 3) and model.features(clip[None]).shape == (1, 32)
-    _assert_tower_carries_over(tmp_path, "videomae", "video", "video-clip-tiny", [
-        "--model.video.patch_size=8", "--model.video.width=32", "--model.video.layers=1", "--model.video.heads=2"],
+    _assert_tower_carries_over(tmp_path, "videomae", "video", "video-clip-tiny", [  # VideoMAE's tubelets, no overlap
+        "--model.video.patch_size=8", "--model.video.patch_stride=null", "--model.video.tubelet_size=2",
+        "--model.video.width=32", "--model.video.layers=1", "--model.video.heads=2"],
         "--model.video.width=48", r"video tower does not fit model.video: width 32 \(the model's: 48\)")
 
 # --- audio: spectrogram patches -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from mmfast.models.caption_lm import CaptionLM, CaptionLMConfig, flops_per_seque
 from mmfast.models.clip import TextConfig
 from mmfast.train import checkpoint
 from mmfast.train.tasks.base import Task
-from mmfast.train.tasks.captions import global_rows, mixture_log, prepare_captions
+from mmfast.train.tasks.captions import check_captions_in_memory, global_rows, mixture_log, prepare_captions
 
 
 def _model_section() -> CaptionLMConfig:
@@ -31,11 +31,7 @@ class CaptionLMTask(Task):
     plot_metrics = headline
 
     def check(self, world_size: int) -> None:
-        if self.config.train.micro_batch:
-            raise ValueError("config: train.micro_batch (gradient caching) is for contrastive batches; "
-                             "task caption_lm uses train.accumulation_steps")
-        if self.config.data.streaming:
-            raise ValueError("config: task caption_lm reads its captions into memory: data.streaming=false")
+        check_captions_in_memory(self.config, self.name)
 
     def prepare(self, progress: bool) -> None:
         prepare_captions(self, progress)

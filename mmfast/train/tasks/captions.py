@@ -46,6 +46,15 @@ def prepare_captions(task, progress: bool, with_other: bool = False, train: bool
     task.restore(config.run_dir)
 
 
+def check_captions_in_memory(config, task_name: str) -> None:
+    """What a task that reads its captions into memory, in plain batches, refuses (named)."""
+    if config.train.micro_batch:
+        raise ValueError(f"config: train.micro_batch (gradient caching) is for contrastive batches; task {task_name} "
+                         f"uses train.accumulation_steps")
+    if config.data.streaming:
+        raise ValueError(f"config: task {task_name} reads its captions into memory: data.streaming=false")
+
+
 def global_rows(task, step: int, size: int):
     """The rows of the global batch of `step` in task.train_split: the mixture's, or one permutation of
     the split per epoch."""

@@ -15,7 +15,7 @@ from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.clip import TextConfig
 from mmfast.models.masked_text import IGNORE, MaskedLanguageModel, MlmConfig, draw_masking, mlm_flops_per_sample
 from mmfast.train.tasks.base import Task
-from mmfast.train.tasks.captions import global_rows, mixture_log, prepare_captions
+from mmfast.train.tasks.captions import check_captions_in_memory, global_rows, mixture_log, prepare_captions
 
 EVALUATION_CAPTIONS = 2000  # held-out captions of the masked-token metrics (the same picks every time)
 
@@ -38,11 +38,7 @@ class MaskedTextTask(Task):
                     "frequency_accuracy": "the most frequent token, held-out"}
 
     def check(self, world_size: int) -> None:
-        if self.config.train.micro_batch:
-            raise ValueError("config: train.micro_batch (gradient caching) is for contrastive batches; "
-                             "task mlm uses train.accumulation_steps")
-        if self.config.data.streaming:
-            raise ValueError("config: task mlm reads its captions into memory: data.streaming=false")
+        check_captions_in_memory(self.config, self.name)
 
     def prepare(self, progress: bool) -> None:
         prepare_captions(self, progress)
