@@ -176,3 +176,24 @@ def test_task_llava_trains_a_transformers_language_model_from_its_directory(tmp_
         train(missing, progress=False)
     assert not (tmp_path / "refused").exists()
 
+
+
+@pytest.mark.parametrize("image_attention", ["causal", "bidirectional"])
+def test_generation_with_transformers_cache_equals_recomputing(tmp_path, image_attention):
+    """An HF decoder generates against transformers' DynamicCache (the prompts left-padded, one token a
+    step): the same tokens as running the whole sequences every step, rows stopping at their eos."""
+    hf_config = transformers.LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = dataclasses.replace(CONFIG, image_attention=image_attention)
+    model = llava_with_language_model(_saved(tmp_path, hf_config), config).eval()
+    _, _, _, pixels, (first, second) = _batch(model.image_tokens)
+    prompts = [first[:-2], torch.tensor([1, 11, 12]), second]
+    recomputed = model.generate_packed(prompts, pixels, max_new_tokens=6, use_cache=False)
+    assert len({tuple(row.tolist()) for row in recomputed}) == 3 and len(set(recomputed[0].tolist())) > 1
+    cached = model.generate_packed(prompts, pixels, max_new_tokens=6)
+    assert [row.tolist() for row in cached] == [row.tolist() for row in recomputed]
+    eos = int(recomputed[1][1])  # the second row stops after two tokens
+    stopped = model.generate_packed(prompts, pixels, max_new_tokens=6, eos_token_id=eos)
+    assert stopped[1].tolist() == recomputed[1][:2].tolist()
+    assert [row.tolist() for row in stopped] == [row.tolist() for row in model.generate_packed(
+        prompts, pixels, max_new_tokens=6, eos_token_id=eos, use_cache=False)]

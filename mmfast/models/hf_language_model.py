@@ -56,3 +56,51 @@ def decoder_layers(decoder: nn.Module) -> list[nn.Module]:
         raise ValueError(f"{type(decoder).__name__} has no `layers`: mmfast's LLaVA takes decoders whose blocks "
                          f"are `model.layers` (Llama, Qwen2, Mistral, Gemma, Phi, ...)")
     return list(layers)
+
+
+class HFDecodingCache:
+    """transformers' DynamicCache for an HF decoder in mmfast's decoding loop (mmfast.models.decoding): the
+    prompts run once, left-padded into one batch (the mmfast attention decodes left-padded rows with
+    mixed_attention_decode), then every prompt row takes one token a step against the cache; rows that
+    have stopped take a zero embedding whose outputs are dropped."""
+
+    def __init__(self, decoder: nn.Module):
+        self.decoder, self.cache, self.mask, self.positions, self.rows = decoder, None, None, None, []
+
+    def prompts(self, rows: list[int], embeds: list[torch.Tensor], span_ids: list[torch.Tensor] | None):
+        """The last hidden state `[len(rows), hidden]` of each prompt (`embeds`: `[length, hidden]` each)."""
+        import transformers
+
+        longest = max(len(row) for row in embeds)
+        padded = embeds[0].new_zeros(len(embeds), longest, embeds[0].shape[-1])
+        self.mask = torch.zeros(len(embeds), longest, dtype=torch.long, device=padded.device)
+        spans = None if span_ids is None else torch.full(self.mask.shape, -1, dtype=torch.int32, device=padded.device)
+        for index, row in enumerate(embeds):
+            padded[index, longest - len(row):], self.mask[index, longest - len(row):] = row, 1
+            if spans is not None:
+                spans[index, longest - len(row):] = span_ids[index]
+        self.positions = (self.mask.cumsum(1) - 1).clamp(min=0)
+        self.cache, self.rows = transformers.DynamicCache(), list(rows)
+        out = self.decoder(inputs_embeds=padded, attention_mask=self.mask, position_ids=self.positions,
+                           use_cache=True, span_ids=spans, **self._cache())
+        self.positions = self.positions[:, -1:] + 1
+        return out.last_hidden_state[:, -1]
+
+    def _cache(self) -> dict:
+        """The cache keyword of this transformers version (`cache` since 5.2x, `past_key_values` before)."""
+        import inspect
+
+        name = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+        return {name: self.cache}
+
+    def step(self, rows: list[int], embeds: torch.Tensor) -> torch.Tensor:
+        """The hidden states `[len(rows), hidden]` after one new token of each of `rows` (`embeds`
+        `[len(rows), hidden]`); every other prompt row steps on a zero embedding."""
+        places = torch.tensor([self.rows.index(row) for row in rows], device=embeds.device)
+        batch = embeds.new_zeros(len(self.rows), 1, embeds.shape[-1])
+        batch[places, 0] = embeds
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
+        out = self.decoder(inputs_embeds=batch, attention_mask=self.mask, position_ids=self.positions,
+                           use_cache=True, **self._cache())
+        self.positions = self.positions + 1
+        return out.last_hidden_state[places, -1]

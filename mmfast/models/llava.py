@@ -21,7 +21,8 @@ from torch import nn
 
 from mmfast.models.clip import VisionConfig, VisionTransformer, patch_count
 from mmfast.models.decoding import check_decoding, decode
-from mmfast.models.hf_language_model import decoder_layers, hf_decoder, run_hf_decoder, switch_to_mmfast
+from mmfast.models.hf_language_model import (HFDecodingCache, decoder_layers, hf_decoder, run_hf_decoder,
+                                             switch_to_mmfast)
 from mmfast.models.llama import LlamaConfig, LlamaModel, hf_config_of, llama_config_of_hf
 from mmfast.nn.kv_cache import KVCache
 from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
@@ -244,9 +245,9 @@ class Llava(nn.Module):
         """The new tokens of each prompt (1-D ids holding their image tokens; pixel_values: their images
         in order), greedy (temperature 0) or sampled with temperature and top-p. Prompts of any lengths
         run packed, with no padding; a row stops at eos_token_id (kept in its output). With use_cache
-        the prompts run once and each step runs one token per row against a KV cache; without, each
-        step runs the whole sequences again (the same tokens, slower; always so with an HF language
-        model). Image features are computed once."""
+        the prompts run once and each step runs one token per row against a KV cache (mmfast's; an HF
+        decoder's: transformers' DynamicCache over the left-padded prompts); without, each step runs the
+        whole sequences again (the same tokens, slower). Image features are computed once."""
         check_decoding("Llava.generate_packed", max_new_tokens, temperature, top_p)
         images_per_prompt = [int((prompt == self.config.image_token_id).sum()) // self.image_tokens for prompt in prompts]
         features = None
@@ -268,17 +269,28 @@ class Llava(nn.Module):
             lengths = torch.tensor([0] + [len(sequence) for sequence in sequences])
             cu_seqlens = lengths.cumsum(0).to(torch.int32).to(ids.device)
             bidirectional = self.config.image_attention == "bidirectional"
+            if hf_cache is not None:
+                if not whole:
+                    return self.lm_head(hf_cache.step(rows, embeds)).float()
+                spans = span_ids_from_token_ids(ids, self.config.image_token_id) if bidirectional else None
+                bounds = cu_seqlens.tolist()
+                hidden = hf_cache.prompts(rows, [embeds[start:end] for start, end in zip(bounds, bounds[1:])],
+                                          None if spans is None else [spans[start:end] for start, end
+                                                                      in zip(bounds, bounds[1:])])
+                return self.lm_head(hidden).float()
             hidden = self._language_model(
                 embeds, cu_seqlens=cu_seqlens, cache=cache,
                 cache_rows=None if cache is None else torch.tensor(rows, device=ids.device),
                 span_ids=span_ids_from_token_ids(ids, self.config.image_token_id) if bidirectional else None)
             return self.lm_head(hidden[cu_seqlens[1:].long() - 1]).float()
 
-        cache = None
+        cache = hf_cache = None
         if use_cache and isinstance(self.model.language_model, LlamaModel):
             cache = KVCache(len(prompts), max((len(prompt) for prompt in prompts), default=0) + max_new_tokens)
+        elif use_cache:
+            hf_cache = HFDecodingCache(self.model.language_model)
         return decode(run, prompts, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, temperature=temperature,
-                      top_p=top_p, generator=generator, cached=cache is not None)
+                      top_p=top_p, generator=generator, cached=use_cache)
 
 
 def language_model_sizes(hf_text_config, text: LlamaConfig) -> LlamaConfig:
