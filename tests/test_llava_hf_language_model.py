@@ -137,31 +137,46 @@ def test_an_hf_llava_with_any_language_model_converts_both_ways():
         torch.testing.assert_close(back(input_ids=ids, pixel_values=pixels).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_task_llava_trains_a_transformers_language_model_from_its_directory(tmp_path):
-    """model.language_model_from: the directory's model and tokenizer (<image> and </s> added, embeddings
-    grown), trained packed, exported and loaded back as the same transformers decoder."""
+def _language_model_directory(root):
+    """A random Qwen2 and a byte-level BPE without LLaVA's tokens, saved as transformers saves them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    import mmfast
-    from mmfast.train import load_config, train
-    from tests.test_llava_train import STAGES, TINY
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tokenizer.train_from_iterator(["what color is the shape? red green blue circle square star"] * 4, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    directory = tmp_path / "lm"
+    directory = root / "lm"
     hf_config = transformers.Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(directory)
     tokenizer.save(str(directory / "tokenizer.json"))
+    return directory, tokenizer
+
+
+def hf_llava_config(root, name, *extra):
+    """Stage 2 of llava-tiny on the Qwen2 of root/lm (module level: spawned processes import it)."""
+    from mmfast.train import load_config
+    from tests.test_llava_train import STAGES, TINY
 
     text = [item for item in TINY if not item.startswith("--model.text.")]
-    config = load_config("llava-tiny", [*text, *STAGES["tune"], "--train.steps=2", "--train.checkpoint_every=2",
-                                        f"--data.synth_dir={tmp_path / 'synth'}",
-                                        f"--model.language_model_from={directory}"])
-    config.stages, config.run_dir = [], str(tmp_path / "run")
-    train(config, progress=False)
+    config = load_config("llava-tiny", [*text, *STAGES["tune"], "--train.checkpoint_every=2",
+                                        f"--data.synth_dir={root / 'synth'}", f"--model.language_model_from={root / 'lm'}",
+                                        *extra])
+    config.stages, config.run_dir = [], str(root / name)
+    return config
+
+
+def test_task_llava_trains_a_transformers_language_model_from_its_directory(tmp_path):
+    """model.language_model_from: the directory's model and tokenizer (<image> and </s> added, embeddings
+    grown), trained packed, exported and loaded back as the same transformers decoder."""
+    import mmfast
+    from mmfast.train import load_config, train
+    from tests.test_llava_train import TINY
+
+    _, tokenizer = _language_model_directory(tmp_path)
+    text = [item for item in TINY if not item.startswith("--model.text.")]
+    train(hf_llava_config(tmp_path, "run", "--train.steps=2"), progress=False)
     model, processor = mmfast.load_llava(str(tmp_path / "run"))
     run_tokenizer = processor.tokenizer
     assert run_tokenizer.get_vocab_size() == tokenizer.get_vocab_size() + 2  # <image> and </s>
@@ -197,3 +212,24 @@ def test_generation_with_transformers_cache_equals_recomputing(tmp_path, image_a
     assert stopped[1].tolist() == recomputed[1][:2].tolist()
     assert [row.tolist() for row in stopped] == [row.tolist() for row in model.generate_packed(
         prompts, pixels, max_new_tokens=6, eos_token_id=eos, use_cache=False)]
+
+
+@pytest.mark.distributed
+def test_engines_around_a_transformers_decoder_follow_one_process(tmp_path):
+    """DDP, FSDP2 (each decoder layer of the transformers model a shard unit) and DeepSpeed ZeRO-2 / ZeRO-3
+    on two processes give the single process's stage-2 losses on the same global batch."""
+    import importlib
+
+    from tests.processes import launch_training
+    from tests.runs import losses
+
+    _language_model_directory(tmp_path)
+    launch_training(hf_llava_config, tmp_path, [("single", [])], world=1)
+    runs = [("ddp", ["--engine.name=ddp"]), ("fsdp2", ["--engine.name=fsdp2"])]
+    if importlib.util.find_spec("deepspeed") is not None:
+        runs += [(f"zero{stage}", ["--engine.name=deepspeed", f"--engine.zero_stage={stage}"]) for stage in (2, 3)]
+    launch_training(hf_llava_config, tmp_path, runs, world=2)
+    reference = list(losses(tmp_path / "single").values())
+    assert len(reference) == 4 and all(0 < loss < 20 for loss in reference)
+    for name, _ in runs:
+        assert list(losses(tmp_path / name).values()) == pytest.approx(reference, abs=2e-4), name
