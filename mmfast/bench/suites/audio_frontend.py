@@ -3,7 +3,9 @@ spectrogram, normalization, overlapping 16 x 16 patches at stride 10, projection
 distillation tokens, positions). mmfast: the fused log-mel and the fused patch embedding on the
 device (`mmfast.models.AudioEncoder` without blocks). Baseline: what AST users run today, HF's
 `ASTFeatureExtractor` (Kaldi's fbank through torchaudio where installed, its numpy path otherwise) on
-the host, then HF's `ASTEmbeddings` (a Conv2d) on the device. Forward only.
+the host, then HF's `ASTEmbeddings` (a Conv2d) on the device. Also measured: mmfast with AST's own
+features (`front_end="kaldi"`: `mmfast.audio.kaldi_fbank` on the device, what a model converted from HF
+uses), its ratio to the fused front end shown as a baseline's. Forward only.
 
 Rate: hours of audio per second.
 """
@@ -16,6 +18,7 @@ import torch
 from mmfast.bench.case import Case
 
 SAMPLE_RATE = 16000
+KALDI = "mmfast kaldi_fbank (AST's own features)"
 
 
 def _hf_embeddings(mel_bins: int, frames: int, width: int, device, dtype):
@@ -32,11 +35,12 @@ def _case(batch, seconds, mel_bins, frames, width, provider, device, dtype):
     def make():
         generator = torch.Generator(device=device).manual_seed(0)
         audio = torch.randn(batch, samples, device=device, generator=generator) * 0.1
-        if provider == "mmfast":
+        if provider in ("mmfast", KALDI):
             from mmfast.models.audio import AudioConfig, AudioEncoder
 
+            front_end = "kaldi" if provider == KALDI else "fused"
             encoder = AudioEncoder(AudioConfig(num_mel_bins=mel_bins, max_length=frames, width=width, layers=0,
-                                               heads=1)).to(device, dtype)
+                                               heads=1, front_end=front_end)).to(device, dtype)
             step = lambda: encoder.embeddings(encoder.features(audio).to(dtype))  # noqa: E731
         else:
             from transformers import ASTFeatureExtractor
@@ -66,7 +70,7 @@ def _baseline() -> str:
 
 
 def cases(profile: str, device: torch.device):
-    providers = ["mmfast"] + ([_baseline()] if importlib.util.find_spec("transformers") else [])
+    providers = ["mmfast", KALDI] + ([_baseline()] if importlib.util.find_spec("transformers") else [])
     if profile == "cpu":
         return [_case(2, 2, 128, 200, 64, provider, device, torch.float32) for provider in providers]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
