@@ -145,10 +145,12 @@ class Llava(nn.Module):
         return self.model.language_model.get_input_embeddings()
 
     def _language_model(self, embeds: torch.Tensor, **packing) -> torch.Tensor:
-        """The decoder's final hidden states: mmfast's, or an HF decoder's (no KV cache there)."""
+        """The decoder's final hidden states: mmfast's, or an HF decoder's (whose generation cache is
+        HFDecodingCache's, kept by generate_packed: mmfast's KVCache arguments do not reach it)."""
         if isinstance(self.model.language_model, LlamaModel):
             return self.model.language_model(inputs_embeds=embeds, **packing)
-        packing.pop("cache", None), packing.pop("cache_rows", None)
+        for name in ("cache", "cache_rows"):
+            packing.pop(name, None)
         return run_hf_decoder(self.model.language_model, embeds, **packing)
 
     @property
