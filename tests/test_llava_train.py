@@ -10,7 +10,7 @@ import torch
 
 from mmfast.train import load_config, train
 from tests.processes import launch_training
-from tests.runs import losses
+from tests.runs import losses, prepared_task
 
 pytest.importorskip("tokenizers")
 TINY = ["--data.train_samples=48", "--data.held_out_samples=8", "--data.batch_size=8", "--data.image_size=16",
@@ -191,15 +191,12 @@ def test_anyres_gives_larger_pictures_their_tiles_tokens_in_training_and_evaluat
     """model.image_grid_pinpoints: 32-pixel pictures before a 16-pixel tower become an overview and four
     tiles (five tower inputs, five times the image tokens), packed as they are; evaluation (VQA, POPE,
     multiple choice, pictures drawn another way) asks about the same tiles."""
-    from mmfast.train.tasks import build_task
-
     config = _config(tmp_path, "anyres", *STAGES["tune"], "--data.image_size=32", "--model.vision.image_size=16",
                      "--train.steps=2", "--train.eval_every=2", "--train.checkpoint_every=2")
     config.model.image_grid_pinpoints = [[32, 32]]
     result = train(config, progress=False)
     assert {"vqa_accuracy", "pope_f1", "other_vqa_color", "choice_circular"} <= result.keys()
-    task = build_task(config, placement=type("Placement", (), dict(rank=0, world_size=1, is_main=True))())
-    task.prepare(progress=False)
+    task = prepared_task(config)
     assert task.model_config.vision.image_size == 16 and task.image_tokens == 5  # 2 x 2 patches and the class token
     sample = next(sample for sample in task.train_encoded if sample.image is not None)
     assert task.pixels[sample.image].shape == (5, 3, 16, 16)

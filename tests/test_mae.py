@@ -3,7 +3,6 @@ patches (tube masking for video, spectrogram patches for audio), the loss counts
 against per-patch normalized targets, batches hide the same patches after a resume, two processes
 follow one, the probe measures what it should, and the towers carry over to a contrastive, a LLaVA,
 a video-text and an audio-text run."""
-import os
 
 import numpy as np
 import pytest
@@ -18,9 +17,8 @@ from mmfast.models.video import VideoConfig
 from mmfast.ops import patch_embed
 from mmfast.train import load_config, train
 from mmfast.train.probe import linear_probe
-from mmfast.train.tasks import build_task
 from tests.processes import launch_training
-from tests.runs import losses
+from tests.runs import losses, prepared_task
 
 MEAN, STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 # the tiny tower LLaVA's tests build, so one MAE run serves the contrastive and the LLaVA hand-over
@@ -120,10 +118,7 @@ def test_bad_settings_are_named(tmp_path):
 
 
 def test_batches_hide_the_same_patches_after_a_resume(tmp_path):
-    config = mae_config(tmp_path, "batches")
-    os.makedirs(config.run_dir)
-    task = build_task(config, placement=type("Placement", (), dict(rank=0, world_size=1, is_main=True))())
-    task.prepare(progress=False)
+    task = prepared_task(mae_config(tmp_path, "batches"))
     first = [next(iter_) for iter_ in [task.batches(1, 0)] for _ in range(3)]
     resumed = next(task.batches(1, 2))
     torch.testing.assert_close(resumed[0], first[2][0])

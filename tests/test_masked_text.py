@@ -1,8 +1,6 @@
 """Masked language modeling (task mlm): the bidirectional text tower never attends padding, the masking
 follows BERT's proportions and never touches special tokens, the loss counts the picked tokens only,
 two processes follow one, and the tower carries over to a contrastive run."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,9 +9,8 @@ import mmfast
 from mmfast.models.clip import TextConfig, TextTransformer
 from mmfast.models.masked_text import IGNORE, MaskedLanguageModel, MlmConfig, draw_masking
 from mmfast.train import load_config, train
-from mmfast.train.tasks import build_task
 from tests.processes import launch_training
-from tests.runs import losses
+from tests.runs import losses, prepared_task
 
 TEXT = ["--model.text.width=32", "--model.text.layers=1", "--model.text.heads=2"]
 TINY = ["--data.train_samples=96", "--data.held_out_samples=16", "--data.batch_size=16", "--train.steps=4",
@@ -107,10 +104,7 @@ def test_bad_settings_are_named(tmp_path):
 
 
 def test_batches_pick_the_same_places_after_a_resume(tmp_path):
-    config = mlm_config(tmp_path, "batches")
-    os.makedirs(config.run_dir)
-    task = build_task(config, placement=type("Placement", (), dict(rank=0, world_size=1, is_main=True))())
-    task.prepare(progress=False)
+    task = prepared_task(mlm_config(tmp_path, "batches"))
     first = [batch for batch, _ in zip(task.batches(1, 0), range(3))]
     resumed = next(task.batches(1, 2))
     for part, expected in zip(resumed, first[2]):
