@@ -59,3 +59,18 @@ def launch_training(make_config, root, runs, world=2) -> None:
 
     torch.multiprocessing.start_processes(_training_worker, args=(world, free_port(), make_config, root, runs),
                                           nprocs=world, start_method="spawn")
+
+
+def assert_ddp_follows_one_process(make_config, root, steps: int = 4) -> None:
+    """make_config's run in one process (root/single) and in two under DDP (root/ddp): the same loss at
+    every one of `steps` steps."""
+    import pytest
+
+    from tests.runs import losses
+
+    launch_training(make_config, root, [("single", [])], world=1)
+    launch_training(make_config, root, [("ddp", ["--engine.name=ddp"])], world=2)
+    single, ddp = losses(root / "single"), losses(root / "ddp")
+    assert single.keys() == ddp.keys() == set(range(1, steps + 1))
+    for step in single:
+        assert ddp[step] == pytest.approx(single[step], rel=1e-4, abs=1e-5)

@@ -17,8 +17,8 @@ from mmfast.models.video import VideoConfig
 from mmfast.ops import patch_embed
 from mmfast.train import load_config, train
 from mmfast.train.probe import linear_probe
-from tests.processes import launch_training
-from tests.runs import losses, prepared_task
+from tests.processes import assert_ddp_follows_one_process
+from tests.runs import prepared_task
 
 MEAN, STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
 # the tiny tower LLaVA's tests build, so one MAE run serves the contrastive and the LLaVA hand-over
@@ -128,12 +128,7 @@ def test_batches_hide_the_same_patches_after_a_resume(tmp_path):
 
 @pytest.mark.distributed
 def test_two_processes_follow_one_and_the_tower_carries_over(tmp_path):
-    launch_training(mae_config, tmp_path, [("single", [])], world=1)
-    launch_training(mae_config, tmp_path, [("ddp", ["--engine.name=ddp"])], world=2)
-    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
-    assert single.keys() == ddp.keys() == {1, 2, 3, 4}
-    for step in single:
-        assert ddp[step] == pytest.approx(single[step], rel=1e-4, abs=1e-5)
+    assert_ddp_follows_one_process(mae_config, tmp_path)
     metrics = [line for line in open(tmp_path / "single" / "metrics.jsonl") if "probe_accuracy" in line]
     assert metrics and "random_probe_accuracy" in metrics[-1] and "other_probe_accuracy" in metrics[-1]
     mae = torch.load(tmp_path / "single" / "model.pt", weights_only=False)

@@ -9,8 +9,8 @@ import mmfast
 from mmfast.models.clip import TextConfig, TextTransformer
 from mmfast.models.masked_text import IGNORE, MaskedLanguageModel, MlmConfig, draw_masking
 from mmfast.train import load_config, train
-from tests.processes import launch_training
-from tests.runs import losses, prepared_task
+from tests.processes import assert_ddp_follows_one_process
+from tests.runs import prepared_task
 
 TEXT = ["--model.text.width=32", "--model.text.layers=1", "--model.text.heads=2"]
 TINY = ["--data.train_samples=96", "--data.held_out_samples=16", "--data.batch_size=16", "--train.steps=4",
@@ -116,12 +116,7 @@ def test_batches_pick_the_same_places_after_a_resume(tmp_path):
 
 @pytest.mark.distributed
 def test_two_processes_follow_one_and_the_tower_carries_over(tmp_path):
-    launch_training(mlm_config, tmp_path, [("single", [])], world=1)
-    launch_training(mlm_config, tmp_path, [("ddp", ["--engine.name=ddp"])], world=2)
-    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
-    assert single.keys() == ddp.keys() == {1, 2, 3, 4}
-    for step in single:
-        assert ddp[step] == pytest.approx(single[step], rel=1e-4, abs=1e-5)
+    assert_ddp_follows_one_process(mlm_config, tmp_path)
     model, tokenizer = mmfast.load(str(tmp_path / "single"))
     assert model.features(tokenizer(["a red circle.", "two blue stars at the center."])).shape == (2, 32)
     saved = torch.load(tmp_path / "single" / "model.pt", weights_only=False)
