@@ -65,7 +65,11 @@ class HFDecodingCache:
     have stopped take a zero embedding whose outputs are dropped."""
 
     def __init__(self, decoder: nn.Module):
+        import inspect
+
         self.decoder, self.cache, self.mask, self.positions, self.rows = decoder, None, None, None, []
+        # the cache keyword of the installed transformers (`cache` since 5.2x, `past_key_values` before)
+        self.cache_keyword = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
     def prompts(self, rows: list[int], embeds: list[torch.Tensor], span_ids: list[torch.Tensor] | None):
         """The last hidden state `[len(rows), hidden]` of each prompt (`embeds`: `[length, hidden]` each)."""
@@ -87,11 +91,7 @@ class HFDecodingCache:
         return out.last_hidden_state[:, -1]
 
     def _cache(self) -> dict:
-        """The cache keyword of this transformers version (`cache` since 5.2x, `past_key_values` before)."""
-        import inspect
-
-        name = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
-        return {name: self.cache}
+        return {self.cache_keyword: self.cache}
 
     def step(self, rows: list[int], embeds: torch.Tensor) -> torch.Tensor:
         """The hidden states `[len(rows), hidden]` after one new token of each of `rows` (`embeds`

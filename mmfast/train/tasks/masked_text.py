@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.clip import TextConfig
@@ -104,9 +105,10 @@ class MaskedTextTask(Task):
         for start in range(0, len(tokens), 256):
             part = slice(start, start + 256)
             part_labels = labels[part].to(device)
-            total += model(inputs[part].to(device), masked[part].to(device), part_labels).sum().item()
-            predicted = model(inputs[part].to(device), masked[part].to(device)).argmax(-1)
-            correct += ((predicted == part_labels) & (part_labels != IGNORE)).sum().item()
+            logits = model(inputs[part].to(device), masked[part].to(device)).float()  # one forward for both
+            total += F.cross_entropy(logits.flatten(0, 1), part_labels.flatten(), ignore_index=IGNORE,
+                                     reduction="sum").item()
+            correct += ((logits.argmax(-1) == part_labels) & (part_labels != IGNORE)).sum().item()
         picked = max(int((labels != IGNORE).sum()), 1)
         model.train(was_training)
         return {"held_out_loss": total / picked, "masked_accuracy": correct / picked,
