@@ -69,6 +69,11 @@ def test_both_stages_follow_the_single_process_on_every_engine(tmp_path):
                 weights = _weights(tmp_path / name)
                 for key in single:
                     torch.testing.assert_close(weights[key], single[key], atol=1e-4, rtol=0, msg=f"{name} {key}")
+    tower_keys = {key for key in _weights(tmp_path / "tune-single") if key.startswith("model.vision_tower.")}
+    for name in ("tune-zero3", "lora-zero3"):  # ZeRO-3 keeps the frozen tower whole, out of its partitions
+        folder = tmp_path / name / "checkpoints" / "step-0000004"
+        if folder.exists():
+            assert torch.load(folder / "towers.pt", weights_only=True).keys() == tower_keys, name
     # what is not trainable never moves: the tower in every stage, the language model in stage 1, its
     # norms and embeddings under LoRA (whose merged linear layers do move)
     align, tune, lora = (_weights(tmp_path / f"{stage}-single") for stage in ("align", "tune", "lora"))

@@ -265,19 +265,48 @@ def test_a_task_written_against_the_interface_trains_on_every_engine(root):
     assert any("next_token_accuracy" in row for row in rows)
 
 
+def _assert_frozen_tower_whole(root, single):
+    """FSDP2's checkpoint holds the frozen text tower's tensors in one piece (the rest in a piece per
+    rank); ZeRO-3's partitions hold none of it, its whole weights lie beside them in towers.pt."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(root / "frozen-fsdp2" / "checkpoints" / "step-0000004" / "sharded")).read_metadata()
+    pieces = {key[len("model."):]: len(entry.chunks) for key, entry in metadata.state_dict_metadata.items()
+              if key.startswith("model.") and hasattr(entry, "chunks")}
+    assert {pieces[key] for key in pieces if key.startswith("text_model.")} == {1}
+    assert pieces["vision_model.layers.0.mlp.fc1.weight"] == 2
+    folder = root / "frozen-zero3" / "checkpoints" / "step-0000004"
+    if folder.exists():
+        towers = torch.load(folder / "towers.pt", weights_only=True)
+        assert towers.keys() == {key for key in single if key.startswith("text_model.")}
+        for key, value in towers.items():
+            torch.testing.assert_close(value, single[key], atol=0, rtol=0, msg=key)
+        partitioned = torch.load(next(folder.glob("*model_states.pt")), weights_only=False)["param_shapes"]
+        names = {name for group in partitioned for name in group}
+        assert names and not any(name.startswith("text_model.") for name in names)
+
+
 @pytest.mark.distributed
 def test_frozen_modules_and_prefix_learning_rates_on_every_engine(root):
-    """train.frozen and optim.lr_groups give the single process's run under DDP, FSDP2 and ZeRO-2/3."""
+    """train.frozen and optim.lr_groups give the single process's run under DDP, FSDP2 and ZeRO-2/3; the
+    frozen tower stays whole on every rank under FSDP2 and ZeRO-3, also across a resume."""
     settings = ["--train.frozen=[text_model]", "--optim.lr_groups={visual_projection: 3.0e-3}"]
     _launch(root, [("frozen-single", settings)], world=1)
     runs = _on_every_engine("frozen", settings)
-    _launch(root, runs)
+    resumed = []
+    if any(name == "frozen-zero3" for name, _ in runs):
+        zero3 = ["--engine.name=deepspeed", "--engine.zero_stage=3", *settings]
+        resumed = [("frozen-zero3-resumed", [*zero3, "--train.stop_after=2"]), ("frozen-zero3-resumed", zero3)]
+    _launch(root, runs + resumed)
     single = torch.load(root / "frozen-single" / "model.pt", weights_only=False)["state_dict"]
     initial = torch.load(root / "single" / "model.pt", weights_only=False)["state_dict"]  # same seed, nothing frozen
     assert not any(torch.equal(single[name], initial[name]) for name in single if name.startswith("vision_model."))
     for name, _ in runs:
         _assert_follows(root, name, reference="frozen-single")
         _assert_same_weights(root, name, reference="frozen-single")
+    _assert_frozen_tower_whole(root, single)
+    if resumed:
+        assert _losses(root / "frozen-zero3-resumed") == _losses(root / "frozen-zero3")
     if (root / "frozen-zero2").exists():  # the frozen tower never reaches ZeRO-2's optimizer partitions
         trainable = sum(value.numel() for key, value in single.items() if not key.startswith("text_model."))
         held = 0

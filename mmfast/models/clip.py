@@ -317,6 +317,11 @@ class CLIP(DualEncoder):
         """The transformer blocks of both towers: the units to shard, compile or checkpoint."""
         return [*self.vision_model.layers, *self.text_model.layers]
 
+    def towers(self) -> dict[str, nn.Module]:
+        """The two encoders: one frozen (a locked tower, as in LiT) is kept whole on every rank by the
+        engines that shard parameters."""
+        return {"vision_model": self.vision_model, "text_model": self.text_model}
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """[B, C, H, W] pixels -> [B, embed_dim] features (unit length with normalize)."""
         features = self.visual_projection(self.vision_model(pixels))

@@ -170,6 +170,11 @@ class Llava(nn.Module):
         """The units an engine shards, compiles or checkpoints (the language model's layers)."""
         return decoder_layers(self.model.language_model)
 
+    def towers(self) -> dict[str, nn.Module]:
+        """The encoder feeding the language model: kept whole on every rank when frozen (as LLaVA's
+        stages freeze it) by the engines that shard parameters."""
+        return {"model.vision_tower": self.model.vision_tower}
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> projected features [N, image_tokens, text hidden]. A tower with no trainable
         parameter runs without autograd (stage 1 and 2 of LLaVA freeze it)."""

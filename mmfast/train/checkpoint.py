@@ -103,11 +103,14 @@ def consolidate(folder: str) -> dict[str, torch.Tensor]:
             dcp_to_torch_save(os.path.join(folder, "sharded"), path)
             return {key: value.float() for key, value in load_tensors(path)["model"].items()}
     if glob.glob(os.path.join(folder, "*model_states.pt")):
-        from mmfast.train.engines.deepspeed_engine import import_deepspeed
+        from mmfast.train.engines.deepspeed_engine import TOWERS_FILE, import_deepspeed
 
         import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+        towers = os.path.join(folder, TOWERS_FILE)  # ZeRO-3's frozen towers, kept out of its partitions
+        if os.path.exists(towers):
+            state.update(load_tensors(towers))
         return {key: value.float() for key, value in state.items()}
     raise FileNotFoundError(f"{folder} holds no checkpoint written by mmfast's engines")

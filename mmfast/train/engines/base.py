@@ -84,6 +84,28 @@ def freeze(model: torch.nn.Module, trainable=(), frozen=()) -> None:
             parameter.requires_grad_(False)
 
 
+def frozen_towers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{dotted name: module} of the model's towers (its `towers()`, where it has one) that hold no
+    trainable parameter. The engines that shard parameters (FSDP2, ZeRO-3) keep these whole on every
+    rank in the run's precision: a frozen tower is only read, so partitioning it would buy its memory
+    back with a gather of every one of its layers at every step (LLaVA's frozen vision tower, a locked
+    tower as in LiT)."""
+    towers = model.towers() if hasattr(model, "towers") else {}
+    return {name: tower for name, tower in towers.items()
+            if not any(parameter.requires_grad for parameter in tower.parameters())}
+
+
+def tower_weights(towers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The towers' weights under the model's own keys (what a state dict of the whole model has)."""
+    return {f"{name}.{key}": value for name, tower in towers.items() for key, value in tower.state_dict().items()}
+
+
+def load_tower_weights(towers: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    for name, tower in towers.items():
+        tower.load_state_dict({key[len(name) + 1:]: value for key, value in state.items()
+                               if key.startswith(name + ".")})
+
+
 def build_optimizer(groups: list[dict], optim) -> torch.optim.Optimizer:
     options = dict(lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
     if optim.name == "adamw":

@@ -15,7 +15,11 @@ import socket
 import torch
 import torch.distributed as dist
 
-from mmfast.train.engines.base import Engine, build_optimizer, parameter_groups, schedule
+from mmfast.train.engines.base import (Engine, build_optimizer, frozen_towers, load_tower_weights, parameter_groups,
+                                       schedule, tower_weights)
+from mmfast.train.files import load_tensors
+
+TOWERS_FILE = "towers.pt"
 
 
 def import_deepspeed():
@@ -32,6 +36,17 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def out_of_sight(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None:
+    """Unregisters `modules` (dotted names of submodules of `model`) from their parents but leaves each
+    as a plain attribute: the forward still calls it, while parameters(), state_dict() and module hooks,
+    all that DeepSpeed partitions, gathers and saves, no longer reach it."""
+    for name, module in modules.items():
+        parent, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent)
+        del parent._modules[leaf]
+        object.__setattr__(parent, leaf, module)
 
 
 class DeepSpeedEngine(Engine):
@@ -84,9 +99,13 @@ class DeepSpeedEngine(Engine):
         groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
         client_optimizer = None if "optimizer" in config else build_optimizer(groups, self.optim)
         factor = schedule(self.optim, self.geometry.steps)
+        self.towers = frozen_towers(model) if self.engine.zero_stage == 3 else {}
+        out_of_sight(model, self.towers)
         self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=client_optimizer, config=config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
+        for tower in self.towers.values():
+            tower.to(self.dtype)  # DeepSpeed holds the rest in the run's precision
         self.unwrapped = self.wrapped.module
         self.scaler = None
 
@@ -105,15 +124,21 @@ class DeepSpeedEngine(Engine):
 
     def save(self, folder: str) -> None:
         self.wrapped.save_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+        if self.towers and self.placement.is_main:
+            torch.save(tower_weights(self.towers), os.path.join(folder, TOWERS_FILE))
 
     def load(self, folder: str) -> None:
         path, _ = self.wrapped.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}")
+        if self.towers:
+            load_tower_weights(self.towers, load_tensors(os.path.join(folder, TOWERS_FILE),
+                                                         map_location=self.placement.device))
 
     def evaluation_model(self) -> torch.nn.Module | None:
         if self.engine.zero_stage == 3:
             state = self.wrapped._zero3_consolidated_16bit_state_dict()  # collective; the full dict on rank 0
+            state = {**state, **tower_weights(self.towers)} if state is not None else None
         else:
             state = self.unwrapped.state_dict() if self.placement.is_main else None
         if not self.placement.is_main:

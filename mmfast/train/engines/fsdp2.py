@@ -1,9 +1,11 @@
 """PyTorch FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks,
 each transformer block a unit that is gathered for its forward and backward.
-Mixed precision is FSDP2's policy (bf16 compute, fp32 gradient reduction and master weights)."""
+Mixed precision is FSDP2's policy (bf16 compute, fp32 gradient reduction and master weights).
+A frozen tower (engines.base.frozen_towers) is left out of the sharding: whole on every rank."""
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 
 import torch
@@ -11,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from mmfast.train.files import load_tensors
-from mmfast.train.engines.base import Engine, build_optimizer, parameter_groups, schedule
+from mmfast.train.engines.base import Engine, build_optimizer, frozen_towers, parameter_groups, schedule
 
 
 class FSDP2Engine(Engine):
@@ -36,9 +38,15 @@ class FSDP2Engine(Engine):
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
         if self.engine.offload_optimizer:
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.placement.device.type == "cuda")
+        # torch < 2.7's fully_shard has no ignored_params: there the frozen towers are sharded like the rest
+        towers = frozen_towers(model) if "ignored_params" in inspect.signature(fully_shard).parameters else {}
+        whole = {parameter for tower in towers.values() for parameter in tower.parameters()}
         for block in model.blocks():
-            fully_shard(block, **options)
-        fully_shard(model, **options)
+            if not any(parameter in whole for parameter in block.parameters()):
+                fully_shard(block, **options)
+        fully_shard(model, **options, **({"ignored_params": whole} if whole else {}))
+        for tower in towers.values():
+            tower.to(self.dtype)  # outside FSDP2's policy: held in the precision the rest computes in
         self.wrapped = self.unwrapped = model
         # after fully_shard: the optimizer must see the sharded (DTensor) parameters
         groups = parameter_groups(model, self.optim.weight_decay, self.optim.lr_groups)
