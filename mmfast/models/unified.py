@@ -159,7 +159,8 @@ def audio_values(config: UnifiedConfig, waveforms: torch.Tensor) -> torch.Tensor
 class UnifiedModel(nn.Module):
     """`forward(input_ids, cu_seqlens, images=..., image_times=..., audio=..., audio_times=..., video=...,
     labels=...)` on packed token ids: a dict with "text" (logits, or with labels the per-token losses) and,
-    for each generated modality present, its predicted velocity per patch `[N, patches, patch values]`."""
+    for each generated modality, its predicted velocity per patch `[N, patches, patch values]` (N = 0 when
+    the batch has none)."""
 
     def __init__(self, config: UnifiedConfig):
         super().__init__()
@@ -210,6 +211,12 @@ class UnifiedModel(nn.Module):
         """The units an engine shards, compiles or checkpoints."""
         return list(self.language_model.layers)
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """The parameters the forward reads outside a call of the module holding them (the fused patch
+        embedding takes image_in's and audio_in's weights and the position tables as tensors): an engine
+        that gathers parameters per module call (ZeRO-3) gathers these with the whole model's call."""
+        return [*self.image_in.parameters(), *self.audio_in.parameters(), *self.positions.parameters()]
+
     # inputs: what each modality's span is made of
 
     def span_embeddings(self, modality: str, values: torch.Tensor, times: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,7 +262,7 @@ class UnifiedModel(nn.Module):
         target of position t)."""
         inputs = {"image": (images, image_times), "audio": (audio, audio_times), "video": (video, None)}
         # Every forward runs every embedding and head in one order, a blank item standing in for a missing
-        # modality (its result times 0): DDP and ZeRO wait for every gradient, and ZeRO-3 gathers each
+        # input (its result times 0): DDP and ZeRO wait for every gradient, and ZeRO-3 gathers each
         # parameter when first touched, which must happen in the same order on every rank.
         spans, blank = {}, 0.0
         for modality, (values, times) in inputs.items():
@@ -267,13 +274,9 @@ class UnifiedModel(nn.Module):
         placeholders = self._placeholders()
         hidden = self.language_model(inputs_embeds=embeds, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                      span_ids=span_ids_from_token_ids(input_ids, list(placeholders.values())))
-        out = {}
-        for modality in GENERATED:
-            if modality in spans:
-                out[modality] = self._velocity(modality, hidden[input_ids == placeholders[modality]])
-            else:
-                blank = blank + self._velocity(modality, hidden.new_zeros(self.config.span_tokens(modality),
-                                                                          hidden.shape[-1])).sum() * 0.0
+        # every generated modality's velocity, none rows where none is in the batch: the same outputs on every
+        # rank (ZeRO-3 counts the gradients arriving at them), and the heads join the graph either way
+        out = {modality: self._velocity(modality, hidden[input_ids == placeholders[modality]]) for modality in GENERATED}
         text = self.lm_head(hidden) if labels is None else self.lm_head(hidden, labels, ignore_index=ignore_index)
         out["text"] = text + blank
         return out

@@ -106,6 +106,9 @@ class DeepSpeedEngine(Engine):
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor))
         for tower in self.towers.values():
             tower.to(self.dtype)  # DeepSpeed holds the rest in the run's precision
+        if self.engine.zero_stage == 3 and hasattr(model, "external_parameters"):
+            for parameter in model.external_parameters():  # read as tensors, not through their module's call
+                deepspeed.zero.register_external_parameter(model, parameter)
         self.unwrapped = self.wrapped.module
         self.scaler = None
 

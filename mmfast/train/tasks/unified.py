@@ -72,10 +72,6 @@ class UnifiedTask(Task):
         config, section = self.config, self.config.model
         if config.train.micro_batch:
             raise ValueError("config: task unified uses train.accumulation_steps, not train.micro_batch")
-        if config.engine.name == "deepspeed" and config.engine.zero_stage == 3:
-            raise ValueError("config: task unified does not run on DeepSpeed ZeRO-3: the modalities of a micro-batch "
-                             "differ from rank to rank, and ZeRO-3 needs every rank to gather parameters in one "
-                             "traced order; use engine.name=fsdp2 (parameters sharded too) or engine.zero_stage 1 or 2")
         if config.data.source != "synth" or config.data.streaming:
             raise ValueError("config: task unified trains on the bundled data (data.source=synth, data.streaming=false)")
         if config.data.image_size != section.image_size:
@@ -238,9 +234,9 @@ class UnifiedTask(Task):
         supervised = (labels[present] != IGNORE).sum()
         total = out["text"].sum() * norms[0, 0]
         parts = {"text_loss": out["text"].sum() / supervised.clamp(min=1)}  # this micro-batch's, for the log
-        for modality, (generated, target) in targets.items():
-            predicted = out[modality]
-            if bool(generated.any()):
+        for modality in GENERATED:
+            predicted, (generated, target) = out[modality], targets.get(modality, (None, None))
+            if generated is not None and bool(generated.any()):
                 errors = (predicted[generated] - target[generated]).square().flatten(1).mean(1)
                 total = total + section.loss_weights.get(modality, 1.0) * errors.sum() * norms[0, GENERATED.index(modality) + 1]
                 parts[f"{modality}_loss"] = errors.mean()
