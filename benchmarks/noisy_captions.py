@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed-pairs", type=int, default=2000, help="the clean seed set of the filter's CLIP")
     parser.add_argument("--seed-steps", type=int, default=150)
     parser.add_argument("--captioner-steps", type=int, default=600)
+    parser.add_argument("--captioner-data", choices=("seed", "filtered"), default="seed",
+                        help="the captioner's pairs: the clean seed set, or (b)'s filtered pairs")
     parser.add_argument("--steps", type=int, default=400, help="steps of each compared CLIP")
     parser.add_argument("--clean-quantile", type=float, default=0.1,
                         help="the threshold: this quantile of the seed CLIP's scores on its clean held-out pairs")
@@ -239,8 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     # the captioner bootstraps from (b), as BLIP's CapFilt from its pretrained model: (b)'s vision tower
     # (frozen), a projector and language model taught to describe the clean seed pictures with their captions
     seed_folder = os.path.join(out, "seed-conversations")
-    train_json = caption_conversations(sorted(glob.glob(os.path.join(out, "seed-synth", "train-*.tar"))), seed_folder,
-                                       "train")
+    taught = "seed-synth/train-*.tar" if arguments.captioner_data == "seed" else "filtered/*.tar"
+    train_json = caption_conversations(sorted(glob.glob(os.path.join(out, taught))), seed_folder, "train")
     held_json = caption_conversations(sorted(glob.glob(os.path.join(out, "seed-synth", "held_out-*.tar"))), seed_folder,
                                       "held_out", limit=100)
     captioner = load_config("llava-tiny", ["--data.source=files", f"--data.conversations={train_json}",
