@@ -13,7 +13,8 @@ import torch
 from mmfast.ops._backend import triton_available, triton_interpreting
 
 OPTIONAL_PACKAGES = ("triton", "open_clip_torch", "timm", "transformers", "librosa", "deepspeed", "bitsandbytes",
-                     "tensorboard", "webdataset", "tokenizers", "matplotlib", "nvidia-ml-py", "pytest-benchmark")
+                     "tensorboard", "webdataset", "tokenizers", "matplotlib", "nvidia-ml-py", "pytest-benchmark",
+                     "peft", "diffusers")
 
 
 def package_version(name: str) -> str | None:

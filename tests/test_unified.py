@@ -1,7 +1,7 @@
 """The unified any-to-any model (task unified): text causal and every modality span bidirectional in one
 packed forward, flow-matching targets in the patch embedding's order, the generation metrics read the
 truth off the bundled data, batches are a function of (seed, step) shared out over ranks, two processes
-follow one on DDP, FSDP2 and ZeRO-2 (ZeRO-3 is refused, by name), and a finished run generates text, images and audio through
+follow one on DDP, FSDP2 and ZeRO-2/3, and a finished run generates text, images and audio through
 mmfast.load_unified and the CLI."""
 import dataclasses
 import importlib.util

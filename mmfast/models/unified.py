@@ -46,7 +46,9 @@ AUDIO_DECADES = 8.0  # the spectrogram's floor below each clip's peak (log10 pow
 @dataclass(kw_only=True)
 class UnifiedConfig:
     """text: the decoder (its vocab_size = text_vocab_size + len(SPECIAL_TOKENS)); text_vocab_size, sot and
-    eot: the caption tokenizer's. Images image_size^2 in image_patch^2 patches; audio audio_seconds at
+    eot: the caption tokenizer's. Images image_size^2 in image_patch^2 patches (of pixels, or of the latents
+    of image_autoencoder, a diffusers AutoencoderKL's directory: image_channels of them, image_size /
+    image_downsample a side, both the autoencoder's); audio audio_seconds at
     sample_rate as n_mels x audio_frames log-mel, patches of all bands over audio_patch_frames frames;
     video video_frames of video_size^2 in tubelet_size x video_patch^2 tubelets."""
 
@@ -58,6 +60,9 @@ class UnifiedConfig:
     eot_token_id: int = 2
     image_size: int = 32
     image_patch: int = 4
+    image_autoencoder: str = ""  # "": pixels
+    image_channels: int = 3
+    image_downsample: int = 1
     sample_rate: int = 16000
     audio_seconds: float = 1.0
     n_fft: int = 400
@@ -77,7 +82,10 @@ class UnifiedConfig:
         if self.text.vocab_size != self.text_vocab_size + len(SPECIAL_TOKENS):
             raise ValueError(f"UnifiedConfig: text.vocab_size must be text_vocab_size + {len(SPECIAL_TOKENS)} "
                              f"special tokens = {self.text_vocab_size + len(SPECIAL_TOKENS)}, got {self.text.vocab_size}")
-        for name, whole, part in (("image_size", self.image_size, self.image_patch),
+        if not self.image_autoencoder and (self.image_channels, self.image_downsample) != (3, 1):
+            raise ValueError(f"UnifiedConfig: image_channels and image_downsample are an image_autoencoder's (pixels: "
+                             f"3 and 1), got {self.image_channels} and {self.image_downsample} without one")
+        for name, whole, part in (("image_size", self.image_size, self.image_patch * self.image_downsample),
                                   ("audio_frames", self.audio_frames, self.audio_patch_frames),
                                   ("video_size", self.video_size, self.video_patch),
                                   ("video_frames", self.video_frames, self.tubelet_size)):
@@ -96,7 +104,7 @@ class UnifiedConfig:
     def span_tokens(self, modality: str) -> int:
         """Patches of one item of `modality`."""
         if modality == "image":
-            return (self.image_size // self.image_patch) ** 2
+            return (self.image_size // self.image_downsample // self.image_patch) ** 2
         if modality == "audio":
             return self.audio_frames // self.audio_patch_frames
         places = (self.video_size - self.video_patch) // (self.video_stride or self.video_patch) + 1
@@ -105,9 +113,14 @@ class UnifiedConfig:
     def patch_shape(self, modality: str) -> tuple[int, tuple[int, int], tuple[int, int]]:
         """(channels, patch (h, w), grid (h, w)) of a generated modality's [N, C, H, W] values."""
         if modality == "image":
-            side = self.image_size // self.image_patch
-            return 3, (self.image_patch, self.image_patch), (side, side)
+            side = self.image_size // self.image_downsample // self.image_patch
+            return self.image_channels, (self.image_patch, self.image_patch), (side, side)
         return 1, (self.n_mels, self.audio_patch_frames), (1, self.audio_frames // self.audio_patch_frames)
+
+    def values_shape(self, modality: str) -> tuple[int, int, int]:
+        """[C, H, W] of one generated item's values (pixels, latents or a spectrogram)."""
+        channels, patch, grid = self.patch_shape(modality)
+        return channels, patch[0] * grid[0], patch[1] * grid[1]
 
 
 def span_sequence(config: UnifiedConfig, modality: str) -> list[int]:
@@ -169,7 +182,7 @@ class UnifiedModel(nn.Module):
         self.language_model = LlamaModel(config.text)
         self.lm_head = LinearCrossEntropy(width, config.text.vocab_size, bias=False, reduction="none",
                                           backend=config.text.backend)
-        self.image_in = nn.Conv2d(3, width, config.image_patch, config.image_patch)
+        self.image_in = nn.Conv2d(config.image_channels, width, config.image_patch, config.image_patch)
         self.audio_in = nn.Conv2d(1, width, (config.n_mels, config.audio_patch_frames),
                                   (config.n_mels, config.audio_patch_frames))
         self.video_in = TubeletEmbed(config.video_size, config.video_patch, 3, width, config.video_frames,
@@ -343,7 +356,7 @@ class UnifiedModel(nn.Module):
     @torch.no_grad()
     def generate_values(self, modality: str, captions: list[torch.Tensor], *, steps: int = 25, guidance: float = 3.0,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images or spectrograms `[N, C, H, W]` (image_values / audio_values' space) for caption token
+        """Images (or their latents) or spectrograms `[N, C, H, W]` (image_values / audio_values' space) for caption token
         ids (`<sot> ... <eot>`): Euler steps of the learned velocity from noise (t = 1) to t = 0, with
         classifier-free guidance (guidance 1: the conditional velocity alone)."""
         if modality not in GENERATED:
@@ -358,8 +371,7 @@ class UnifiedModel(nn.Module):
             sequences += [torch.tensor(start + self.span(modality), device=device)] * len(captions)
         ids, cu_seqlens = self._packed(sequences)
         channels, patch, grid = self.config.patch_shape(modality)
-        shape = (len(captions), channels, patch[0] * grid[0], patch[1] * grid[1])
-        x = torch.randn(shape, generator=generator).to(device)
+        x = torch.randn((len(captions), *self.config.values_shape(modality)), generator=generator).to(device)
         times = torch.linspace(1.0, 0.0, steps + 1)
         for now, then in zip(times[:-1].tolist(), times[1:].tolist()):
             values = x if guidance == 1.0 else torch.cat([x, x])
@@ -371,7 +383,8 @@ class UnifiedModel(nn.Module):
                 conditional, unconditional = velocity.chunk(2)
                 velocity = unconditional + guidance * (conditional - unconditional)
             x = x + (then - now) * velocity
-        return x.clamp(-1.0, 1.0)
+        latents = modality == "image" and self.config.image_autoencoder
+        return x if latents else x.clamp(-1.0, 1.0)  # pixels and spectrograms live in [-1, 1], latents do not
 
 
 def waveforms_of(config: UnifiedConfig, values: torch.Tensor, iterations: int = 32,

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from mmfast.data.preprocess import Preprocess
-from mmfast.models.unified import (GENERATED, MODALITIES, UnifiedModel, audio_values, image_pixels, image_values,
-                                   waveforms_of)
+from mmfast.models.image_autoencoder import image_codec
+from mmfast.models.unified import GENERATED, MODALITIES, UnifiedModel, audio_values, waveforms_of
 from mmfast.train.caption_metrics import bleu, cider_d
 from mmfast.train.tasks.audio_contrastive import AudioPreprocess
 from mmfast.train.tasks.video_contrastive import VideoPreprocess
@@ -27,7 +27,7 @@ def model_inputs(model: UnifiedModel, modality: str, raw: torch.Tensor) -> torch
     device = model.positions[modality].device
     raw = raw.to(device)
     if modality == "image":
-        return image_values(raw)
+        return image_codec(model.config, device).encode(raw)
     return audio_values(model.config, raw) if modality == "audio" else raw
 
 
@@ -97,7 +97,7 @@ def evaluate_unified(task, model: UnifiedModel) -> dict:
         requests = [references[i] for i in chosen]
         values = generated_values(model, modality, task._caption_ids(requests), section.sample_steps, section.guidance)
         if modality == "image":
-            pixels = image_pixels(values)
+            values = pixels = image_codec(model.config, values.device).decode(values)  # uint8, as drawn
             right = [foreground_color(pixels[index].permute(1, 2, 0).numpy()) == metas[i]["color"]
                      for index, i in enumerate(chosen)]
             scores["text_to_image_color"] = float(np.mean(right))
@@ -119,7 +119,7 @@ def evaluate_unified(task, model: UnifiedModel) -> dict:
 
 
 def draw_samples(samples: dict, path: str) -> None:
-    """Generated images (top) and spectrograms (bottom), each under the caption it was asked for."""
+    """Generated images (top, uint8 pixels) and spectrograms (bottom), each under the caption it was asked for."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,7 +134,7 @@ def draw_samples(samples: dict, path: str) -> None:
             if column >= len(values):
                 continue
             if modality == "image":
-                axis.imshow(image_pixels(values[column]).permute(1, 2, 0).numpy())
+                axis.imshow(values[column].permute(1, 2, 0).numpy())  # uint8 pixels
             else:
                 axis.imshow(values[column][0].numpy(), origin="lower", aspect="auto", cmap="magma")
             axis.set_title(textwrap.fill(requests[column].rstrip("."), 22), fontsize=7)
@@ -191,7 +191,8 @@ class UnifiedGenerator:
         from PIL import Image
 
         values = self._values("image", prompt, steps, guidance, seed)
-        return Image.fromarray(image_pixels(values)[0].permute(1, 2, 0).numpy())
+        pixels = image_codec(self.model.config, values.device).decode(values)
+        return Image.fromarray(pixels[0].permute(1, 2, 0).numpy())
 
     def generate_audio(self, prompt: str, *, steps: int | None = None, guidance: float | None = None,
                        seed: int = 0) -> tuple[torch.Tensor, int]:

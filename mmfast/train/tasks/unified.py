@@ -19,7 +19,8 @@ from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.clip import transformer_flops
 from mmfast.models.llama import LlamaConfig
 from mmfast.models.unified import (GENERATED, INPUT_KEYS, MODALITIES, SPECIAL_TOKENS, UnifiedConfig, UnifiedModel,
-                                   audio_values, image_values, patch_rows, span_sequence)
+                                   audio_values, patch_rows, span_sequence)
+from mmfast.models.image_autoencoder import autoencoder_geometry, image_codec
 from mmfast.train import distributed
 from mmfast.train.tasks.base import Task
 from mmfast.train.tasks.video_contrastive import VIDEO_FORMAT
@@ -129,9 +130,12 @@ class UnifiedTask(Task):
         section = self.config.model
         self.tokenizer = CaptionTokenizer.load(os.path.join(run_dir, "tokenizer.json"))
         vocabulary = self.tokenizer.vocab_size
+        latents = {}
+        if section.image_autoencoder:  # the model sees the autoencoder's latents: its channels and size
+            latents["image_channels"], latents["image_downsample"] = autoencoder_geometry(section.image_autoencoder)
         self.model_config = UnifiedConfig(**{
             **model_fields(section), "text_vocab_size": vocabulary, "sot_token_id": self.tokenizer.sot_id,
-            "eot_token_id": self.tokenizer.eot_id,
+            "eot_token_id": self.tokenizer.eot_id, **latents,
             "text": dataclasses.replace(section.text, vocab_size=vocabulary + len(SPECIAL_TOKENS))})
 
     def _caption_ids(self, captions: list[str]) -> list[list[int]]:
@@ -161,8 +165,7 @@ class UnifiedTask(Task):
         config, section, placement = self.model_config, self.config.model, self.placement
         batch, seed = self.config.data.batch_size, self.config.train.seed
         weights = torch.tensor([float(section.directions.get(name, 0.0)) for name in DIRECTIONS])
-        image_shape = (3, config.image_size, config.image_size)
-        audio_shape = (1, config.n_mels, config.audio_frames)
+        image_shape = (3, config.image_size, config.image_size)  # pixels; the noise is the values' (maybe latents)
         splits = self.train_split
         for step in itertools.count(start):
             generator = torch.Generator().manual_seed(seed * 1000003 + step)
@@ -170,8 +173,8 @@ class UnifiedTask(Task):
             picks = torch.rand(batch, generator=generator)
             times = torch.sigmoid(torch.randn(batch, generator=generator))  # logit-normal, as SD3's rectified flow
             dropped = torch.rand(batch, generator=generator) < section.caption_dropout
-            image_noise = torch.randn(batch, *image_shape, generator=generator)
-            audio_noise = torch.randn(batch, *audio_shape, generator=generator)
+            image_noise = torch.randn(batch, *config.values_shape("image"), generator=generator)
+            audio_noise = torch.randn(batch, *config.values_shape("audio"), generator=generator)
             # the global batch's counts, so every micro-batch's loss is its share of the global means
             # (undone by the engines' means over ranks and micro-batches)
             norms = self._norms(directions, dropped, picks, accumulation * placement.world_size)
@@ -221,7 +224,8 @@ class UnifiedTask(Task):
             rows = (directions == DIRECTIONS.index(f"{modality}_to_text")) | \
                    (directions == DIRECTIONS.index(f"text_to_{modality}"))
             if bool(rows.any()):
-                values = image_values(clean[rows]) if modality == "image" else audio_values(config, clean[rows])
+                values = image_codec(config, clean.device).encode(clean[rows]) if modality == "image" else \
+                    audio_values(config, clean[rows])
                 generated = directions[rows] == DIRECTIONS.index(f"text_to_{modality}")
                 time = torch.where(generated, times[rows], torch.zeros_like(times[rows]))
                 grow = (slice(None),) + (None,) * (values.dim() - 1)
