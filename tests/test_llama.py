@@ -118,6 +118,18 @@ def test_gradient_checkpointing_keeps_the_gradients():
         torch.testing.assert_close(gradients[1][name], gradient, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_bf16_autocast_runs_and_stays_near_float32():
+    """Under autocast the rotary tables follow the float32 residual stream while q, k and v come out of
+    the projections in bf16: the rotation must keep one dtype (it once promoted q and k alone)."""
+    model = from_hf_causal_lm(hf_model("llama"))
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    reference = model(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = model(ids)
+    assert found.dtype == torch.bfloat16
+    torch.testing.assert_close(found.float(), reference, atol=0.1, rtol=0.05)
+
+
 def test_bad_input_is_named():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                          num_attention_heads=2))
