@@ -88,6 +88,24 @@ def test_both_stages_follow_the_single_process_on_every_engine(tmp_path):
             assert torch.equal(align[key], lora[key]) != adapted, key
 
 
+@pytest.mark.distributed
+def test_bf16_with_checkpointed_blocks_follows_fp32(tmp_path):
+    """Stage 2 in bf16 with the language model's blocks recomputed in backward, in one process and on
+    two under ZeRO-3 (the frozen tower whole on each rank, held in bf16), stays near the fp32 losses."""
+    bf16 = ["--engine.precision=bf16", "--engine.activation_checkpointing=true", *STAGES["tune"]]
+    _launch(tmp_path, [("fp32", STAGES["tune"]), ("bf16", bf16)], world=1)
+    runs = [("bf16-ddp", ["--engine.name=ddp", *bf16])]
+    if __import__("importlib").util.find_spec("deepspeed") is not None:
+        runs.append(("bf16-zero3", ["--engine.name=deepspeed", "--engine.zero_stage=3", *bf16]))
+    _launch(tmp_path, runs)
+    reference = list(losses(tmp_path / "fp32").values())
+    assert len(reference) == 4
+    for name in ["bf16", *(name for name, _ in runs)]:
+        found = list(losses(tmp_path / name).values())
+        assert found == pytest.approx(reference, abs=5e-2), name
+        assert found != reference, name  # bf16 did run: its rounding shows
+
+
 def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp_path, capsys, monkeypatch):
     """llava-tiny's stages at toy size: the CLIP stage's tower is the tower of every later stage."""
     overrides = [*TINY, f"--data.synth_dir={tmp_path / 'synth'}"]
@@ -112,6 +130,8 @@ def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp
     assert tokenizers[0] == tokenizers[1] == tokenizers[2]
     rows = [json.loads(line) for line in open(tmp_path / "run" / "tune" / "metrics.jsonl")]
     assert any("pope_f1" in row for row in rows)
+    logged = [row for row in rows if "loss" in row]  # each step: real tokens, and what padding would keep real
+    assert logged and all(row["tokens"] > 0 and 0 < row["padded_efficiency"] <= 1 for row in logged)
     _use_as_the_readme_says(tmp_path / "run", capsys, monkeypatch)
 
 

@@ -338,6 +338,7 @@ class LlavaTask(Task):
         count, parts = batch[0], [batch[index:index + 4] for index in range(1, len(batch), 4)]
         scale = engine.accumulation * self.placement.world_size / count.float()  # undone by the engine's means
         total = torch.zeros((), device=count.device)
+        self.last_cu_seqlens = [cu_seqlens for _, _, cu_seqlens, _ in parts]  # read by log(), at logged steps only
         for index, (input_ids, labels, cu_seqlens, pixels) in enumerate(parts):
             with engine.autocast():
                 losses = self._token_losses(engine.wrapped, input_ids, labels, cu_seqlens, pixels)
@@ -345,6 +346,17 @@ class LlavaTask(Task):
             engine.backward(part, sync=index == len(parts) - 1)
             total = total + part.detach() / engine.accumulation
         return total  # the ranks' mean is the global batch's token mean
+
+    def log(self, engine) -> dict:
+        """This rank's last batch: its real tokens, and `padded_efficiency`. The batches are packed, so no
+        slot is padding; right-padded to each micro-batch's longest conversation (the usual collator's
+        layout) they would keep this share of real tokens: what packing saves."""
+        lengths = [cu_seqlens.diff().cpu() for cu_seqlens in getattr(self, "last_cu_seqlens", [])]
+        if not lengths:
+            return {}
+        real = sum(int(part.sum()) for part in lengths)
+        padded = sum(len(part) * int(part.max()) for part in lengths if len(part))
+        return {"tokens": real, "padded_efficiency": real / max(1, padded)}
 
     def flops_per_sample(self) -> float:
         """Training FLOPs of one conversation: 6 x the language model's parameters per token, plus the
