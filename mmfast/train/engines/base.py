@@ -101,6 +101,7 @@ def tower_weights(towers: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]
 
 
 def load_tower_weights(towers: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    """tower_weights' inverse: each tower takes its keys of `state`."""
     for name, tower in towers.items():
         tower.load_state_dict({key[len(name) + 1:]: value for key, value in state.items()
                                if key.startswith(name + ".")})
