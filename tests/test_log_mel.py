@@ -68,6 +68,18 @@ def test_parity_with_librosa(htk, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float32_front_end_inside_bf16_autocast(backend):
+    """A model trained in bf16 calls the front end inside autocast: it stays float32 and unchanged (the
+    native kernel once met autocast's bf16 inside and failed)."""
+    wave = waves(2, 1600, seed=3)
+    plain = mmfast.ops.log_mel_spectrogram(wave, backend=backend)
+    with torch.autocast(wave.device.type, dtype=torch.bfloat16):
+        inside = mmfast.ops.log_mel_spectrogram(wave, backend=backend)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_silence_is_clamped(backend):
     out = mmfast.ops.log_mel_spectrogram(torch.zeros(2, 3200, device=DEVICE), normalize="whisper", backend=backend)
     torch.testing.assert_close(out, torch.full_like(out, (-10.0 + 4.0) / 4.0))

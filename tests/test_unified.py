@@ -190,7 +190,7 @@ def test_bad_settings_are_named(tmp_path):
 
 @pytest.mark.distributed
 def test_every_engine_follows_one_process_and_a_run_generates_every_way(tmp_path, capsys):
-    launch_training(unified_config, tmp_path, [("single", [])], world=1)
+    launch_training(unified_config, tmp_path, [("single", []), ("bf16", ["--engine.precision=bf16"])], world=1)
     engines = [("ddp", ["--engine.name=ddp"]), ("fsdp2", ["--engine.name=fsdp2"])]
     if importlib.util.find_spec("deepspeed") is not None:
         zero3 = ["--engine.name=deepspeed", "--engine.zero_stage=3"]
@@ -201,6 +201,8 @@ def test_every_engine_follows_one_process_and_a_run_generates_every_way(tmp_path
     assert single.keys() == {1, 2, 3, 4}
     for name, _ in engines:
         assert list(losses(tmp_path / name).values()) == pytest.approx(list(single.values()), abs=2e-4), name
+    # bf16 autocast (the log-mel front end and the rotary tables kept in one dtype): near the fp32 losses
+    assert list(losses(tmp_path / "bf16").values()) == pytest.approx(list(single.values()), abs=5e-2)
     rows = [json.loads(line) for line in open(tmp_path / "single" / "metrics.jsonl")]
     evaluation = [row for row in rows if "image_to_text" in row][-1]
     for key in ("audio_to_text", "video_to_text", "other_video_to_text", "text_to_image_color", "text_to_image_shape",

@@ -154,6 +154,21 @@ def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_f
     from mmfast.ops.log_mel import cuda as extension
 
     chosen = resolve_backend(OP, backend, batch.device, _IMPLEMENTED, cpu_kernel_ready=extension.available)
+    with torch.autocast(batch.device.type, enabled=False):  # a float32 front end, even inside a bf16 model
+        out = _log_mel(chosen, batch, window_values, filters, n_fft, hop_length, center, pad_mode, power, log,
+                       clamp_min)
+    if normalize:
+        out = whisper_normalize(out, frame_mask, batch_max=normalize == "whisper_batch")
+    if single:
+        out = out[0]
+        frame_mask = None if frame_mask is None else frame_mask[0]
+    return (out, frame_mask) if return_frame_mask else out
+
+
+def _log_mel(chosen, batch, window_values, filters, n_fft, hop_length, center, pad_mode, power, log, clamp_min):
+    """The log-mel of `batch` on the chosen backend (arguments checked by log_mel_spectrogram)."""
+    from mmfast.ops.log_mel import cuda as extension
+
     if chosen in ("triton", "native"):
         from mmfast.ops.log_mel.function import LogMelFunction
 
@@ -161,15 +176,8 @@ def log_mel_spectrogram(waveform: torch.Tensor, *, sample_rate: int = 16000, n_f
             from mmfast.ops.log_mel.triton import log_mel as kernel
         else:
             kernel = extension.log_mel
-        out = LogMelFunction.apply(batch, window_values, filters, n_fft, hop_length, center, pad_mode, power, log,
-                                   clamp_min, kernel)
-    else:
-        precision = torch.float64 if batch.dtype == torch.float64 else torch.float32  # float64: the test oracle
-        mel = reference.mel_power(batch, window_values, filters, n_fft, hop_length, center, pad_mode, power, precision)
-        out = reference.apply_log(mel, log, clamp_min)
-    if normalize:
-        out = whisper_normalize(out, frame_mask, batch_max=normalize == "whisper_batch")
-    if single:
-        out = out[0]
-        frame_mask = None if frame_mask is None else frame_mask[0]
-    return (out, frame_mask) if return_frame_mask else out
+        return LogMelFunction.apply(batch, window_values, filters, n_fft, hop_length, center, pad_mode, power, log,
+                                    clamp_min, kernel)
+    precision = torch.float64 if batch.dtype == torch.float64 else torch.float32  # float64: the test oracle
+    mel = reference.mel_power(batch, window_values, filters, n_fft, hop_length, center, pad_mode, power, precision)
+    return reference.apply_log(mel, log, clamp_min)
