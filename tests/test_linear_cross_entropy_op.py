@@ -131,6 +131,24 @@ def test_module_matches_functional():
     assert head(hidden, None).shape == (9, 17)  # no labels: the logits, for generation
 
 
+def test_module_under_autocast_computes_in_its_dtype_as_nn_linear():
+    """Inside bf16 autocast the head takes hidden states of any dtype (bf16 from a Linear, float32 from a
+    norm) and computes in bf16, as nn.Linear then does: the same loss as F.cross_entropy of its logits."""
+    (hidden, weight), labels = inputs(9, 17, 40, torch.float32, seed=5)
+    head = mmfast.nn.LinearCrossEntropy(40, 17, bias=True, reduction="none").to(DEVICE)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
+        logits = head(hidden, None)
+        assert logits.dtype == torch.bfloat16
+        expected = F.cross_entropy(logits.float(), labels, reduction="none")
+        for given in (hidden, hidden.bfloat16()):
+            losses = head(given, labels)
+            losses.sum().backward()
+            torch.testing.assert_close(losses.float(), expected, rtol=0.02, atol=0.02)
+    assert head.weight.grad is not None and head.weight.grad.dtype == torch.float32
+
+
 BAD = [
     pytest.param(lambda h, w, y: dict(hidden=h[:, :-1]), ValueError, "weight must be \\[V, D\\]", id="D"),
     pytest.param(lambda h, w, y: dict(weight=w.double()), TypeError, "weight must have hidden's dtype", id="dtype"),

@@ -31,7 +31,12 @@ class LinearCrossEntropy(nn.Linear):
                 logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
             return logits
         ignore_index = self.ignore_index if ignore_index is None else ignore_index
-        return linear_cross_entropy(hidden, self.weight, labels, bias=self.bias, ignore_index=ignore_index,
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(hidden.device.type):  # as nn.Linear under autocast: the matmul's dtype
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                     label_smoothing=self.label_smoothing, logit_softcap=self.logit_softcap,
                                     reduction=self.reduction, backend=self.backend)
 
