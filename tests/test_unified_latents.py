@@ -12,6 +12,7 @@ from mmfast.models.image_autoencoder import autoencoder_geometry, image_codec
 from mmfast.models.llama import LlamaConfig
 from mmfast.models.unified import SPECIAL_TOKENS, UnifiedConfig
 from mmfast.train import load_config, train
+from mmfast.train.tasks import build_task
 from mmfast.train.unified_eval import model_inputs
 from tests.test_unified import TINY
 
@@ -61,6 +62,9 @@ def test_a_run_trains_and_generates_on_the_autoencoders_latents(tmp_path, autoen
 def test_bad_autoencoder_settings_are_named(tmp_path, autoencoder):
     with pytest.raises(FileNotFoundError, match="config.json"):
         autoencoder_geometry(str(tmp_path))
+    config = load_config("unified-tiny", [*TINY, f"--model.image_autoencoder={tmp_path / 'none'}"])
+    with pytest.raises(FileNotFoundError, match="model.image_autoencoder"):  # checked before any data is drawn
+        build_task(config).check(1)
     text = LlamaConfig(vocab_size=50 + len(SPECIAL_TOKENS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=2)
     with pytest.raises(ValueError, match="image_autoencoder"):

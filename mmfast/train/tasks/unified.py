@@ -75,6 +75,8 @@ class UnifiedTask(Task):
             raise ValueError("config: task unified uses train.accumulation_steps, not train.micro_batch")
         if config.data.source != "synth" or config.data.streaming:
             raise ValueError("config: task unified trains on the bundled data (data.source=synth, data.streaming=false)")
+        if section.image_autoencoder:  # before any data is drawn: the folder and diffusers are there
+            autoencoder_geometry(section.image_autoencoder)
         if config.data.image_size != section.image_size:
             raise ValueError(f"config: data.image_size ({config.data.image_size}) must equal model.image_size "
                              f"({section.image_size})")
