@@ -287,7 +287,7 @@ class UnifiedModel(nn.Module):
         placeholders = self._placeholders()
         hidden = self.language_model(inputs_embeds=embeds, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                      span_ids=span_ids_from_token_ids(input_ids, list(placeholders.values())))
-        # every generated modality's velocity, none rows where none is in the batch: the same outputs on every
+        # every generated modality's velocity, with no rows where the batch has none: the same outputs on every
         # rank (ZeRO-3 counts the gradients arriving at them), and the heads join the graph either way
         out = {modality: self._velocity(modality, hidden[input_ids == placeholders[modality]]) for modality in GENERATED}
         text = self.lm_head(hidden) if labels is None else self.lm_head(hidden, labels, ignore_index=ignore_index)
