@@ -10,7 +10,9 @@ from mmfast.models.clip import VisionConfig  # noqa: E402
 from mmfast.models.llama import LlamaConfig  # noqa: E402
 from mmfast.models.llava import Llava, LlavaConfig, from_hf_llava, to_hf_llava  # noqa: E402
 from mmfast.nn import KVCache  # noqa: E402
+from tests.conftest import DEVICE  # noqa: E402
 from tests.hf_weights import nudge  # noqa: E402
+from tests.tolerance import assert_within_reference_error  # noqa: E402
 
 IMAGE = 119
 
@@ -69,6 +71,33 @@ def test_packed_conversations_equal_each_on_its_own():
                               hf(input_ids=second[None], pixel_values=pixels[1:]).logits[0],
                               hf(input_ids=text_only[None]).logits[0]])
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_is_within_hfs_own_bf16_error():
+    """Packed conversations in bf16 autocast on the test device (the GPU where there is one: the fused
+    kernels in bf16) against HF's float32 logits: at most twice HF's own error in bf16 autocast (plus a
+    floor), with finite gradients."""
+    hf = hf_llava().to(DEVICE)
+    ours = from_hf_llava(hf).to(DEVICE)
+    first, second = conversation(25, 2, 16, 3).to(DEVICE), conversation(31, 5, 16, 4).to(DEVICE)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    cu_seqlens = torch.tensor([0, 25, 56], dtype=torch.int32, device=DEVICE)
+
+    def hf_logits():
+        return torch.cat([hf(input_ids=first[None], pixel_values=pixels[:1]).logits[0],
+                          hf(input_ids=second[None], pixel_values=pixels[1:]).logits[0]])
+
+    with torch.no_grad():
+        exact = hf_logits()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            peer = hf_logits()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        logits = ours(torch.cat([first, second]), pixels, cu_seqlens=cu_seqlens)
+    assert logits.dtype == torch.bfloat16
+    assert_within_reference_error("llava bf16 logits", logits.float(), exact, peer.float(), torch.bfloat16)
+    logits.float().logsumexp(-1).mean().backward()
+    projector = ours.model.multi_modal_projector
+    assert all(torch.isfinite(p.grad).all() for p in projector.parameters())
 
 
 def test_labels_give_the_cross_entropy_of_the_logits():
