@@ -164,7 +164,11 @@ class LlamaModel(nn.Module):
         if position_ids is None:
             position_ids = positions_in_sequences(cu_seqlens, x.shape[0])
         head_dim = self.layers[0].self_attn.head_dim if len(self.layers) else 2
-        rotary = rotary_tables(position_ids, head_dim, self.config.rope_theta, x.dtype)
+        # in the projections' dtype, built once: under autocast they are bf16 while the residual stream stays
+        # float32, and a float32 rotation would leave q and k in another dtype than v
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        rotary = rotary_tables(position_ids, head_dim, self.config.rope_theta, dtype)
         for layer in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, packing, rotary, use_reentrant=False)

@@ -74,9 +74,7 @@ class MixedAttention(nn.Module):
         k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         if rotary is not None:
-            # in q's dtype: under autocast the shared tables follow the float32 residual stream while the
-            # projections are bf16, and a float32 rotation would leave q, k and v in two dtypes
-            cos, sin = rotary[0].to(q.dtype), rotary[1].to(q.dtype)
+            cos, sin = rotary  # in q's dtype (rotary_tables' caller sees to it: see LlamaModel)
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         elif self.rotary_base is not None:
             if position_ids is None:
