@@ -178,6 +178,8 @@ def test_bad_settings_are_named(tmp_path):
     assert overlapping.span_tokens("video") == 7 * 7  # (32 - 8) // 4 + 1 places a side, one time step
     frames = torch.randint(0, 256, (2, 8, 32, 32, 3), dtype=torch.uint8)
     assert UnifiedModel(overlapping).span_embeddings("video", frames).shape == (2, 49, 32)
+    with pytest.raises(ValueError, match="video_keyframe enters a frame as an image"):
+        UnifiedConfig(text=_model().config.text, text_vocab_size=50, video_size=16, video_keyframe=True)
     model = _model()
     with pytest.raises(ValueError, match="guidance"):
         model.generate_values("image", [torch.tensor([1, 2])], guidance=0.5)
@@ -241,3 +243,23 @@ def test_every_engine_follows_one_process_and_a_run_generates_every_way(tmp_path
     assert main(["generate", run, "--audio", sound]) == 0 and capsys.readouterr().out.strip() != ""
     with pytest.raises(SystemExit, match="exactly one"):
         main(["generate", run])
+
+
+def test_video_keyframe_is_the_middle_frame_as_an_image_then_the_tubelets():
+    """With video_keyframe, a clip's span starts with its middle frame's image tokens (image_in and the image
+    positions: exactly an image input's tokens) and goes on with its tubelets."""
+    config = dataclasses.replace(_model().config, video_patch=8, tubelet_size=8, video_keyframe=True)
+    model = UnifiedModel(config)
+    assert config.tubelets() == 16 and config.span_tokens("video") == 64 + 16
+    frames = torch.randint(0, 256, (2, 8, 32, 32, 3), dtype=torch.uint8)
+    tokens = model.span_embeddings("video", frames)
+    as_image = model.span_embeddings("image", image_values(frames[:, 4].permute(0, 3, 1, 2)))
+    torch.testing.assert_close(tokens[:, :64], as_image)
+    alone = dataclasses.replace(config, video_keyframe=False)
+    without = UnifiedModel(alone)
+    without.load_state_dict(model.state_dict())
+    torch.testing.assert_close(tokens[:, 64:], without.span_embeddings("video", frames))
+    ids = torch.tensor([config.sot_token_id, *span_sequence(config, "video"), 5, config.eot_token_id])
+    out = model(ids, torch.tensor([0, len(ids)], dtype=torch.int32), video=frames[:1])
+    assert out["text"].shape == (len(ids), config.text.vocab_size)
+

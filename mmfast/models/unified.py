@@ -75,6 +75,10 @@ class UnifiedConfig:
     video_patch: int = 8
     tubelet_size: int = 2
     video_stride: int | None = None  # None: video_patch; smaller: overlapping tubelets (input only)
+    # the clip's middle frame also enters as an image (image_in's patches and positions, before the
+    # tubelets): the shapes the image directions teach are then seen in video too, and the tubelets need
+    # carry only the motion (SlowFast's two pathways: detail from one frame, motion from coarse tubelets)
+    video_keyframe: bool = False
     head_width: int = 256  # the diffusion heads' hidden width
     time_frequencies: int = 64
 
@@ -94,6 +98,10 @@ class UnifiedConfig:
         if self.video_stride is not None and not 0 < self.video_stride <= self.video_patch:
             raise ValueError(f"UnifiedConfig: video_stride must be in [1, video_patch = {self.video_patch}], got "
                              f"{self.video_stride}")
+        if self.video_keyframe and (self.image_autoencoder or self.video_size != self.image_size):
+            raise ValueError(f"UnifiedConfig: video_keyframe enters a frame as an image: it needs pixel images "
+                             f"(image_autoencoder empty, got {self.image_autoencoder!r}) of the clips' size "
+                             f"(image_size {self.image_size}, video_size {self.video_size})")
         if self.audio_frames > 1 + int(self.audio_seconds * self.sample_rate) // self.hop_length:
             raise ValueError(f"UnifiedConfig: audio_frames ({self.audio_frames}) exceeds the frames of "
                              f"{self.audio_seconds} s at hop {self.hop_length}")
@@ -107,6 +115,10 @@ class UnifiedConfig:
             return (self.image_size // self.image_downsample // self.image_patch) ** 2
         if modality == "audio":
             return self.audio_frames // self.audio_patch_frames
+        return self.tubelets() + (self.span_tokens("image") if self.video_keyframe else 0)
+
+    def tubelets(self) -> int:
+        """Tubelets of one video clip."""
         places = (self.video_size - self.video_patch) // (self.video_stride or self.video_patch) + 1
         return (self.video_frames // self.tubelet_size) * places ** 2
 
@@ -188,8 +200,8 @@ class UnifiedModel(nn.Module):
         self.video_in = TubeletEmbed(config.video_size, config.video_patch, 3, width, config.video_frames,
                                      config.tubelet_size, stride=config.video_stride, mean=CLIP_MEAN, std=CLIP_STD,
                                      backend=config.text.backend)
-        self.positions = nn.ParameterDict({modality: nn.Parameter(torch.zeros(config.span_tokens(modality), width))
-                                           for modality in MODALITIES})
+        self.positions = nn.ParameterDict({modality: nn.Parameter(torch.zeros(
+            config.tubelets() if modality == "video" else config.span_tokens(modality), width)) for modality in MODALITIES})
         self.time_embedding = nn.Sequential(nn.Linear(2 * config.time_frequencies, width), nn.SiLU(),
                                             nn.Linear(width, width))
         self.heads = nn.ModuleDict({modality: nn.Sequential(
@@ -236,15 +248,22 @@ class UnifiedModel(nn.Module):
         """`[N, span_tokens, hidden]`: the patches of `values` (image_values / audio_values, maybe noised;
         uint8 frames `[N, T, H, W, 3]` for video) projected with their positions and diffusion time
         (0: a clean input) in one fused pass."""
-        backend, positions = self.config.text.backend, self.positions[modality]
         if modality == "video":
-            tokens = self.video_in(values, positions, channels_last=True)
+            tokens = self.video_in(values, self.positions["video"], channels_last=True)
+            if self.config.video_keyframe:  # the middle frame, as an image input
+                frame = image_values(values[:, values.shape[1] // 2].permute(0, 3, 1, 2))
+                tokens = torch.cat([self._patches("image", frame), tokens], dim=1)
         else:
-            projection = self.image_in if modality == "image" else self.audio_in
-            tokens = patch_embed(values, projection.weight, projection.bias, pos_embed=positions, backend=backend)
+            tokens = self._patches(modality, values)
         if times is None:
             times = torch.zeros(values.shape[0], device=values.device)
         return tokens + self.time_embedding(timestep_features(times, self.config.time_frequencies)).to(tokens.dtype)[:, None]
+
+    def _patches(self, modality: str, values: torch.Tensor) -> torch.Tensor:
+        """An image's or a spectrogram's patches, projected, with their positions (the fused patch embedding)."""
+        projection = self.image_in if modality == "image" else self.audio_in
+        return patch_embed(values, projection.weight, projection.bias, pos_embed=self.positions[modality],
+                           backend=self.config.text.backend)
 
     def _placeholders(self) -> dict[str, int]:
         return {modality: self.config.token_id(f"<{modality}_patch>") for modality in MODALITIES}
