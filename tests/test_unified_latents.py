@@ -54,6 +54,12 @@ def test_a_run_trains_and_generates_on_the_autoencoders_latents(tmp_path, autoen
     with torch.no_grad():
         decoded = ((reference.decode(expected / 0.5).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     assert torch.equal(image_codec(model.config, "cpu").decode(expected), decoded)
+    # the recipe's keyframe: a clip's middle frame enters as the autoencoder's latents, as an image does
+    assert model.config.video_keyframe
+    clips = pictures.permute(0, 2, 3, 1)[:, None].expand(-1, model.config.video_frames, -1, -1, -1).contiguous()
+    with torch.no_grad():
+        frame_tokens = model.span_embeddings("video", clips)[:, :model.config.span_tokens("image")]
+        torch.testing.assert_close(frame_tokens, model.span_embeddings("image", expected))
     picture = generator.generate_image("a red circle.", steps=2)
     assert picture.size == (32, 32)
     assert isinstance(generator.generate_text(image=synth.generate(0, "held_out", 0, 32, 0.0, None).image), str)

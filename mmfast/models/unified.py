@@ -98,10 +98,9 @@ class UnifiedConfig:
         if self.video_stride is not None and not 0 < self.video_stride <= self.video_patch:
             raise ValueError(f"UnifiedConfig: video_stride must be in [1, video_patch = {self.video_patch}], got "
                              f"{self.video_stride}")
-        if self.video_keyframe and (self.image_autoencoder or self.video_size != self.image_size):
-            raise ValueError(f"UnifiedConfig: video_keyframe enters a frame as an image: it needs pixel images "
-                             f"(image_autoencoder empty, got {self.image_autoencoder!r}) of the clips' size "
-                             f"(image_size {self.image_size}, video_size {self.video_size})")
+        if self.video_keyframe and self.video_size != self.image_size:
+            raise ValueError(f"UnifiedConfig: video_keyframe enters a frame as an image: video_size must be "
+                             f"image_size ({self.image_size}), got {self.video_size}")
         if self.audio_frames > 1 + int(self.audio_seconds * self.sample_rate) // self.hop_length:
             raise ValueError(f"UnifiedConfig: audio_frames ({self.audio_frames}) exceeds the frames of "
                              f"{self.audio_seconds} s at hop {self.hop_length}")
@@ -251,13 +250,19 @@ class UnifiedModel(nn.Module):
         if modality == "video":
             tokens = self.video_in(values, self.positions["video"], channels_last=True)
             if self.config.video_keyframe:  # the middle frame, as an image input
-                frame = image_values(values[:, values.shape[1] // 2].permute(0, 3, 1, 2))
+                frame = self._image_inputs(values[:, values.shape[1] // 2].permute(0, 3, 1, 2))
                 tokens = torch.cat([self._patches("image", frame), tokens], dim=1)
         else:
             tokens = self._patches(modality, values)
         if times is None:
             times = torch.zeros(values.shape[0], device=values.device)
         return tokens + self.time_embedding(timestep_features(times, self.config.time_frequencies)).to(tokens.dtype)[:, None]
+
+    def _image_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 `[N, 3, H, W]` as an image input is given: pixel values, or the autoencoder's latents."""
+        from mmfast.models.image_autoencoder import image_codec  # it imports this module
+
+        return image_codec(self.config, images.device).encode(images)
 
     def _patches(self, modality: str, values: torch.Tensor) -> torch.Tensor:
         """An image's or a spectrogram's patches, projected, with their positions (the fused patch embedding)."""
