@@ -18,8 +18,9 @@ from mmfast.cli import main
 from mmfast.data import synth
 from mmfast.data.synth_media import media_clip, other_beeps
 from mmfast.models.llama import LlamaConfig
+from mmfast.models.image_autoencoder import image_values
 from mmfast.models.unified import (SPECIAL_TOKENS, UnifiedConfig, UnifiedModel, audio_values, fold_patches,
-                                   image_values, patch_rows, span_sequence, waveforms_of)
+                                   patch_rows, span_sequence, waveforms_of)
 from mmfast.train import load_config
 from mmfast.train.tasks import build_task
 from mmfast.train.tasks.unified import DIRECTIONS, IGNORE

@@ -8,9 +8,17 @@ import os
 
 import torch
 
-from mmfast.models.unified import UnifiedConfig, image_pixels, image_values
-
 _LOADED: dict[tuple[str, str], "ImageAutoencoder"] = {}  # one copy per (directory, device) in a process
+
+
+def image_values(images: torch.Tensor) -> torch.Tensor:
+    """uint8 `[N, 3, H, W]` -> float in [-1, 1] (the space images are generated in)."""
+    return images.float() / 127.5 - 1.0
+
+
+def image_pixels(values: torch.Tensor) -> torch.Tensor:
+    """image_values' inverse: uint8 `[N, 3, H, W]`."""
+    return ((values.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
 def _autoencoder_class():
@@ -58,8 +66,9 @@ class Pixels:
     decode = staticmethod(image_pixels)
 
 
-def image_codec(config: UnifiedConfig, device) -> ImageAutoencoder | Pixels:
-    """How `config`'s model sees images: its autoencoder (loaded once per process and device) or pixels."""
+def image_codec(config, device) -> ImageAutoencoder | Pixels:
+    """How a unified model of `config` (a UnifiedConfig) sees images: its autoencoder (loaded once per
+    process and device) or pixels."""
     if not config.image_autoencoder:
         return Pixels()
     key = (os.path.abspath(config.image_autoencoder), str(torch.device(device)))

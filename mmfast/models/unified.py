@@ -25,6 +25,7 @@ from torch import nn
 
 from mmfast.audio import griffin_lim, mel_to_linear
 from mmfast.models.decoding import check_decoding, decode
+from mmfast.models.image_autoencoder import image_codec
 from mmfast.models.llama import LlamaConfig, LlamaModel
 from mmfast.nn.kv_cache import KVCache
 from mmfast.nn.linear_cross_entropy import LinearCrossEntropy
@@ -160,16 +161,6 @@ def timestep_features(times: torch.Tensor, frequencies: int) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
-def image_values(images: torch.Tensor) -> torch.Tensor:
-    """uint8 `[N, 3, H, W]` -> float in [-1, 1] (the space images are generated in)."""
-    return images.float() / 127.5 - 1.0
-
-
-def image_pixels(values: torch.Tensor) -> torch.Tensor:
-    """image_values' inverse: uint8 `[N, 3, H, W]`."""
-    return ((values.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-
-
 def audio_values(config: UnifiedConfig, waveforms: torch.Tensor) -> torch.Tensor:
     """float `[N, samples]` -> `[N, 1, n_mels, audio_frames]` in [-1, 1]: the fused log-mel (log10 power),
     floored AUDIO_DECADES below each clip's peak, the peak at 1."""
@@ -260,8 +251,6 @@ class UnifiedModel(nn.Module):
 
     def _image_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[N, 3, H, W]` as an image input is given: pixel values, or the autoencoder's latents."""
-        from mmfast.models.image_autoencoder import image_codec  # it imports this module
-
         return image_codec(self.config, images.device).encode(images)
 
     def _patches(self, modality: str, values: torch.Tensor) -> torch.Tensor:
