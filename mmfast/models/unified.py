@@ -190,8 +190,10 @@ class UnifiedModel(nn.Module):
         self.video_in = TubeletEmbed(config.video_size, config.video_patch, 3, width, config.video_frames,
                                      config.tubelet_size, stride=config.video_stride, mean=CLIP_MEAN, std=CLIP_STD,
                                      backend=config.text.backend)
-        self.positions = nn.ParameterDict({modality: nn.Parameter(torch.zeros(
-            config.tubelets() if modality == "video" else config.span_tokens(modality), width)) for modality in MODALITIES})
+        rows = {modality: config.tubelets() if modality == "video" else config.span_tokens(modality)
+                for modality in MODALITIES}  # a keyframe takes the image's positions
+        self.positions = nn.ParameterDict({modality: nn.Parameter(torch.zeros(rows[modality], width))
+                                           for modality in MODALITIES})
         self.time_embedding = nn.Sequential(nn.Linear(2 * config.time_frequencies, width), nn.SiLU(),
                                             nn.Linear(width, width))
         self.heads = nn.ModuleDict({modality: nn.Sequential(
