@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--captioner-steps", type=int, default=600)
     parser.add_argument("--captioner-data", choices=("seed", "filtered"), default="seed",
                         help="the captioner's pairs: the clean seed set, or (b)'s filtered pairs")
+    parser.add_argument("--caption-filter", choices=("seed", "filtered"), default="seed",
+                        help="the CLIP that filters the pseudo-captions: the seed CLIP (as the web captions), or (b)'s")
     parser.add_argument("--steps", type=int, default=400, help="steps of each compared CLIP")
     parser.add_argument("--clean-quantile", type=float, default=0.1,
                         help="the threshold: this quantile of the seed CLIP's scores on its clean held-out pairs")
@@ -262,18 +264,27 @@ def main(argv: list[str] | None = None) -> dict:
     lap("LLaVA captioner")
     captioned = caption_shards(os.path.join(out, "captioner"), os.path.join(out, "uncaptioned", "*.tar"),
                                os.path.join(out, "captioned"), batch_size=64, max_new_tokens=16, progress=progress)
-    # and the pseudo-captions pass the same filter as the web captions (CapFilt's "Filt")
-    score(os.path.join(out, "seed-clip"), os.path.join(out, "captioned", "*.tar"),
-          os.path.join(out, "captioned-scores.jsonl"), progress=progress)
+    # and the pseudo-captions pass a filter (CapFilt's "Filt"): the web captions' (the seed CLIP at its
+    # threshold), or (b)'s CLIP, which knows the shapes better, at the same quantile of its clean scores
+    caption_threshold, filter_clip = threshold, os.path.join(out, "seed-clip")
+    if arguments.caption_filter == "filtered":
+        filter_clip = os.path.join(out, "b-filtered")
+        score(filter_clip, os.path.join(out, "seed-synth", "held_out-*.tar"),
+              os.path.join(out, "b-clean-scores.jsonl"), progress=progress)
+        clean_b = [row["score"] for row in map(json.loads, open(os.path.join(out, "b-clean-scores.jsonl")))]
+        caption_threshold = float(np.quantile(clean_b, arguments.clean_quantile))
+    score(filter_clip, os.path.join(out, "captioned", "*.tar"), os.path.join(out, "captioned-scores.jsonl"),
+          progress=progress)
     try:
         captioned_kept = filter_shards(os.path.join(out, "captioned-scores.jsonl"),
                                        os.path.join(out, "captioned", "*.tar"), os.path.join(out, "captioned-kept"),
-                                       threshold=threshold, progress=progress)
+                                       threshold=caption_threshold, progress=progress)
     except ValueError as error:  # none passes: (c) is (b)'s data again, and the table says so
         print(error)
         captioned_kept = {"kept": 0}
     captioned["kept"], captioned["correct"] = captioned_kept["kept"], pseudo_caption_accuracy(
-        os.path.join(out, "captioned"), os.path.join(out, "captioned-scores.jsonl"), threshold)
+        os.path.join(out, "captioned"), os.path.join(out, "captioned-scores.jsonl"), caption_threshold)
+    captioned["filter_threshold"] = caption_threshold
     lap("pseudo-captions")
     sources = f"{{filtered: '{out}/filtered/*.tar'" + (f", captioned: '{out}/captioned-kept/*.tar'}}"
                                                        if captioned["kept"] else "}")

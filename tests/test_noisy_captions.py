@@ -12,16 +12,18 @@ pytest.importorskip("webdataset")
 pytest.importorskip("tokenizers")
 
 
-def test_the_noisy_captions_experiment_runs_end_to_end(tmp_path):
+@pytest.mark.parametrize("caption_filter", ["seed", "filtered"])
+def test_the_noisy_captions_experiment_runs_end_to_end(tmp_path, caption_filter):
     script = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "noisy_captions.py"))
     results = script["main"](["--tiny", "--out", str(tmp_path), "--train", "200", "--held-out", "64",
                               "--seed-pairs", "64", "--seed-steps", "2", "--captioner-steps", "2", "--steps", "2",
-                              "--batch", "16"])
+                              "--batch", "16", "--caption-filter", caption_filter])
     noise = results["noise"]
     assert sum(noise.values()) == 200 and min(noise.values()) > 0
     captions = results["pseudo_captions"]
     assert results["uncaptioned_shards"] == noise["uncaptioned"] == captions["captioned"] >= captions["kept"]
     assert 0 <= captions["correct"]["color"] <= 1 and 0 <= captions["correct"]["shape"] <= 1
+    assert isinstance(captions["filter_threshold"], float)
     assert results["filter"]["samples"] == 200  # the uncaptioned ones are removed for want of a score
     assert results["filter"]["removed_by_rule"]["no score"] == noise["uncaptioned"]
     assert results["filter"]["swapped"] == noise["swapped"] and 0 <= results["filter"]["recall"] <= 1
