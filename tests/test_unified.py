@@ -17,8 +17,8 @@ import mmfast
 from mmfast.cli import main
 from mmfast.data import synth
 from mmfast.data.synth_media import media_clip, other_beeps
-from mmfast.models.llama import LlamaConfig
 from mmfast.models.image_autoencoder import image_values
+from mmfast.models.llama import LlamaConfig
 from mmfast.models.unified import (SPECIAL_TOKENS, UnifiedConfig, UnifiedModel, audio_values, fold_patches,
                                    patch_rows, span_sequence, waveforms_of)
 from mmfast.train import load_config
@@ -263,4 +263,3 @@ def test_video_keyframe_is_the_middle_frame_as_an_image_then_the_tubelets():
     ids = torch.tensor([config.sot_token_id, *span_sequence(config, "video"), 5, config.eot_token_id])
     out = model(ids, torch.tensor([0, len(ids)], dtype=torch.int32), video=frames[:1])
     assert out["text"].shape == (len(ids), config.text.vocab_size)
-
