@@ -15,8 +15,12 @@ pseudo-captioning the uncaptioned images with a LLaVA captioner, give a better C
 5. The main job's CLIP (fewer steps) trained on (a) the noisy pairs and (b) the filtered ones.
 6. A LLaVA captioner bootstrapped from (b), as BLIP's CapFilt: (b)'s vision tower frozen, projector and
    language model taught to answer "Describe the image." with the seed pairs' captions (vicuna template);
-   `mmfast data caption` of the uncaptioned images, and the pseudo-captions through the same filter.
+   `mmfast data caption` of the uncaptioned images, and the pseudo-captions through a filter: by default
+   (b)'s CLIP keeping its top 30 % (--caption-keep, --caption-top-fraction: DataComp's CLIP-score
+   filter), as CapFilt's "Filt".
 7. (c): the CLIP trained on the filtered pairs plus the kept pseudo-captioned images (`data.sources`).
+   With --seeds K, (b) and (c) are trained again with training seeds 1 .. K-1 (the same data) and the
+   table gives their means.
 
 Writes `<out>/results.json` and `<out>/noisy_captions.png`; prints the table.
 """
@@ -160,11 +164,17 @@ def _plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results["runs"])
-    values = [results["runs"][name]["zero_shot_accuracy"] for name in names]
+    seeds = results.get("seeds", {})
+    runs = [seeds.get(name, [results["runs"][name]["zero_shot_accuracy"]]) for name in names]
+    labels = [name.replace(" + ", "\n+ ") for name in names]
     figure, axis = plt.subplots(figsize=(6, 3.2))
-    bars = axis.bar([name.replace(" + ", "\n+ ") for name in names], values, color=["#c44", "#48c", "#4a4"][:len(names)])
+    bars = axis.bar(labels, [np.mean(values) for values in runs], color=["#c44", "#48c", "#4a4"][:len(names)])
     axis.bar_label(bars, fmt="%.3f")
-    axis.set_ylabel("held-out zero-shot accuracy (36 classes)")
+    for label, values in zip(labels, runs):
+        if len(values) > 1:
+            axis.plot([label] * len(values), values, "k.", markersize=4)
+    several = max(len(values) for values in runs) > 1
+    axis.set_ylabel("held-out zero-shot (36 classes)" + ("\nmean of training seeds (dots)" if several else ""))
     axis.set_ylim(0, 1)
     quality = results["filter"]
     axis.set_title(f"filter: precision {quality['precision']:.2f}, recall {quality['recall']:.2f} of swapped captions",
@@ -184,8 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--captioner-steps", type=int, default=600)
     parser.add_argument("--captioner-data", choices=("seed", "filtered"), default="seed",
                         help="the captioner's pairs: the clean seed set, or (b)'s filtered pairs")
-    parser.add_argument("--caption-filter", choices=("seed", "filtered"), default="seed",
-                        help="the CLIP that filters the pseudo-captions: the seed CLIP (as the web captions), or (b)'s")
+    parser.add_argument("--caption-filter", choices=("seed", "filtered"), default="filtered",
+                        help="the CLIP that filters the pseudo-captions: (b)'s, or the seed CLIP (as the web captions)")
+    parser.add_argument("--caption-keep", choices=("top", "threshold"), default="top",
+                        help="keep the pseudo-captions the filter scores in its top --caption-top-fraction (DataComp's "
+                             "CLIP-score filter), or those above the --clean-quantile of its clean held-out scores")
+    parser.add_argument("--caption-top-fraction", type=float, default=0.3)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train (b) and (c) with this many training seeds (0, 1, ...); the table gives their mean")
     parser.add_argument("--steps", type=int, default=400, help="steps of each compared CLIP")
     parser.add_argument("--clean-quantile", type=float, default=0.1,
                         help="the threshold: this quantile of the seed CLIP's scores on its clean held-out pairs")
@@ -266,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
                                os.path.join(out, "captioned"), batch_size=64, max_new_tokens=16, progress=progress)
     # and the pseudo-captions pass a filter (CapFilt's "Filt"): the web captions' (the seed CLIP at its
     # threshold), or (b)'s CLIP, which knows the shapes better, at the same quantile of its clean scores
+    # (by default (b)'s CLIP keeping its top 30 %: the captioner sees through (b)'s tower, so a threshold
+    # that passes most clean pairs passes most of its mistakes too)
     caption_threshold, filter_clip = threshold, os.path.join(out, "seed-clip")
     if arguments.caption_filter == "filtered":
         filter_clip = os.path.join(out, "b-filtered")
@@ -275,10 +293,13 @@ def main(argv: list[str] | None = None) -> dict:
         caption_threshold = float(np.quantile(clean_b, arguments.clean_quantile))
     score(filter_clip, os.path.join(out, "captioned", "*.tar"), os.path.join(out, "captioned-scores.jsonl"),
           progress=progress)
+    keep = ({"top_fraction": arguments.caption_top_fraction} if arguments.caption_keep == "top"
+            else {"threshold": caption_threshold})
     try:
         captioned_kept = filter_shards(os.path.join(out, "captioned-scores.jsonl"),
                                        os.path.join(out, "captioned", "*.tar"), os.path.join(out, "captioned-kept"),
-                                       threshold=caption_threshold, progress=progress)
+                                       progress=progress, **keep)
+        caption_threshold = captioned_kept["threshold"]  # the top fraction's lowest kept score
     except ValueError as error:  # none passes: (c) is (b)'s data again, and the table says so
         print(error)
         captioned_kept = {"kept": 0}
@@ -290,10 +311,19 @@ def main(argv: list[str] | None = None) -> dict:
                                                        if captioned["kept"] else "}")
     runs["(c) filtered + pseudo-captions"] = _clip(out, "c-captioned", [*common, f"--data.sources={sources}"], progress)
     lap("CLIP (c)")
+    # (b) and (c) again with other training seeds (the same data): how far a single run's difference goes
+    seeds = {name: [runs[name]["zero_shot_accuracy"]] for name in ("(b) filtered", "(c) filtered + pseudo-captions")}
+    for seed_index in range(1, arguments.seeds):
+        for name, folder, data in (("(b) filtered", "b-filtered", f"--data.train={out}/filtered/*.tar"),
+                                   ("(c) filtered + pseudo-captions", "c-captioned", f"--data.sources={sources}")):
+            rerun = _clip(out, f"{folder}-seed{seed_index}", [*common, data, f"--train.seed={seed_index}"], progress)
+            seeds[name].append(rerun["zero_shot_accuracy"])
+    if arguments.seeds > 1:
+        lap(f"(b) and (c), seeds 1-{arguments.seeds - 1}")
     results = {"noise": counts, "uncaptioned_shards": uncaptioned, "seed_clip": seed, "captioner": captioner_result,
                "filter": {**quality, "kept": filtered["kept"], "samples": filtered["pairs"],
                           "removed_by_rule": filtered["removed_by_rule"]},
-               "pseudo_captions": captioned, "runs": runs, "seconds": timings,
+               "pseudo_captions": captioned, "runs": runs, "seeds": seeds, "seconds": timings,
                "total_seconds": round(time.perf_counter() - started, 1), "arguments": vars(arguments)}
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=2)
@@ -310,6 +340,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, result in runs.items():
         print(f"| {name} | {sizes[name]} | {result['zero_shot_accuracy']:.3f} | {result['image_to_text_R@1']:.3f} | "
               f"{result['seconds']:.0f} |")
+    if arguments.seeds > 1:
+        for name, values in seeds.items():
+            print(f"{name}, training seeds 0-{arguments.seeds - 1}: {', '.join(f'{v:.4f}' for v in values)}; mean "
+                  f"{np.mean(values):.4f}")
     print(f"total {results['total_seconds']:.0f} s: {timings}")
     return results
 
