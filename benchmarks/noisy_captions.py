@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="toy models and sizes (the test's)")
     arguments = parser.parse_args(argv)
+    if arguments.seeds < 1 or not 0 < arguments.caption_top_fraction <= 1:
+        parser.error(f"expected --seeds >= 1 and --caption-top-fraction in (0, 1], got {arguments.seeds} and "
+                     f"{arguments.caption_top_fraction}")
     out, progress = os.path.abspath(arguments.out), not arguments.tiny
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
