@@ -88,3 +88,16 @@ def test_gate_fails_on_a_module_global_read_inside_a_kernel(tmp_path):
     plain, constexpr = json.loads(result.stdout.strip().splitlines()[-1])
     assert not plain["ok"] and "Cannot access global variable LOW" in plain["error"]
     assert constexpr["ok"], constexpr.get("error")
+
+
+def test_a_ptx_that_ptxas_cannot_read_is_an_error_not_zero_spills():
+    """triton 3.9 writes sm_90 PTX that only its newer ptxas reads; a report that asked the other one
+    got no figures, which the gate took for no spills. Now the row says what ptxas said."""
+    from mmfast.bench.compile import _ptxas, ptxas_report
+
+    if _ptxas(90) is None:
+        pytest.skip("no ptxas")
+    unreadable = ".version 99.9\n.target sm_90a\n.address_size 64\n"
+    report = ptxas_report(unreadable, 90)
+    assert "ptxas_error" in report and "spill_stores" not in report
+    assert "99.9" in report["ptxas_error"] or "version" in report["ptxas_error"].lower()

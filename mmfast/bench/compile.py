@@ -293,9 +293,13 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
         row.update(ok=False, error=f"{type(error).__name__}: {error}")
     else:
         shared, limit = compiled.metadata.shared, SHARED_LIMIT.get(arch)
-        row.update(ok=limit is None or shared <= limit, shared_bytes=shared, shared_limit=limit,
-                   **ptxas_report(compiled.asm["ptx"], arch))
-        if not row["ok"]:
+        report = ptxas_report(compiled.asm["ptx"], arch)
+        unread = report.pop("ptxas_error", None)
+        row.update(ok=(limit is None or shared <= limit) and unread is None, shared_bytes=shared, shared_limit=limit,
+                   **report)
+        if unread is not None:
+            row["error"] = f"ptxas could not report registers and spills: {unread}"
+        elif not row["ok"]:
             row["error"] = f"needs {shared} bytes of shared memory per block; sm_{arch} allows {limit}"
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
@@ -304,10 +308,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
 def ptxas_report(ptx: str, arch: int) -> dict:
     """Registers per thread and local-memory spill bytes of a kernel's PTX as ptxas -v reports them
     (the ptxas Triton ships, the flags of its own sm_<arch> compile); {} where no ptxas is found."""
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    ptxas = ptxas if os.path.exists(ptxas) else shutil.which("ptxas")
+    ptxas = _ptxas(arch)
     if ptxas is None:
         return {}
     with tempfile.TemporaryDirectory() as folder:
@@ -315,10 +316,26 @@ def ptxas_report(ptx: str, arch: int) -> dict:
         with open(source, "w") as handle:
             handle.write(ptx)
         gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"  # Triton compiles sm_90 as sm_90a
-        output = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", source, "-o", os.path.join(folder, "kernel.o")],
-                                capture_output=True, text=True).stderr
-    numbers = {key: re.search(pattern, output) for key, pattern in PTXAS_FIELDS.items()}
+        done = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", source, "-o", os.path.join(folder, "kernel.o")],
+                              capture_output=True, text=True)
+    if done.returncode:  # no figures is not "no spills": the row says why
+        return {"ptxas_error": f"{os.path.basename(ptxas)}: {done.stderr.strip().splitlines()[0]}"}
+    numbers = {key: re.search(pattern, done.stderr) for key, pattern in PTXAS_FIELDS.items()}
     return {key: int(match.group(1)) for key, match in numbers.items() if match}
+
+
+def _ptxas(arch: int) -> str | None:
+    """The ptxas Triton itself runs for sm_<arch> (triton 3.9 takes its newer `ptxas-blackwell` from
+    sm_90 on, 3.6-3.8 from sm_100), else the one it ships, else one on PATH."""
+    import triton
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(arch).path
+    except Exception:  # older or newer triton without it, or a tool it cannot find
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return path if path and os.path.exists(path) else shutil.which("ptxas")
 
 
 def _compile_job(job):
