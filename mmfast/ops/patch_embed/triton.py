@@ -130,17 +130,18 @@ def _weight_grad_kernel(p_ptr, g_ptr, mean_ptr, inv_std_ptr, keep_ptr, dw_ptr,
              mask=(o_k < K)[:, None] & m_e[None, :])
 
 
-def _config(dtype: torch.dtype, device: torch.device, keep: bool = False) -> dict:
+def _config(dtype: torch.dtype, device: torch.device, weight_grad: bool = False) -> dict:
     interpreting = not plans_for_gpu(device)
     precision = "ieee" if dtype == torch.float32 else "tf32"
     if interpreting:
         return dict(BM=64, BE=64, BK=64, UPCAST=dtype == torch.bfloat16, PRECISION=precision, num_warps=4,
                     num_stages=1)
-    # 128 x 64 output tiles: ptxas compiles every variant of both kernels without spilling for sm_80
-    # and sm_90 (128 x 128 spilled up to 236 bytes per thread; `mmfast bench compile`).
-    # kept patches: the row -> patch indices stay live across the K loop; 64-row tiles fit them without
-    # spilling where 128 rows spilled up to 92 bytes per thread on sm_90
-    return dict(BM=64 if keep else 128, BE=64, BK=32, UPCAST=False, PRECISION=precision, num_warps=8, num_stages=3)
+    # 64 x 64 output tiles: ptxas compiles every variant of both kernels without spilling for sm_80 and
+    # sm_90 with triton 3.6 (the GPU image's) and 3.8 (`mmfast bench compile`). 128 rows spilled with
+    # 3.6 (the weight gradient up to 296 bytes per thread, the forward 56; none with 3.8), and with kept
+    # patches (whose row -> patch indices stay live across the K loop) up to 92 bytes with 3.8.
+    return dict(BM=64, BE=64, BK=32, UPCAST=False, PRECISION=precision, num_warps=8,
+                num_stages=1 if weight_grad else 3)
 
 
 def _geometry_args(pixels, geometry):
@@ -162,7 +163,7 @@ def forward(pixels, weight, bias, pos_embed, prefix, mean, inv_std, in_scale, ge
         if pos_embed is not None and pos_embed.shape[0] == N + P:
             prefix_rows = prefix_rows + pos_embed[:P].to(torch.float32)
         out[:, :P] = prefix_rows.to(out.dtype)
-    c = _config(weight.dtype, pixels.device, keep is not None)
+    c = _config(weight.dtype, pixels.device)
     M = B * R
     dummy = weight
     _fwd_kernel[(triton.cdiv(M, c["BM"]), triton.cdiv(E, c["BE"]))](
@@ -184,7 +185,7 @@ def weight_grad(pixels, grad_out, mean, inv_std, in_scale, geometry, prefix_coun
     N = geometry.num_patches
     R = N if keep is None else keep.shape[1]
     M = B * R
-    c = _config(grad_out.dtype, pixels.device, keep is not None)
+    c = _config(grad_out.dtype, pixels.device, weight_grad=True)
     tiles = triton.cdiv(K, c["BK"]) * triton.cdiv(E, c["BE"])
     if plans_for_gpu(pixels.device):
         programs = 4 * multiprocessor_count(pixels.device)
