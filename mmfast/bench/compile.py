@@ -307,7 +307,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
 
 def ptxas_report(ptx: str, arch: int) -> dict:
     """Registers per thread and local-memory spill bytes of a kernel's PTX as ptxas -v reports them
-    (the ptxas Triton ships, the flags of its own sm_<arch> compile); {} where no ptxas is found."""
+    (the ptxas Triton runs for sm_<arch>, with -v and the target only: triton 3.9 adds
+    --regAllocOptLevel=2 of its own); {} where no ptxas is found, {"ptxas_error"} where it fails."""
     ptxas = _ptxas(arch)
     if ptxas is None:
         return {}

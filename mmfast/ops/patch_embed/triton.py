@@ -137,9 +137,10 @@ def _config(dtype: torch.dtype, device: torch.device, weight_grad: bool = False)
         return dict(BM=64, BE=64, BK=64, UPCAST=dtype == torch.bfloat16, PRECISION=precision, num_warps=4,
                     num_stages=1)
     # 64 x 64 output tiles: ptxas compiles every variant of both kernels without spilling for sm_80 and
-    # sm_90 with triton 3.6 (the GPU image's) and 3.8 (`mmfast bench compile`). 128 rows spilled with
-    # 3.6 (the weight gradient up to 296 bytes per thread, the forward 56; none with 3.8), and with kept
-    # patches (whose row -> patch indices stay live across the K loop) up to 92 bytes with 3.8.
+    # sm_90 with triton 3.6 (the GPU image's), 3.8 and 3.9 (`mmfast bench compile`). 128 rows spilled
+    # with 3.6 (the weight gradient up to 296 bytes per thread, the forward 56; none with 3.8), and with
+    # kept patches (whose row -> patch indices stay live across the K loop) up to 92 bytes with 3.8; the
+    # weight gradient with 3 stages spilled 24 bytes with 3.8 on sm_80, with 1 none.
     return dict(BM=64, BE=64, BK=32, UPCAST=False, PRECISION=precision, num_warps=8,
                 num_stages=1 if weight_grad else 3)
 
