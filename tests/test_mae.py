@@ -105,7 +105,33 @@ def test_linear_probe_reads_a_separable_label_and_not_a_random_one():
         linear_probe(features[:300], labels[:299], features[300:], labels[300:], 4)
 
 
+def test_positions_are_mae_fixed_sincos_tables_or_learned_ones():
+    model = _model()
+    encoder = model.vision_model.embeddings.position_embedding.weight  # [1 + 36, 32]: class token, 6 x 6 places
+    for table in (encoder, model.decoder_position[0]):
+        assert not table.requires_grad and torch.equal(table[0], torch.zeros_like(table[0]))
+        width = table.shape[-1]
+        # place (row 2, column 5): rows' 1-D table in the first half of the channels, columns' in the second
+        angle_row, angle_column = 2 / 10000 ** (2 * 0 / (width // 2)), 5.0
+        assert torch.allclose(table[1 + 2 * 6 + 5, :2], torch.tensor([np.sin(angle_row), np.cos(angle_row)]).float())
+        assert torch.allclose(table[1 + 2 * 6 + 5, width // 2:width // 2 + 2],
+                              torch.tensor([np.sin(angle_column), np.cos(angle_column)]).float())
+    # the optimizer never sees them; they still reach the state dict, so the tower carries them over
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert "decoder_position" not in trainable and "vision_model.embeddings.position_embedding.weight" not in trainable
+    assert "vision_model.embeddings.position_embedding.weight" in model.state_dict()
+    vision = VisionConfig(image_size=24, patch_size=4, width=32, layers=2, heads=2, mean=MEAN, std=STD)
+    learned = MaskedAutoencoder(MaeConfig(vision=vision, decoder_width=16, decoder_layers=1, decoder_heads=2,
+                                          position_embedding="learned"))
+    assert learned.decoder_position.requires_grad and learned.decoder_position.abs().max() < 0.2
+
+
 def test_bad_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match="position_embedding must be one of .'sincos', 'learned'., got 'rope'"):
+        MaeConfig(vision=VisionConfig(image_size=24, patch_size=4), position_embedding="rope")
+    with pytest.raises(ValueError, match="sincos_grid_table: width must be a multiple of 4"):
+        MaskedAutoencoder(MaeConfig(vision=VisionConfig(image_size=24, patch_size=4, width=30, heads=2),
+                                    decoder_width=16, decoder_layers=1, decoder_heads=2))
     with pytest.raises(ValueError, match="mask_ratio must leave at least one patch visible and one hidden of the 36"):
         MaeConfig(vision=VisionConfig(image_size=24, patch_size=4), mask_ratio=1.0)
     with pytest.raises(ValueError, match="video.patch_stride must be the patch size .8.: overlapping tubelets"):

@@ -22,7 +22,7 @@ from torch import nn
 
 from mmfast.models.audio import AudioConfig, AudioEncoder
 from mmfast.models.clip import Block, VisionConfig, VisionTransformer, patch_count, run_blocks, transformer_flops
-from mmfast.models.video import VideoConfig, VideoEncoder, tube_grid
+from mmfast.models.video import VideoConfig, VideoEncoder, sinusoid_table, tube_grid
 from mmfast.ops.patch_embed.reference import unfolded_patches
 
 
@@ -40,6 +40,17 @@ def _check_ratio(owner: str, places: int, mask_ratio: float) -> None:
     if not 0.0 < mask_ratio < 1.0 or kept < 1 or kept >= places:
         raise ValueError(f"{owner}: mask_ratio must leave at least one patch visible and one hidden of the "
                          f"{places} {'places' if owner.startswith('Video') else 'patches'}, got {mask_ratio}")
+
+
+def sincos_grid_table(width: int, side: int) -> torch.Tensor:
+    """MAE's fixed 2-D positions `[side * side, width]` (row-major places): the first half of the channels
+    the row's 1-D sin-cos table, the second half the column's."""
+    if width % 4:
+        raise ValueError(f"sincos_grid_table: width must be a multiple of 4 (sin and cos for rows and columns), "
+                         f"got {width}")
+    table = sinusoid_table(side, width // 2)
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.cat([table[rows.flatten()], table[columns.flatten()]], dim=1)
 
 
 def normalized(pixels: torch.Tensor, mean, std, channel_dim: int = 1) -> torch.Tensor:
@@ -76,10 +87,23 @@ class MaskingConfig:
         return random_keep(batch, places, kept_count(places, self.mask_ratio), generator)
 
 
+POSITION_KINDS = ("sincos", "learned")
+
+
 @dataclass(kw_only=True)
 class MaeConfig(MaskingConfig):
     vision: VisionConfig = field(default_factory=VisionConfig)  # the encoder
     activation: str = "gelu"
+    # "sincos": MAE's fixed 2-D sin-cos positions in the encoder and the decoder (class token: zeros);
+    # "learned": both tables trained from small random values (CLIP's). On the bundled pictures the fixed
+    # tables lowered mae-tiny's held-out loss from 0.370 to 0.268 (see the README, "Masked pretraining").
+    position_embedding: str = "sincos"
+
+    def __post_init__(self):
+        if self.position_embedding not in POSITION_KINDS:
+            raise ValueError(f"MaeConfig: position_embedding must be one of {POSITION_KINDS}, "
+                             f"got {self.position_embedding!r}")
+        super().__post_init__()
 
     def places(self) -> int:
         return patch_count(self.vision)
@@ -187,6 +211,12 @@ class MaskedAutoencoder(_MaskedAutoencoder):
         patches = patch_count(vision)
         self._build_decoder(vision.width, patches, kept_count(patches, config.mask_ratio),
                             vision.channels * vision.patch_size ** 2, config, config.activation, vision.mlp_ratio)
+        if config.position_embedding == "sincos":
+            side = round(patches ** 0.5)
+            for table in (self.vision_model.embeddings.position_embedding.weight, self.decoder_position):
+                fixed = sincos_grid_table(table.shape[-1], side)
+                table.data.copy_(torch.cat([fixed.new_zeros(1, fixed.shape[1]), fixed]).view_as(table))
+                table.requires_grad_(False)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision_model.grad_checkpointing = enable
