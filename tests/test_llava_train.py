@@ -126,8 +126,12 @@ def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp
     for key, value in clip.items():
         if key.startswith("vision_model.layers.0."):
             torch.testing.assert_close(final["model.vision_tower." + key[len("vision_model."):]], value)
-    tokenizers = [open(tmp_path / "run" / name / "tokenizer.json").read() for name in ("text", "align", "tune")]
-    assert tokenizers[0] == tokenizers[1] == tokenizers[2]
+    stages = ("text", "align", "tune-existence", "tune")
+    tokenizers = [open(tmp_path / "run" / name / "tokenizer.json").read() for name in stages]
+    assert all(tokenizer == tokenizers[0] for tokenizer in tokenizers)
+    # stage 2 first reads the conversations that all open with the existence question, then the plain ones
+    existence = [load_config(path=str(tmp_path / "run" / name / "config.yaml")).data.existence_first for name in stages]
+    assert existence == [True, False, True, False]
     rows = [json.loads(line) for line in open(tmp_path / "run" / "tune" / "metrics.jsonl")]
     assert any("pope_f1" in row for row in rows)
     logged = [row for row in rows if "loss" in row]  # each step: real tokens, and what padding would keep real
@@ -185,6 +189,10 @@ def test_bad_settings_are_named(tmp_path):
     config = _config(tmp_path, "bad-files", "--data.source=files")
     with pytest.raises(ValueError, match="needs data.conversations"):
         train(config, progress=False)
+    for setting in ("--data.source=files", "--data.template=plain"):
+        config = _config(tmp_path, "existence", "--data.existence_first=true", setting)
+        with pytest.raises(ValueError, match="data.existence_first picks a set of the bundled conversations"):
+            train(config, progress=False)
     config = _config(tmp_path, "anyres", *STAGES["tune"], "--data.image_size=32", "--model.vision.image_size=16")
     config.model.image_grid_pinpoints = [[24, 32]]
     with pytest.raises(ValueError, match=r"multiples of the tower's 16-pixel input, got \[24, 32\]"):

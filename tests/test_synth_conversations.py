@@ -58,3 +58,21 @@ def test_the_description_comes_last_and_existence_first():
         assert "describe" not in kinds[:-1], kinds
         if "exists" in kinds:
             assert kinds[0] == "exists", kinds
+
+
+def test_the_existence_set_opens_every_conversation_with_it_and_leaves_the_plain_set_as_drawn(tmp_path):
+    paths = write_conversations(str(tmp_path), train=40, held_out=5, progress=False)
+    plain, existence = json.load(open(paths["train"])), json.load(open(paths["train-existence"]))
+    assert [s["id"] for s in existence] == [s["id"] for s in plain] and "held_out-existence" not in paths
+    for sample in existence:  # the same pictures, every conversation opened by the existence question
+        kinds = [item["type"] for item in sample["questions"]]
+        assert kinds[0] == "exists" and kinds.count("exists") == 1 and 2 <= len(kinds) <= 4, kinds
+        assert sample["conversations"][0]["value"].startswith("<image>\nIs there")
+    answers = Counter(sample["questions"][0]["answer"] for sample in existence)
+    assert answers["yes"] > 10 and answers["no"] > 10
+    # the plain set is the picture stream's own draw (its file did not change when the existence set came)
+    for index in (0, 17, 39):
+        rng = np.random.default_rng([0, 2, index])
+        picture = synth.shape_sample(rng, 32, "continuous")
+        assert conversation(f"train-{index:07d}", picture.meta, picture.caption, rng) == plain[index]
+    assert sum("exists" in [q["type"] for q in s["questions"]] for s in plain) < 35

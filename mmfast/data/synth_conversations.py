@@ -66,10 +66,17 @@ def question(kind: str, meta: dict, rng: np.random.Generator) -> tuple[str, str]
     raise ValueError(f"question: kind must be one of {QUESTION_TYPES}, got {kind!r}")
 
 
-def conversation(key: str, meta: dict, caption: str, rng: np.random.Generator, turns: tuple[int, int] = (2, 4)):
+def conversation(key: str, meta: dict, caption: str, rng: np.random.Generator, turns: tuple[int, int] = (2, 4),
+                 existence_first: bool = False):
     """One picture's sample: the stage-2 conversation (its first question carries the image), the stage-1
-    caption, and each question's type and answer."""
-    kinds = list(rng.choice(QUESTION_TYPES, size=int(rng.integers(turns[0], turns[1] + 1)), replace=False))
+    caption, and each question's type and answer. existence_first: the existence question opens every
+    conversation (the training set llava-tiny's first tune stage reads, see write_conversations)."""
+    size = int(rng.integers(turns[0], turns[1] + 1))
+    if existence_first:
+        others = [kind for kind in QUESTION_TYPES if kind != "exists"]
+        kinds = ["exists", *rng.choice(others, size=size - 1, replace=False)]
+    else:
+        kinds = list(rng.choice(QUESTION_TYPES, size=size, replace=False))
     # an earlier answer must not give a later one away, or the model learns to copy it instead of looking
     # (and then fails the question asked alone, as evaluation asks it): the description, which names
     # everything, comes last; the existence question, which names a color and a shape, comes first (its
@@ -88,12 +95,16 @@ def conversation(key: str, meta: dict, caption: str, rng: np.random.Generator, t
 
 def write_conversations(out_dir: str, *, train: int = 4000, held_out: int = 400, size: int = 32, seed: int = 0,
                         geometry: str = "continuous", progress: bool = True) -> dict:
-    """Writes `<out_dir>/images/*.png`, `<out_dir>/{train,held_out}.json` (stage 2: LLaVA's format) and
-    `<out_dir>/{train,held_out}-captions.json` (stage 1: one turn, the caption); returns the paths."""
+    """Writes `<out_dir>/images/*.png`, `<out_dir>/{train,held_out}.json` (stage 2: LLaVA's format),
+    `<out_dir>/{train,held_out}-captions.json` (stage 1: one turn, the caption) and
+    `<out_dir>/train-existence.json`: the same training pictures, each conversation opened by the existence
+    question. There a "yes" names the color and shape that later questions ask, so a model learns to
+    answer from the question's words: the existence question is learned only so (tried without that,
+    it stayed at chance), and a later stage on train.json teaches looking again. Returns the paths."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     paths = {}
     for split, count in (("train", train), ("held_out", held_out)):
-        samples, captions = [], []
+        samples, captions, existence = [], [], []
         for index in tqdm(range(count), desc=f"conversations {split}", disable=not progress):
             # the shapes generator's own seeding, offset so these pictures are not the CLIP run's
             rng = np.random.default_rng([seed, 2 if split == "train" else 3, index])
@@ -102,9 +113,13 @@ def write_conversations(out_dir: str, *, train: int = 4000, held_out: int = 400,
             picture.image.save(os.path.join(out_dir, "images", f"{key}.png"))
             sample = conversation(key, picture.meta, picture.caption, rng)
             samples.append(sample)
+            if split == "train":  # its own random stream: train.json stays what it was before this file
+                existence.append(conversation(key, picture.meta, picture.caption,
+                                              np.random.default_rng([seed, 4, index]), existence_first=True))
             captions.append({"id": key, "image": sample["image"], "conversations": [
                 {"from": "human", "value": "<image>"}, {"from": "gpt", "value": picture.caption}]})
-        for name, content in ((split, samples), (f"{split}-captions", captions)):
+        files = [(split, samples), (f"{split}-captions", captions)] + ([("train-existence", existence)] if existence else [])
+        for name, content in files:
             paths[name] = os.path.join(out_dir, f"{name}.json")
             with open(paths[name], "w") as handle:
                 json.dump(content, handle)

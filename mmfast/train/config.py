@@ -55,6 +55,9 @@ class DataConfig:
     image_folder: str = ""
     template: str = "vicuna_v1"
     use_images: bool = True
+    # task llava, bundled conversations: train on the set whose every conversation opens with the existence
+    # question (train-existence.json; see mmfast.data.synth_conversations.write_conversations)
+    existence_first: bool = False
 
 
 @dataclass(kw_only=True)

@@ -127,6 +127,10 @@ class LlavaTask(Task):
         if config.data.source not in ("synth", "files"):
             raise ValueError(f"config: task llava reads LLaVA's JSON (data.source=files, data.conversations) or "
                              f"the bundled conversations (synth), got data.source={config.data.source!r}")
+        if config.data.existence_first and (config.data.source != "synth" or config.data.template == "plain"):
+            raise ValueError(f"config: data.existence_first picks a set of the bundled conversations (data.source=synth, "
+                             f"a chat template), got data.source={config.data.source!r}, "
+                             f"data.template={config.data.template!r}")
         check_lora(config.model.lora)
         unknown = sorted(set(config.model.lora.target_modules) - set(LLAMA_LINEARS))
         if config.model.lora.rank and unknown:  # before anything is written into the run directory
@@ -154,15 +158,17 @@ class LlavaTask(Task):
             return data.conversations, data.held_out_conversations, data.image_folder
         folder = os.path.join(data.synth_dir, "llava")
         suffix = "-captions" if data.template == "plain" else ""
-        return (os.path.join(folder, f"train{suffix}.json"), os.path.join(folder, f"held_out{suffix}.json"),
+        train = "train-existence" if data.existence_first and not suffix else f"train{suffix}"
+        return (os.path.join(folder, f"{train}.json"), os.path.join(folder, f"held_out{suffix}.json"),
                 os.path.join(folder, "images"))
 
     def _write_synth(self, progress: bool) -> None:
         data = self.config.data
         folder = os.path.join(data.synth_dir, "llava")
         marker = os.path.join(folder, "conversations.json")
+        # "files": a folder written before train-existence.json existed is written again
         wanted = {"train": data.train_samples, "held_out": data.held_out_samples, "size": data.image_size,
-                  "seed": data.seed, "geometry": data.synth_geometry}
+                  "seed": data.seed, "geometry": data.synth_geometry, "files": ["train-existence"]}
         if os.path.exists(marker) and json.load(open(marker)) == wanted:
             return
         synth_conversations.write_conversations(folder, train=data.train_samples, held_out=data.held_out_samples,
