@@ -112,7 +112,7 @@ def test_positions_are_mae_fixed_sincos_tables_or_learned_ones():
         assert not table.requires_grad and torch.equal(table[0], torch.zeros_like(table[0]))
         width = table.shape[-1]
         # place (row 2, column 5): rows' 1-D table in the first half of the channels, columns' in the second
-        angle_row, angle_column = 2 / 10000 ** (2 * 0 / (width // 2)), 5.0
+        angle_row, angle_column = 2.0, 5.0  # channel pair 0 turns at rate 10000^0 = 1 per place
         assert torch.allclose(table[1 + 2 * 6 + 5, :2], torch.tensor([np.sin(angle_row), np.cos(angle_row)]).float())
         assert torch.allclose(table[1 + 2 * 6 + 5, width // 2:width // 2 + 2],
                               torch.tensor([np.sin(angle_column), np.cos(angle_column)]).float())
