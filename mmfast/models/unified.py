@@ -81,6 +81,11 @@ class UnifiedConfig:
     # carry only the motion (SlowFast's two pathways: detail from one frame, motion from coarse tubelets)
     video_keyframe: bool = False
     head_width: int = 256  # the diffusion heads' hidden width
+    # audio generated left to right (diffusion forcing's per-token times): 0: every patch of a clip shares
+    # one diffusion time (Transfusion's); k > 0: each patch has its own, 0 (clean) up to a front and rising
+    # to 1 (noise) over the k patches after it; sampling sweeps the front across the clip, so each part is
+    # drawn seeing the finished parts before it (one shared time gave beeps broken into pieces)
+    audio_ramp: int = 0
     time_frequencies: int = 64
 
     def __post_init__(self):
@@ -102,6 +107,8 @@ class UnifiedConfig:
         if self.video_keyframe and self.video_size != self.image_size:
             raise ValueError(f"UnifiedConfig: video_keyframe enters a frame as an image: video_size must be "
                              f"image_size ({self.image_size}), got {self.video_size}")
+        if self.audio_ramp < 0:
+            raise ValueError(f"UnifiedConfig: audio_ramp must be >= 0 patches, got {self.audio_ramp}")
         if self.audio_frames > 1 + int(self.audio_seconds * self.sample_rate) // self.hop_length:
             raise ValueError(f"UnifiedConfig: audio_frames ({self.audio_frames}) exceeds the frames of "
                              f"{self.audio_seconds} s at hop {self.hop_length}")
@@ -159,6 +166,21 @@ def timestep_features(times: torch.Tensor, frequencies: int) -> torch.Tensor:
     scales = torch.exp(-math.log(10000.0) * torch.arange(frequencies, device=times.device) / frequencies)
     angles = times.float()[:, None] * 1000.0 * scales[None]
     return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def ramp_times(fronts: torch.Tensor, patches: int, width: int) -> torch.Tensor:
+    """`[N, patches]` diffusion times of a left-to-right sweep (UnifiedConfig.audio_ramp): 0 up to each
+    row's front, rising to 1 over the `width` patches after it."""
+    places = torch.arange(patches, device=fronts.device, dtype=torch.float32)
+    return ((places[None] - fronts.float()[:, None]) / width).clamp(0.0, 1.0)
+
+
+def value_times(config: UnifiedConfig, times: torch.Tensor) -> torch.Tensor:
+    """Diffusion times, `[N]` (one per item) or `[N, patches]` (audio, one per patch), shaped to multiply the
+    values `[N, C, H, W]` they belong to."""
+    if times.dim() == 1:
+        return times[:, None, None, None]
+    return times.repeat_interleave(config.audio_patch_frames, dim=1)[:, None, None, :]
 
 
 def audio_values(config: UnifiedConfig, waveforms: torch.Tensor) -> torch.Tensor:
@@ -249,7 +271,8 @@ class UnifiedModel(nn.Module):
             tokens = self._patches(modality, values)
         if times is None:
             times = torch.zeros(values.shape[0], device=values.device)
-        return tokens + self.time_embedding(timestep_features(times, self.config.time_frequencies)).to(tokens.dtype)[:, None]
+        embedded = self.time_embedding(timestep_features(times.reshape(-1), self.config.time_frequencies)).to(tokens.dtype)
+        return tokens + (embedded[:, None] if times.dim() == 1 else embedded.view(*times.shape, -1))
 
     def _image_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `[N, 3, H, W]` as an image input is given: pixel values, or the autoencoder's latents."""
@@ -373,7 +396,8 @@ class UnifiedModel(nn.Module):
                         generator: torch.Generator | None = None) -> torch.Tensor:
         """Images (or their latents) or spectrograms `[N, C, H, W]` (image_values / audio_values' space) for caption token
         ids (`<sot> ... <eot>`): Euler steps of the learned velocity from noise (t = 1) to t = 0, with
-        classifier-free guidance (guidance 1: the conditional velocity alone)."""
+        classifier-free guidance (guidance 1: the conditional velocity alone). With audio_ramp, each patch
+        of a spectrogram takes `steps` steps as the front sweeps the clip (more forward passes in all)."""
         if modality not in GENERATED:
             raise ValueError(f"UnifiedModel.generate_values: modality must be one of {GENERATED}, got {modality!r}")
         if steps < 1 or not 1.0 <= guidance <= 20.0:
@@ -387,17 +411,22 @@ class UnifiedModel(nn.Module):
         ids, cu_seqlens = self._packed(sequences)
         channels, patch, grid = self.config.patch_shape(modality)
         x = torch.randn((len(captions), *self.config.values_shape(modality)), generator=generator).to(device)
-        times = torch.linspace(1.0, 0.0, steps + 1)
-        for now, then in zip(times[:-1].tolist(), times[1:].tolist()):
-            values = x if guidance == 1.0 else torch.cat([x, x])
-            values_key, times_key = INPUT_KEYS[modality]
-            out = self(ids, cu_seqlens, **{values_key: values,
-                                           times_key: torch.full((values.shape[0],), now, device=device)})
+        ramp, count = (self.config.audio_ramp if modality == "audio" else 0), len(captions)
+        if ramp:
+            patches = self.config.span_tokens("audio")
+            fronts = torch.linspace(-ramp, patches - 1, math.ceil((patches - 1 + ramp) * steps / ramp) + 1)
+            schedule = [ramp_times(front.expand(count), patches, ramp) for front in fronts]
+        else:
+            schedule = [torch.full((count,), float(time)) for time in torch.linspace(1.0, 0.0, steps + 1)]
+        values_key, times_key = INPUT_KEYS[modality]
+        for now, then in zip(schedule[:-1], schedule[1:]):
+            values, times = (x, now) if guidance == 1.0 else (torch.cat([x, x]), torch.cat([now, now]))
+            out = self(ids, cu_seqlens, **{values_key: values, times_key: times.to(device)})
             velocity = fold_patches(out[modality], channels, patch, grid)
             if guidance != 1.0:
                 conditional, unconditional = velocity.chunk(2)
                 velocity = unconditional + guidance * (conditional - unconditional)
-            x = x + (then - now) * velocity
+            x = x + value_times(self.config, (then - now).to(device)) * velocity
         latents = modality == "image" and self.config.image_autoencoder
         return x if latents else x.clamp(-1.0, 1.0)  # pixels and spectrograms live in [-1, 1], latents do not
 

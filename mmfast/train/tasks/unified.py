@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from mmfast.data.tokenizer import CaptionTokenizer
 from mmfast.models.clip import transformer_flops
 from mmfast.models.llama import LlamaConfig
 from mmfast.models.unified import (GENERATED, INPUT_KEYS, MODALITIES, SPECIAL_TOKENS, UnifiedConfig, UnifiedModel,
-                                   audio_values, patch_rows, span_sequence)
+                                   audio_values, patch_rows, ramp_times, span_sequence, value_times)
 from mmfast.models.image_autoencoder import autoencoder_geometry, image_codec
 from mmfast.train import distributed
 from mmfast.train.tasks.base import Task
@@ -230,8 +231,10 @@ class UnifiedTask(Task):
                     audio_values(config, clean[rows])
                 generated = directions[rows] == DIRECTIONS.index(f"text_to_{modality}")
                 time = torch.where(generated, times[rows], torch.zeros_like(times[rows]))
-                grow = (slice(None),) + (None,) * (values.dim() - 1)
-                inputs[modality] = ((1 - time[grow]) * values + time[grow] * noise[rows], time)
+                if modality == "audio" and config.audio_ramp:
+                    time = self._ramp(time) * generated[:, None]  # inputs stay clean
+                grown = value_times(config, time)
+                inputs[modality] = ((1 - grown) * values + grown * noise[rows], time)
                 targets[modality] = (generated, patch_rows(noise[rows] - values, config.patch_shape(modality)[1]))
         video = directions == DIRECTIONS.index("video_to_text")
         keywords = {key: value for modality, pair in inputs.items() for key, value in zip(INPUT_KEYS[modality], pair)}
@@ -243,13 +246,27 @@ class UnifiedTask(Task):
         for modality in GENERATED:
             predicted, (generated, target) = out[modality], targets.get(modality, (None, None))
             if generated is not None and bool(generated.any()):
-                errors = (predicted[generated] - target[generated]).square().flatten(1).mean(1)
+                errors = (predicted[generated] - target[generated]).square().mean(2)  # [items, patches]
+                time = inputs[modality][1][generated]
+                if time.dim() == 2:  # per-patch times: the finished (clean) patches have nothing to predict
+                    drawn = (time > 0).float()
+                    errors = (errors * drawn).sum(1) / drawn.sum(1).clamp(min=1)
+                else:
+                    errors = errors.mean(1)
                 total = total + section.loss_weights.get(modality, 1.0) * errors.sum() * norms[0, GENERATED.index(modality) + 1]
                 parts[f"{modality}_loss"] = errors.mean()
             else:  # the head still joins the graph (every rank's engine waits for its gradient)
                 total = total + predicted.sum() * 0.0
         self.last_parts = {name: float(value.detach()) for name, value in parts.items()}
         return total
+
+    def _ramp(self, times: torch.Tensor) -> torch.Tensor:
+        """Per-patch times `[N, patches]` of audio_ramp's sweep, its front drawn uniformly over the sweep from
+        the item's logit-normal time (mapped back to a uniform draw, so the same (seed, step) draws serve)."""
+        config = self.model_config
+        patches, ramp = config.span_tokens("audio"), config.audio_ramp
+        uniform = 0.5 * (1 + torch.erf(torch.logit(times.clamp(1e-6, 1 - 1e-6)) / math.sqrt(2)))
+        return ramp_times(uniform * (patches - 1 + ramp) - ramp, patches, ramp)
 
     def log(self, engine) -> dict:
         """The last micro-batch's text and diffusion losses."""
