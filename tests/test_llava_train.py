@@ -126,12 +126,13 @@ def test_the_recipe_chains_a_clip_tower_and_one_tokenizer_and_scores_answers(tmp
     for key, value in clip.items():
         if key.startswith("vision_model.layers.0."):
             torch.testing.assert_close(final["model.vision_tower." + key[len("vision_model."):]], value)
-    stages = ("text", "align", "tune-existence", "tune")
+    stages = ("text", "align", "tune")
     tokenizers = [open(tmp_path / "run" / name / "tokenizer.json").read() for name in stages]
     assert all(tokenizer == tokenizers[0] for tokenizer in tokenizers)
-    # stage 2 first reads the conversations that all open with the existence question, then the plain ones
-    existence = [load_config(path=str(tmp_path / "run" / name / "config.yaml")).data.existence_first for name in stages]
-    assert existence == [True, False, True, False]
+    # the language model first reads the words of the conversations that all open with the existence
+    # question (no pictures), stage 2 the plain conversations
+    configs = [load_config(path=str(tmp_path / "run" / name / "config.yaml")).data for name in stages]
+    assert [(data.existence_first, data.use_images) for data in configs] == [(True, False), (False, True), (False, True)]
     rows = [json.loads(line) for line in open(tmp_path / "run" / "tune" / "metrics.jsonl")]
     assert any("pope_f1" in row for row in rows)
     logged = [row for row in rows if "loss" in row]  # each step: real tokens, and what padding would keep real

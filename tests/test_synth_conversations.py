@@ -10,8 +10,8 @@ from PIL import Image
 
 from mmfast.data import synth
 from mmfast.data.conversations import read_conversations
-from mmfast.data.synth_conversations import (QUESTION_TYPES, choice_question, conversation, question,
-                                             write_conversations)
+from mmfast.data.synth_conversations import (QUESTION_TYPES, choice_question, conversation, existence_reply,
+                                             question, write_conversations)
 
 
 def test_written_twice_the_same_and_read_back(tmp_path):
@@ -76,3 +76,27 @@ def test_the_existence_set_opens_every_conversation_with_it_and_leaves_the_plain
         picture = synth.shape_sample(rng, 32, "continuous")
         assert conversation(f"train-{index:07d}", picture.meta, picture.caption, rng) == plain[index]
     assert sum("exists" in [q["type"] for q in s["questions"]] for s in plain) < 35
+
+
+def test_existence_replies_say_what_the_picture_shows_then_the_truth():
+    """The reply names the picture's color and shape (never the question's), singular, then the answer POPE
+    reads (its first sentence); in a conversation it is the existence turn's reply."""
+    from mmfast.train.generative_metrics import yes_or_no
+
+    rng = np.random.default_rng(2)
+    seen = Counter()
+    for index in range(200):
+        sample = synth.shape_sample(np.random.default_rng([7, index]), 32, "continuous")
+        meta = sample.meta
+        text, answer = question("exists", meta, rng)
+        reply = existence_reply(meta, answer)
+        article = "an" if meta["color"][0] in "aeiou" else "a"
+        subject = "Each is" if meta["count"] > 1 else "It is"
+        assert reply == f"{subject} {article} {meta['color']} {meta['shape']}, so {answer}.", reply
+        assert yes_or_no(reply) == answer
+        asked = text.removeprefix("Is there ").removesuffix(" in the image?").split()[1:]
+        assert (asked == [meta["color"], meta["shape"]]) == (answer == "yes"), (text, reply)
+        seen[answer] += 1
+        opened = conversation("k", meta, sample.caption, rng, existence_first=True)
+        assert opened["conversations"][1]["value"] == existence_reply(meta, opened["questions"][0]["answer"])
+    assert seen["yes"] > 50 and seen["no"] > 50

@@ -1,8 +1,9 @@
 """Bundled LLaVA data from the shapes generator (mmfast.data.synth): stage-1 captions and stage-2
 multi-turn conversations about the same pictures (color, shape, count, position, yes/no existence with
-half the answers no, a description) in LLaVA's JSON format with an image folder, and multiple-choice
-questions for evaluation; train and held-out splits of different pictures. Every question keeps its type and answer beside the conversation
-(`"questions"`), which the evaluation scores per type.
+half the answers no, each answer saying first what the picture shows, a description) in LLaVA's JSON
+format with an image folder, and multiple-choice questions for evaluation; train and held-out splits of
+different pictures. Every question keeps its type and answer beside the conversation (`"questions"`),
+which the evaluation scores per type.
 """
 from __future__ import annotations
 
@@ -66,6 +67,17 @@ def question(kind: str, meta: dict, rng: np.random.Generator) -> tuple[str, str]
     raise ValueError(f"question: kind must be one of {QUESTION_TYPES}, got {kind!r}")
 
 
+def existence_reply(meta: dict, answer: str) -> str:
+    """The answer to an existence question: what the picture shows, then yes or no ("It is a red circle,
+    so no."). Said first, the color and shape make the decision a comparison of two phrases of the text,
+    which the tiny language model learns; a bare "Yes."/"No." asks it to compare the question's words
+    with the picture inside one token, and it compared the shape only (POPE F1 0.757: asked about a blue
+    circle beside a red one it said yes). The shape stays singular, the question's word for it."""
+    article = "an" if meta["color"][0] in "aeiou" else "a"
+    subject = "Each is" if meta["count"] > 1 else "It is"
+    return f"{subject} {article} {meta['color']} {meta['shape']}, so {answer}."
+
+
 def conversation(key: str, meta: dict, caption: str, rng: np.random.Generator, turns: tuple[int, int] = (2, 4),
                  existence_first: bool = False):
     """One picture's sample: the stage-2 conversation (its first question carries the image), the stage-1
@@ -79,13 +91,13 @@ def conversation(key: str, meta: dict, caption: str, rng: np.random.Generator, t
         kinds = list(rng.choice(QUESTION_TYPES, size=size, replace=False))
     # an earlier answer must not give a later one away, or the model learns to copy it instead of looking
     # (and then fails the question asked alone, as evaluation asks it): the description, which names
-    # everything, comes last; the existence question, which names a color and a shape, comes first (its
-    # "yes" names what a later color or shape question asks: the smaller leak of the two orders)
+    # everything, comes last; the existence question comes first (its answer names the color and shape a
+    # later question asks, which a model can copy: measured, the color and shape asked alone held)
     kinds.sort(key=lambda kind: {"exists": -1, "describe": 1}.get(str(kind), 0))
     turns_out, questions = [], []
     for index, kind in enumerate(kinds):
         text, answer = question(str(kind), meta, rng)
-        reply = answer[0].upper() + answer[1:] + "."
+        reply = existence_reply(meta, answer) if kind == "exists" else answer[0].upper() + answer[1:] + "."
         turns_out += [{"from": "human", "value": ("<image>\n" if index == 0 else "") + text},
                       {"from": "gpt", "value": reply}]
         questions.append({"type": str(kind), "question": text, "answer": answer})
@@ -98,9 +110,8 @@ def write_conversations(out_dir: str, *, train: int = 4000, held_out: int = 400,
     """Writes `<out_dir>/images/*.png`, `<out_dir>/{train,held_out}.json` (stage 2: LLaVA's format),
     `<out_dir>/{train,held_out}-captions.json` (stage 1: one turn, the caption) and
     `<out_dir>/train-existence.json`: the same training pictures, each conversation opened by the existence
-    question. There a "yes" names the color and shape that later questions ask, so a model learns to
-    answer from the question's words: the existence question is learned only so (tried without that,
-    it stayed at chance), and a later stage on train.json teaches looking again. Returns the paths."""
+    question, so every conversation holds a comparison of the question's words with the answer's
+    (llava-tiny's `text` stage learns it there, without the pictures). Returns the paths."""
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     paths = {}
     for split, count in (("train", train), ("held_out", held_out)):

@@ -166,9 +166,11 @@ class LlavaTask(Task):
         data = self.config.data
         folder = os.path.join(data.synth_dir, "llava")
         marker = os.path.join(folder, "conversations.json")
-        # "files": a folder written before train-existence.json existed is written again
+        # a folder written before train-existence.json existed ("files"), or before the existence answers
+        # said what the picture shows ("existence_reply"), is written again
         wanted = {"train": data.train_samples, "held_out": data.held_out_samples, "size": data.image_size,
-                  "seed": data.seed, "geometry": data.synth_geometry, "files": ["train-existence"]}
+                  "seed": data.seed, "geometry": data.synth_geometry, "files": ["train-existence"],
+                  "existence_reply": "described"}
         if os.path.exists(marker) and json.load(open(marker)) == wanted:
             return
         synth_conversations.write_conversations(folder, train=data.train_samples, held_out=data.held_out_samples,
@@ -408,7 +410,7 @@ class LlavaTask(Task):
             entries = json.load(handle)[:limit]
         questions = [(entry, item) for entry in entries for item in entry["questions"]
                      if item["type"] in VQA_TYPES + ("exists",)]
-        answers = self._generate(model, device, folder, questions, max_new_tokens=8)
+        answers = self._generate(model, device, folder, questions, max_new_tokens=12)  # 'Each is a ..., so no.'
         result, by_type = {}, {}
         for (_, item), answer in zip(questions, answers):
             by_type.setdefault(item["type"], []).append((answer, item["answer"]))
