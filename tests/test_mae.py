@@ -105,6 +105,18 @@ def test_linear_probe_reads_a_separable_label_and_not_a_random_one():
         linear_probe(features[:300], labels[:299], features[300:], labels[300:], 4)
 
 
+def test_probe_features_are_mae_global_pool_of_the_patch_tokens_before_the_final_norm():
+    model, pixels = _model(), _pixels()
+    with torch.no_grad():
+        before = model.features(pixels)
+        model.vision_model.post_layernorm.weight.mul_(3.0)  # the final norm does not enter
+        torch.testing.assert_close(model.features(pixels), before)
+        states = model.vision_model.token_states(pixels)
+    assert before.shape == (3, 32)
+    torch.testing.assert_close(before, states[:, 1:].mean(1))  # the patches' mean, not the class token's state
+    assert not torch.allclose(before, states.mean(1))
+
+
 def test_positions_are_mae_fixed_sincos_tables_or_learned_ones():
     model = _model()
     encoder = model.vision_model.embeddings.position_embedding.weight  # [1 + 36, 32]: class token, 6 x 6 places
