@@ -172,6 +172,8 @@ def test_bad_settings_are_named(tmp_path):
         _task(tmp_path, "--model.caption_dropout=1.5")
     with pytest.raises(ValueError, match="data.image_size"):
         _task(tmp_path, "--data.image_size=16")
+    with pytest.raises(ValueError, match="keyframe_index must index the 8 frames .* got 8"):
+        UnifiedConfig(text=_model().config.text, text_vocab_size=50, video_keyframe=True, keyframe_index=8)
     with pytest.raises(ValueError, match=r"video_stride must be in \[1, video_patch = 8\], got 9"):
         UnifiedConfig(text=_model().config.text, text_vocab_size=50, video_stride=9)
     overlapping = UnifiedConfig(text=_model().config.text, text_vocab_size=50, video_patch=8, tubelet_size=8,
@@ -246,16 +248,22 @@ def test_every_engine_follows_one_process_and_a_run_generates_every_way(tmp_path
         main(["generate", run])
 
 
-def test_video_keyframe_is_the_middle_frame_as_an_image_then_the_tubelets():
-    """With video_keyframe, a clip's span starts with its middle frame's image tokens (image_in and the image
-    positions: exactly an image input's tokens) and goes on with its tubelets."""
-    config = dataclasses.replace(_model().config, video_patch=8, tubelet_size=8, video_keyframe=True)
+@pytest.mark.parametrize("keyframe_index, frame", [(None, 4), (0, 0), (-1, 7)])
+def test_video_keyframe_is_one_frame_as_an_image_then_the_tubelets(keyframe_index, frame):
+    """With video_keyframe, a clip's span starts with one frame's image tokens (keyframe_index; None: the
+    middle one; image_in and the image positions: exactly an image input's tokens) and goes on with its
+    tubelets."""
+    config = dataclasses.replace(_model().config, video_patch=8, tubelet_size=8, video_keyframe=True,
+                                 keyframe_index=keyframe_index)
     model = UnifiedModel(config)
     assert config.tubelets() == 16 and config.span_tokens("video") == 64 + 16
     frames = torch.randint(0, 256, (2, 8, 32, 32, 3), dtype=torch.uint8)
     tokens = model.span_embeddings("video", frames)
-    as_image = model.span_embeddings("image", image_values(frames[:, 4].permute(0, 3, 1, 2)))
+    as_image = model.span_embeddings("image", image_values(frames[:, frame].permute(0, 3, 1, 2)))
     torch.testing.assert_close(tokens[:, :64], as_image)
+    others = [index for index in range(8) if index != frame]  # no other frame gives those tokens
+    assert all(not torch.allclose(tokens[:, :64], model.span_embeddings(
+        "image", image_values(frames[:, index].permute(0, 3, 1, 2)))) for index in others)
     alone = dataclasses.replace(config, video_keyframe=False)
     without = UnifiedModel(alone)
     without.load_state_dict(model.state_dict())

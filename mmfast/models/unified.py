@@ -76,10 +76,14 @@ class UnifiedConfig:
     video_patch: int = 8
     tubelet_size: int = 2
     video_stride: int | None = None  # None: video_patch; smaller: overlapping tubelets (input only)
-    # the clip's middle frame also enters as an image (image_in's patches and positions, before the
+    # one frame of the clip also enters as an image (image_in's patches and positions, before the
     # tubelets): the shapes the image directions teach are then seen in video too, and the tubelets need
     # carry only the motion (SlowFast's two pathways: detail from one frame, motion from coarse tubelets)
     video_keyframe: bool = False
+    # which frame (None: the middle one). The first tells the motion's sign too: the shape's trail in the
+    # tubelets then lies on one side of it, where around the middle frame it lies on both (with the middle
+    # frame the models named the axis but confused left with right and up with down)
+    keyframe_index: int | None = None
     head_width: int = 256  # the diffusion heads' hidden width
     # audio generated left to right (diffusion forcing's per-token times): 0: every patch of a clip shares
     # one diffusion time (Transfusion's); k > 0: each patch has its own, 0 (clean) up to a front and rising
@@ -104,6 +108,9 @@ class UnifiedConfig:
         if self.video_stride is not None and not 0 < self.video_stride <= self.video_patch:
             raise ValueError(f"UnifiedConfig: video_stride must be in [1, video_patch = {self.video_patch}], got "
                              f"{self.video_stride}")
+        if self.keyframe_index is not None and not -self.video_frames <= self.keyframe_index < self.video_frames:
+            raise ValueError(f"UnifiedConfig: keyframe_index must index the {self.video_frames} frames (or be None: "
+                             f"the middle one), got {self.keyframe_index}")
         if self.video_keyframe and self.video_size != self.image_size:
             raise ValueError(f"UnifiedConfig: video_keyframe enters a frame as an image: video_size must be "
                              f"image_size ({self.image_size}), got {self.video_size}")
@@ -264,8 +271,9 @@ class UnifiedModel(nn.Module):
         (0: a clean input) in one fused pass."""
         if modality == "video":
             tokens = self.video_in(values, self.positions["video"], channels_last=True)
-            if self.config.video_keyframe:  # the middle frame, as an image input
-                frame = self._image_inputs(values[:, values.shape[1] // 2].permute(0, 3, 1, 2))
+            if self.config.video_keyframe:  # one frame, as an image input
+                index = values.shape[1] // 2 if self.config.keyframe_index is None else self.config.keyframe_index
+                frame = self._image_inputs(values[:, index].permute(0, 3, 1, 2))
                 tokens = torch.cat([self._patches("image", frame), tokens], dim=1)
         else:
             tokens = self._patches(modality, values)
