@@ -15,8 +15,8 @@ from PIL import Image
 
 import mmfast
 from mmfast.cli import main
-from mmfast.data import synth
-from mmfast.data.synth_media import media_clip, other_beeps
+from mmfast.data import synth, synth_media
+from mmfast.data.synth_media import media_clip, other_beeps, reversed_clip_caption
 from mmfast.models.image_autoencoder import image_values
 from mmfast.models.llama import LlamaConfig
 from mmfast.models.unified import (SPECIAL_TOKENS, UnifiedConfig, UnifiedModel, audio_values, fold_patches,
@@ -165,11 +165,37 @@ def test_batches_follow_seed_and_step_and_two_ranks_share_one_batch(tmp_path):
     torch.testing.assert_close(halves[1][10][0], 2 * first[10][0])
 
 
+def test_reversed_clips_are_played_backwards_with_their_direction_turned_around(tmp_path):
+    """model.video_reversed: the same draws as without it, each reversed clip's frames in the other order
+    and its caption naming the opposite direction; a clip played backwards moves that way."""
+    clip = media_clip("video", 3, "train", 0)
+    centers = np.array(clip.meta["centers"])
+    turned = reversed_clip_caption(clip.caption, clip.meta["direction"])
+    opposite = synth_media.OPPOSITE[clip.meta["direction"]]
+    assert turned.split() == [opposite if word == clip.meta["direction"] else word for word in clip.caption.split()]
+    step = np.sign(np.round(centers[0] - centers[-1], 6))  # backwards: from the last center to the first
+    assert tuple(step) == tuple(np.sign(synth_media.DIRECTIONS[opposite]))
+    with pytest.raises(ValueError, match="expected the direction 'left' once"):
+        reversed_clip_caption("a red circle moving right", "left")
+    videos = "--model.directions={video_to_text: 1.0}"
+    plain = next(_task(tmp_path, videos).batches(1, 0))
+    task = _task(tmp_path, videos, "--model.video_reversed=1.0")
+    backwards = next(task.batches(1, 0))
+    torch.testing.assert_close(backwards[9], plain[9].flip(1))
+    for row in range(len(plain[0])):
+        words = [task.tokenizer.decode(batch[0][row, :batch[2][row]].tolist()).split() for batch in (plain, backwards)]
+        changed = [(a, b) for a, b in zip(*words) if a != b]
+        assert len(words[0]) == len(words[1]) and len(changed) == 1
+        assert changed[0][1] == synth_media.OPPOSITE[changed[0][0]]
+
+
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="model.directions"):
         _task(tmp_path, "--model.directions={text_to_video: 1.0}")
     with pytest.raises(ValueError, match="caption_dropout"):
         _task(tmp_path, "--model.caption_dropout=1.5")
+    with pytest.raises(ValueError, match=r"video_reversed must be in \[0, 1\], got 2"):
+        _task(tmp_path, "--model.video_reversed=2")
     with pytest.raises(ValueError, match="data.image_size"):
         _task(tmp_path, "--data.image_size=16")
     with pytest.raises(ValueError, match="keyframe_index must index the 8 frames .* got 8"):

@@ -170,6 +170,20 @@ def moving_clip(rng: np.random.Generator, frames: int = 8, size: int = 32) -> Cl
     return Clip(np.stack(video), f"{article} {color_name} {shape} moving {direction}", meta)
 
 
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def reversed_clip_caption(caption: str, direction: str) -> str:
+    """The caption of a moving clip played backwards: its direction word turned around. Backwards, a clip
+    is one of the opposite direction from the same distribution (its start is drawn so that the whole path
+    stays inside the frame, either way), so reversal is an exact augmentation of the motion's sign."""
+    words = caption.split(" ")
+    if words.count(direction) != 1:
+        raise ValueError(f"reversed_clip_caption: expected the direction {direction!r} once in the caption, got "
+                         f"{caption!r}")
+    return " ".join(OPPOSITE[direction] if word == direction else word for word in words)
+
+
 def media_clip(modality: str, index: int, split: str, seed: int) -> Clip:
     if modality not in MODALITIES:
         raise ValueError(f"synth media: modality must be one of {MODALITIES}, got {modality!r}")

@@ -50,6 +50,9 @@ class UnifiedModelConfig(UnifiedConfig):
     directions: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in DIRECTIONS})
     loss_weights: dict[str, float] = field(default_factory=lambda: {name: 1.0 for name in GENERATED})
     caption_dropout: float = 0.1  # text -> X samples trained without their caption (classifier-free guidance)
+    # the fraction of video -> text clips played backwards, their direction word turned around: an exact
+    # augmentation (mmfast.data.synth_media.reversed_clip_caption) that shows every clip moving both ways
+    video_reversed: float = 0.0
     sample_steps: int = 25  # Euler steps when generating images and audio
     guidance: float = 3.0
     eval_items: int = 100  # per direction and set
@@ -90,6 +93,8 @@ class UnifiedTask(Task):
             raise ValueError(f"config: model.loss_weights maps {list(GENERATED)} to weights >= 0, got {section.loss_weights}")
         if not 0 <= section.caption_dropout < 1:
             raise ValueError(f"config: model.caption_dropout must be in [0, 1), got {section.caption_dropout}")
+        if not 0 <= section.video_reversed <= 1:
+            raise ValueError(f"config: model.video_reversed must be in [0, 1], got {section.video_reversed}")
         if config.data.batch_size % (world_size * config.train.accumulation_steps):
             raise ValueError(f"config: data.batch_size ({config.data.batch_size}) must be a multiple of ranks x "
                              f"train.accumulation_steps ({world_size} x {config.train.accumulation_steps})")
@@ -125,6 +130,9 @@ class UnifiedTask(Task):
         self.restore(self.config.run_dir)
         if train:
             self.caption_ids = {modality: self._caption_ids(self.train_split[modality][1]) for modality in MODALITIES}
+            _, captions, metas = self.train_split["video"]
+            self.reversed_ids = self._caption_ids([synth_media.reversed_clip_caption(caption, meta["direction"])
+                                                   for caption, meta in zip(captions, metas)])
 
     def prepare_evaluation(self, progress: bool) -> None:
         self.prepare(progress, train=False)
@@ -178,6 +186,7 @@ class UnifiedTask(Task):
             dropped = torch.rand(batch, generator=generator) < section.caption_dropout
             image_noise = torch.randn(batch, *config.values_shape("image"), generator=generator)
             audio_noise = torch.randn(batch, *config.values_shape("audio"), generator=generator)
+            backwards = torch.rand(batch, generator=generator) < section.video_reversed  # drawn last: the rest stays
             # the global batch's counts, so every micro-batch's loss is its share of the global means
             # (undone by the engines' means over ranks and micro-batches)
             norms = self._norms(directions, dropped, picks, accumulation * placement.world_size)
@@ -187,8 +196,10 @@ class UnifiedTask(Task):
                 direction = DIRECTIONS[int(directions[row])]
                 modality, _ = _source(direction)
                 item = int(picks[row] * len(splits[modality][1]))
-                rows.append((direction, modality, item, *self._sequence(
-                    direction, self.caption_ids[modality][item], bool(dropped[row]))))
+                reverse = modality == "video" and bool(backwards[row])
+                caption = (self.reversed_ids if reverse else self.caption_ids[modality])[item]
+                rows.append((direction, modality, item, reverse,
+                             *self._sequence(direction, caption, bool(dropped[row]))))
             length = max(len(ids) for *_, ids, _ in rows)
             ids = torch.zeros(len(rows), length, dtype=torch.long)
             labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
@@ -196,11 +207,11 @@ class UnifiedTask(Task):
             waveforms = torch.zeros(len(rows), splits["audio"][0].shape[1])
             clips = torch.zeros(len(rows), *splits["video"][0].shape[1:], dtype=torch.uint8)
             inputs = {"image": images, "audio": waveforms, "video": clips}
-            for index, (direction, modality, item, sequence, targets) in enumerate(rows):
+            for index, (direction, modality, item, reverse, sequence, targets) in enumerate(rows):
                 ids[index, :len(sequence)] = torch.tensor(sequence)
                 labels[index, :len(targets)] = torch.tensor(targets)
-                inputs[modality][index] = splits[modality][0][item]
-            yield (ids, labels, torch.tensor([len(row[3]) for row in rows]),
+                inputs[modality][index] = splits[modality][0][item].flip(0) if reverse else splits[modality][0][item]
+            yield (ids, labels, torch.tensor([len(row[4]) for row in rows]),
                    torch.tensor([DIRECTIONS.index(row[0]) for row in rows]), times[mine], images, image_noise[mine],
                    waveforms, audio_noise[mine], clips, norms.expand(len(rows), -1))
 
