@@ -186,7 +186,7 @@ class UnifiedTask(Task):
             dropped = torch.rand(batch, generator=generator) < section.caption_dropout
             image_noise = torch.randn(batch, *config.values_shape("image"), generator=generator)
             audio_noise = torch.randn(batch, *config.values_shape("audio"), generator=generator)
-            backwards = torch.rand(batch, generator=generator) < section.video_reversed  # drawn last: the rest stays
+            backwards = torch.rand(batch, generator=generator) < section.video_reversed  # drawn last: the draws above stay
             # the global batch's counts, so every micro-batch's loss is its share of the global means
             # (undone by the engines' means over ranks and micro-batches)
             norms = self._norms(directions, dropped, picks, accumulation * placement.world_size)
