@@ -130,9 +130,10 @@ class UnifiedTask(Task):
         self.restore(self.config.run_dir)
         if train:
             self.caption_ids = {modality: self._caption_ids(self.train_split[modality][1]) for modality in MODALITIES}
-            _, captions, metas = self.train_split["video"]
+            _, captions, metas = self.train_split["video"]  # turned around only when some clips are reversed
             self.reversed_ids = self._caption_ids([synth_media.reversed_clip_caption(caption, meta["direction"])
-                                                   for caption, meta in zip(captions, metas)])
+                                                   for caption, meta in zip(captions, metas)]
+                                                  if self.config.model.video_reversed > 0 else [])
 
     def prepare_evaluation(self, progress: bool) -> None:
         self.prepare(progress, train=False)
