@@ -329,3 +329,14 @@ def test_packed_cpu_path_in_bf16_is_within_the_reference_error(seed):
     assert_within_reference_error("bf16 out", out, exact[0], low[0], torch.bfloat16)
     for name, grad, exact_grad, low_grad in zip(("dq", "dk", "dv"), grads, exact[1], low[1]):
         assert_within_reference_error(f"bf16 {name}", grad, exact_grad, low_grad, torch.bfloat16)
+
+
+def test_cpu_path_groups_sequences_of_similar_lengths():
+    """The packed CPU path pads each group of similar lengths to its own longest: every group's
+    shortest is at least 3/4 of its longest, the groups cover every sequence with tokens, in order."""
+    lengths = [0, 0, 1, 3, 4, 10, 12, 13, 40, 41, 140]
+    groups = reference.length_groups(lengths)
+    assert groups == [(2, 3), (3, 5), (5, 8), (8, 10), (10, 11)]
+    for first, last in groups:
+        assert lengths[first] >= 0.75 * lengths[last - 1]
+    assert reference.length_groups([0, 0]) == []

@@ -62,16 +62,48 @@ def masked_sdpa(query, key, value, mask, scale: float):
 
 
 def packed_attention(q, k, v, cu_seqlens, span_ids, causal: bool, scale: float):
-    """The CPU path for packed sequences: gathered into a zero-padded [B, L] batch (L the longest),
-    one SDPA call with the rule's mask over the real keys, and scattered back to [T, H, D]; the same
-    result as `attention`, which loops over the sequences (and stays the tests' reference)."""
+    """The CPU path for packed sequences: the sequences sorted by length into groups of similar lengths,
+    each group gathered into a zero-padded [B, L] batch (L its longest) for one SDPA call with the rule's
+    mask over the real keys, and scattered back to [T, H, D]; the same result as `attention`, which loops
+    over the sequences (and stays the tests' reference). Grouping matters in mixed batches: padding
+    short captions to a long video clip's length made the scores several times larger than needed."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    longest = int(lengths.max()) if lengths.numel() else 0
-    if longest == 0:
+    order = torch.argsort(lengths)
+    sorted_lengths = lengths[order].tolist()
+    if not sorted_lengths or sorted_lengths[-1] == 0:
         return q.new_zeros(q.shape)
+    starts = cu_seqlens[:-1].long()
+    outputs, tokens = [], []
+    for first, last in length_groups(sorted_lengths):
+        rows = order[first:last]
+        out, where = _padded_group(q, k, v, starts[rows], lengths[rows], sorted_lengths[last - 1], span_ids,
+                                   causal, scale)
+        outputs.append(out)
+        tokens.append(where)
+    out, tokens = torch.cat(outputs), torch.cat(tokens)
+    inverse = torch.empty_like(tokens)
+    inverse[tokens] = torch.arange(tokens.numel(), device=tokens.device)
+    return out.index_select(0, inverse)  # back to the packed order
+
+
+def length_groups(sorted_lengths: list[int], ratio: float = 0.75) -> list[tuple[int, int]]:
+    """[first, last) ranges of ascending lengths, each group's shortest at least `ratio` of its longest
+    (zero lengths apart: they have no tokens)."""
+    groups, last = [], len(sorted_lengths)
+    while last > 0 and sorted_lengths[last - 1] > 0:
+        first = last - 1
+        while first > 0 and sorted_lengths[first - 1] >= ratio * sorted_lengths[last - 1]:
+            first -= 1
+        groups.append((first, last))
+        last = first
+    return groups[::-1]
+
+
+def _padded_group(q, k, v, starts, lengths, longest: int, span_ids, causal: bool, scale: float):
+    """One group's attention: (out [its tokens, H, D], those tokens' places in the packed input)."""
     steps = torch.arange(longest, device=q.device)
     valid = steps[None, :] < lengths[:, None]  # [B, L]
-    index = (cu_seqlens[:-1].long()[:, None] + steps[None, :]).clamp(max=q.shape[0] - 1)
+    index = (starts[:, None] + steps[None, :]).clamp(max=q.shape[0] - 1)
     # index_select, not x[index]: its backward is an index_add, where advanced indexing's is a much
     # slower accumulating index_put (the padded slots repeat the last token; their gradients are zero)
     query, key, value = (x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:]).transpose(1, 2)
@@ -82,7 +114,8 @@ def packed_attention(q, k, v, cu_seqlens, span_ids, causal: bool, scale: float):
         mask = mask & allowed(steps[:, None], steps[None, :], spans[:, :, None], spans[:, None, :])
     mask = mask | torch.eye(longest, dtype=torch.bool, device=q.device)  # padded query rows: no empty softmax
     out = masked_sdpa(query, key, value, mask[:, None], scale).transpose(1, 2)  # [B, L, H, D]
-    return out.reshape(-1, *out.shape[2:]).index_select(0, valid.reshape(-1).nonzero().squeeze(1))
+    kept = valid.reshape(-1).nonzero().squeeze(1)
+    return out.reshape(-1, *out.shape[2:]).index_select(0, kept), index.reshape(-1)[kept]
 
 
 def padded_attention(q, k, v, span_ids, causal: bool, scale: float, return_lse: bool):
