@@ -279,7 +279,8 @@ class UnifiedModel(nn.Module):
             tokens = self._patches(modality, values)
         if times is None:
             times = torch.zeros(values.shape[0], device=values.device)
-        embedded = self.time_embedding(timestep_features(times.reshape(-1), self.config.time_frequencies)).to(tokens.dtype)
+        features = timestep_features(times.reshape(-1), self.config.time_frequencies)  # float32
+        embedded = self.time_embedding(features.to(self.time_embedding[0].weight.dtype)).to(tokens.dtype)  # bf16 weights too
         return tokens + (embedded[:, None] if times.dim() == 1 else embedded.view(*times.shape, -1))
 
     def _image_inputs(self, images: torch.Tensor) -> torch.Tensor:
