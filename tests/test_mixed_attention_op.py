@@ -340,3 +340,23 @@ def test_cpu_path_groups_sequences_of_similar_lengths():
     for first, last in groups:
         assert lengths[first] >= 0.75 * lengths[last - 1]
     assert reference.length_groups([0, 0]) == []
+
+
+@pytest.mark.parametrize("causal,with_spans", [(True, True), (True, False), (False, False)],
+                         ids=["spans", "causal", "bidirectional"])
+def test_padded_cpu_path_in_bf16_is_within_the_reference_error(causal, with_spans):
+    """The padded layout's bf16 CPU path (the same spelled-out product, the causal triangle built when
+    no spans are given) against the float64 loop over sequences, within twice that loop's bf16 error."""
+    batch, length = 3, 37
+    q, k, v = (x.detach().cpu() for x in qkv(None, 4, 2, 32, torch.bfloat16, 5, leading=(batch, length)))
+    spans = torch.full((batch, length), -1, dtype=torch.int32)
+    if with_spans:
+        spans[0, 4:15], spans[2, 30:] = 0, 1
+    out = mmfast.ops.mixed_attention(q, k, v, span_ids=spans if with_spans else None, causal=causal,
+                                     backend="reference")
+    cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32)
+    results = [reference.attention(*(x.reshape(batch * length, *x.shape[2:]).to(precision) for x in (q, k, v)), cu,
+                                   spans.flatten(), causal, 32 ** -0.5, dtype=precision)[0]
+               for precision in (torch.float64, torch.bfloat16)]
+    assert out.dtype == torch.bfloat16
+    assert_within_reference_error("padded bf16 out", out.reshape(batch * length, 4, 32), *results, torch.bfloat16)

@@ -223,14 +223,13 @@ def test_bad_settings_are_named(tmp_path):
 @pytest.mark.distributed
 def test_every_engine_follows_one_process_and_a_run_generates_every_way(tmp_path, capsys):
     launch_training(unified_config, tmp_path, [("single", []), ("bf16", ["--engine.precision=bf16"])], world=1)
-    engines = [("ddp", ["--engine.name=ddp"]), ("fsdp2", ["--engine.name=fsdp2"])]
+    engines, low = [("ddp", ["--engine.name=ddp"]), ("fsdp2", ["--engine.name=fsdp2"])], []
     if importlib.util.find_spec("deepspeed") is not None:
         zero3 = ["--engine.name=deepspeed", "--engine.zero_stage=3"]
         engines += [("zero2", ["--engine.name=deepspeed", "--engine.zero_stage=2"]), ("zero3", zero3),
                     ("zero3-resumed", [*zero3, "--train.stop_after=2"]), ("zero3-resumed", zero3)]
-    # in bf16 DeepSpeed holds the weights themselves in bf16 (no autocast): float inputs are cast to them
-    low = [("zero2-bf16", ["--engine.name=deepspeed", "--engine.zero_stage=2", "--engine.precision=bf16"])] \
-        if importlib.util.find_spec("deepspeed") is not None else []
+        # in bf16 DeepSpeed holds the weights themselves in bf16 (no autocast): float inputs are cast to them
+        low = [("zero2-bf16", ["--engine.name=deepspeed", "--engine.zero_stage=2", "--engine.precision=bf16"])]
     launch_training(unified_config, tmp_path, engines + low, world=2)
     single = losses(tmp_path / "single")
     assert single.keys() == {1, 2, 3, 4}

@@ -44,9 +44,9 @@ def attention(q, k, v, cu_seqlens, span_ids, causal: bool, scale: float, dtype=t
     return torch.cat(outputs), torch.cat(lses, dim=1)
 
 
-def masked_sdpa(query, key, value, mask, scale: float):
+def masked_sdpa(query, key, value, mask, scale: float, is_causal: bool = False):
     """SDPA over `[B, H, L, D]` (key/value `[B, HK, L, D]`, HK dividing H) with a boolean `mask`
-    broadcastable to `[B, H, L, L]`. On the CPU in bfloat16/float16 the product is spelled out: scores
+    broadcastable to `[B, H, L, L]`, or none (`is_causal`: the lower triangle). On the CPU in bfloat16/float16 the product is spelled out: scores
     in the input dtype, softmax in float32, the probabilities back in the input dtype for P @ V (as the
     flash kernels round them); PyTorch's CPU SDPA kernel takes about 4x longer there (38 against 10 ms
     forward and backward at 64 x 4 heads x 100 tokens x 48), and stays in use in float32, where it is
@@ -54,10 +54,14 @@ def masked_sdpa(query, key, value, mask, scale: float):
     group = query.shape[1] // key.shape[1]
     if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
-                                                                enable_gqa=group > 1)
+                                                                is_causal=is_causal, enable_gqa=group > 1)
     if group > 1:
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-    scores = ((query @ key.transpose(-1, -2)) * scale).float().masked_fill(~mask, float("-inf"))
+    if is_causal:
+        mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+    scores = ((query @ key.transpose(-1, -2)) * scale).float()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1).to(query.dtype) @ value
 
 
@@ -127,8 +131,7 @@ def padded_attention(q, k, v, span_ids, causal: bool, scale: float, return_lse: 
     if causal and span_ids is not None:
         positions = torch.arange(q.shape[1], device=q.device)
         mask = allowed(positions[:, None], positions[None, :], span_ids[:, :, None], span_ids[:, None, :])[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=group > 1)
+    out = masked_sdpa(query, key, value, mask, scale, is_causal=causal and mask is None)
     lse = None
     if return_lse:
         with torch.no_grad():
